@@ -1,0 +1,1 @@
+"""Config-driven training (filled in by later work)."""
