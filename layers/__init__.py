@@ -1,1 +1,28 @@
-"""Equinox sequence-mixer layers built on the ``ssm`` scan core (filled in by later work)."""
+"""Equinox sequence-mixer layers built on the ``ssm`` scan core."""
+
+from ._block import Block as Block, GatedMLP as GatedMLP
+from ._labels import ssm_param_labels as ssm_param_labels, ssm_param_mask as ssm_param_mask
+from ._lru import LRU as LRU
+from ._mamba import Mamba as Mamba
+from ._mixer import AbstractMixer as AbstractMixer, ConvState as ConvState
+from ._model import SequenceModel as SequenceModel
+from ._registry import MIXERS as MIXERS
+from ._rglru import RGLRU as RGLRU
+from ._s4d import S4D as S4D
+from ._s5 import S5 as S5
+
+__all__ = [
+    "MIXERS",
+    "LRU",
+    "RGLRU",
+    "S4D",
+    "S5",
+    "AbstractMixer",
+    "Block",
+    "ConvState",
+    "GatedMLP",
+    "Mamba",
+    "SequenceModel",
+    "ssm_param_labels",
+    "ssm_param_mask",
+]

@@ -1,0 +1,148 @@
+"""`Block`: pre-norm, mixer, residual, gated MLP, residual."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
+from ._registry import make_mixer
+
+
+def rms_norm(norm: eqx.nn.RMSNorm, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """RMS normalisation over the last axis, computed in float32, returned in `x.dtype`."""
+    x32 = x.astype(real_dtype(x.dtype))
+    ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(ms + norm.eps)
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    if norm.weight is not None:
+        y = y * jnp.reshape(norm.weight.astype(y.dtype), shape)
+    if norm.bias is not None:
+        y = y + jnp.reshape(norm.bias.astype(y.dtype), shape)
+    return y.astype(x.dtype)
+
+
+class GatedMLP(eqx.Module):
+    """`down(gelu(gate(x)) ⊙ up(x))`, position-wise (GeGLU; Shazeer 2020)."""
+
+    gate: eqx.nn.Linear
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(self, d_model: int, d_hidden: int, *, key: PRNGKeyArray):
+        k1, k2, k3 = jr.split(key, 3)
+        self.gate = eqx.nn.Linear(d_model, d_hidden, use_bias=False, key=k1)
+        self.up = eqx.nn.Linear(d_model, d_hidden, use_bias=False, key=k2)
+        self.down = eqx.nn.Linear(d_hidden, d_model, use_bias=False, key=k3)
+
+    def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
+        return linear(self.down, jax.nn.gelu(linear(self.gate, x)) * linear(self.up, x))
+
+
+class Block(eqx.Module):
+    """A residual block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`.
+
+    The pre-norm residual block of the Transformer/S4/Mamba families: RMS norm, a
+    sequence mixer from `layers.MIXERS`, optional dropout on each branch, and a
+    gated MLP (set `mlp_ratio=0` for a mixer-only block as in Mamba). With
+    `remat=True` the block is rematerialised (`jax.checkpoint`) in the backward pass,
+    for long sequences.
+
+    ```python
+    block = layers.Block(64, "mamba", key=key)
+    y = jax.vmap(block)(x)            # x: (batch, seq, 64)
+    ```
+    """
+
+    d_model: int = eqx.field(static=True)
+    remat: bool = eqx.field(static=True)
+    norm1: eqx.nn.RMSNorm
+    mixer: AbstractMixer
+    norm2: eqx.nn.RMSNorm | None
+    mlp: GatedMLP | None
+    dropout: eqx.nn.Dropout
+
+    def __init__(
+        self,
+        d_model: int,
+        mixer: str | type[AbstractMixer] | AbstractMixer = "s4d",
+        mixer_kwargs: dict[str, Any] | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        remat: bool = False,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `d_model`: the model width.
+        - `mixer`: a registry name (`"s4d"`, `"mamba"`, ...), a mixer class, or a
+          mixer instance.
+        - `mixer_kwargs`: keyword arguments for the mixer's constructor.
+        - `mlp_ratio`: the gated MLP's hidden width over `d_model` (GeGLU: the
+          hidden width is `2/3` of it, so the parameter count matches a plain MLP);
+          0 for no MLP.
+        - `dropout`: the dropout rate on both residual branches.
+        - `remat`: rematerialise the block in the backward pass.
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        k_mix, k_mlp = jr.split(key)
+        self.d_model, self.remat = d_model, remat
+        self.norm1 = eqx.nn.RMSNorm(d_model, use_bias=False)
+        self.mixer = make_mixer(mixer, d_model, mixer_kwargs, key=k_mix)
+        if mlp_ratio > 0:
+            hidden = max(1, int(round(2 * mlp_ratio * d_model / 3)))
+            self.norm2 = eqx.nn.RMSNorm(d_model, use_bias=False)
+            self.mlp = GatedMLP(d_model, hidden, key=k_mlp)
+        else:
+            self.norm2, self.mlp = None, None
+        self.dropout = eqx.nn.Dropout(dropout)
+
+    def _drop(self, x, key):
+        if self.dropout.p == 0 or self.dropout.inference:
+            return x
+        return self.dropout(x, key=key)
+
+    def _mlp(self, x, key, train=True):
+        if self.mlp is None:
+            return x
+        y = self.mlp(rms_norm(self.norm2, x))
+        return x + (self._drop(y, key) if train else y)
+
+    def _forward(self, x, key):
+        k1, k2 = (None, None) if key is None else jr.split(key)
+        x = x + self._drop(self.mixer(rms_norm(self.norm1, x)), k1)
+        return self._mlp(x, k2)
+
+    def __call__(
+        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d_model"]:
+        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` for dropout
+        (needed only when training with `dropout > 0`).
+
+        **Returns:** `(seq, d_model)`.
+        """
+        check_sequence(x, self.d_model, "Block")
+        if self.remat:
+            return eqx.filter_checkpoint(type(self)._forward)(self, x, key)
+        return self._forward(x, key)
+
+    def init_state(self) -> PyTree[Array]:
+        return self.mixer.init_state()
+
+    def prefill(self, x: Float[Array, "seq d_model"], state: PyTree[Array]):
+        """Run `x` from `state` (inference: no dropout); returns `(y, state)`."""
+        check_sequence(x, self.d_model, "Block")
+        y, state = self.mixer.prefill(rms_norm(self.norm1, x), state)
+        return self._mlp(x + y, None, train=False), state
+
+    def step(self, x_t: Float[Array, " d_model"], state: PyTree[Array]):
+        """One token (inference: no dropout); returns `(y_t, state)`."""
+        check_token(x_t, self.d_model, "Block")
+        y, state = self.mixer.step(rms_norm(self.norm1, x_t), state)
+        return self._mlp(x_t + y, None, train=False), state

@@ -1,0 +1,123 @@
+"""LRU: the linear recurrent unit (Orvieto et al. 2023)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Complex, Float, PRNGKeyArray
+
+import ssm
+
+from ._init import as_complex, complex_normal
+from ._mixer import AbstractMixer, check_sequence, check_token, complex_dtype, real_dtype
+
+
+class LRU(AbstractMixer):
+    """The linear recurrent unit.
+
+    From Orvieto, Smith, Gu, Fernando, Gulcehre, Pascanu and De, "Resurrecting
+    recurrent neural networks for long sequences" (ICML 2023). A complex diagonal
+    recurrence in the exponential parameterisation, with the γ normalisation:
+
+    ```
+    λ = exp(-exp(ν_log) + i exp(θ_log)),      γ = exp(γ_log) = sqrt(1 - |λ|²) at init
+    h[t] = λ ⊙ h[t-1] + γ ⊙ (B x[t]),         y[t] = Re(C h[t]) + D ⊙ x[t]
+    ```
+
+    initialised on the ring `r_min <= |λ| <= r_max` (uniform in area) with phases
+    uniform in `[0, max_phase]`, `B ~ CN(0, 1/H)`, `C ~ CN(0, 1/N)`, `D ~ N(0, 1)`.
+    """
+
+    d_model: int = eqx.field(static=True)
+    state_size: int = eqx.field(static=True)
+    nu_log: Float[Array, " state"]
+    theta_log: Float[Array, " state"]
+    gamma_log: Float[Array, " state"]
+    B: Float[Array, "state d_model 2"]
+    C: Float[Array, "d_model state 2"]
+    D: Float[Array, " d_model"]
+
+    ssm_params: ClassVar[tuple[str, ...]] = ("nu_log", "theta_log", "gamma_log")
+
+    def __init__(
+        self,
+        d_model: int,
+        state_size: int = 64,
+        r_min: float = 0.0,
+        r_max: float = 1.0,
+        max_phase: float = 2 * np.pi,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `d_model`: the number of channels `H`.
+        - `state_size`: the number `N` of complex state dimensions.
+        - `r_min`, `r_max`: the ring the eigenvalues' moduli are drawn in.
+        - `max_phase`: the largest initial phase.
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        if not 0.0 <= r_min < r_max <= 1.0:
+            raise ValueError(f"need 0 <= r_min < r_max <= 1, got {r_min}, {r_max}.")
+        k1, k2, k_b, k_c, k_d = jr.split(key, 5)
+        u1 = jr.uniform(k1, (state_size,), jnp.float32)
+        u2 = jr.uniform(k2, (state_size,), jnp.float32, 1e-6, 1.0)
+        nu = -0.5 * jnp.log(u1 * (r_max**2 - r_min**2) + r_min**2)
+        self.d_model, self.state_size = d_model, state_size
+        self.nu_log = jnp.log(nu)
+        self.theta_log = jnp.log(max_phase * u2)
+        self.gamma_log = 0.5 * jnp.log(-jnp.expm1(-2 * nu))
+        self.B = complex_normal(k_b, (state_size, d_model), 1 / np.sqrt(d_model))
+        self.C = complex_normal(k_c, (d_model, state_size), 1 / np.sqrt(state_size))
+        self.D = jr.normal(k_d, (d_model,), jnp.float32)
+
+    def eigenvalues(self, dtype=jnp.complex64) -> Complex[Array, " state"]:
+        """`λ`, the discrete-time eigenvalues."""
+        real = jnp.finfo(dtype).dtype
+        return jnp.exp(
+            lax.complex(-jnp.exp(self.nu_log.astype(real)), jnp.exp(self.theta_log.astype(real)))
+        )
+
+    def _params(self, dtype):
+        cdt = complex_dtype(dtype)
+        gamma = jnp.exp(self.gamma_log.astype(real_dtype(dtype))).astype(cdt)
+        return self.eigenvalues(cdt), gamma[:, None] * as_complex(self.B, cdt), as_complex(
+            self.C, cdt
+        )
+
+    def init_state(self) -> Complex[Array, " state"]:
+        return jnp.zeros((self.state_size,), jnp.complex64)
+
+    def __call__(
+        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d_model"]:
+        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
+
+        **Returns:** `(seq, d_model)`, causal.
+        """
+        return self.prefill(x, self.init_state())[0]
+
+    def prefill(self, x: Float[Array, "seq d_model"], state: Complex[Array, " state"]):
+        """Run `x` from `state`; returns the outputs and the state after the last step."""
+        check_sequence(x, self.d_model, "LRU")
+        rdt = real_dtype(x.dtype)
+        lam, gB, C = self._params(rdt)
+        u = x.astype(rdt)
+        h = ssm.linear_scan(lam, u.astype(gB.dtype) @ gB.T, state.astype(lam.dtype))
+        y = (h @ C.T).real + self.D.astype(rdt)[None] * u
+        return y.astype(x.dtype), h[-1].astype(state.dtype)
+
+    def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, " state"]):
+        """One time step: returns `(y_t, state)`."""
+        check_token(x_t, self.d_model, "LRU")
+        rdt = real_dtype(x_t.dtype)
+        lam, gB, C = self._params(rdt)
+        u = x_t.astype(rdt)
+        h = lam * state.astype(lam.dtype) + gB @ u.astype(gB.dtype)
+        y = (C @ h).real + self.D.astype(rdt) * u
+        return y.astype(x_t.dtype), h.astype(state.dtype)

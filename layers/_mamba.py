@@ -1,0 +1,190 @@
+"""Mamba: the selective state-space block (Gu and Dao 2023)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+import ssm
+
+from ._init import inverse_softplus
+from ._mixer import (
+    AbstractMixer,
+    ConvState,
+    causal_conv,
+    check_sequence,
+    check_token,
+    chunked,
+    linear,
+    real_dtype,
+)
+
+
+class Mamba(AbstractMixer):
+    """The Mamba block: a selective SSM between a gated pair of projections.
+
+    From Gu and Dao, "Mamba: linear-time sequence modeling with selective state
+    spaces" (2023). With `d_inner = expand · d_model`:
+
+    ```
+    x, z = in_proj(u)                                  # (T, d_inner) each
+    x = silu(causal_conv(x))                           # depthwise, width d_conv
+    Δ, B, C = dt_proj(x_proj(x)) + dt_bias, x_proj(x), x_proj(x)
+    Δ = softplus(Δ);  A = -exp(A_log)
+    h[t] = exp(Δ[t] A) ⊙ h[t-1] + (Δ[t] x[t]) B[t]ᵀ    # (d_inner, d_state)
+    y[t] = h[t] C[t] + D ⊙ x[t]
+    out = out_proj(y ⊙ silu(z))
+    ```
+
+    initialised with `A_log[d, n] = log(n + 1)` (S4D-Real), `D = 1` and `dt_bias =
+    softplus⁻¹(Δ₀)` for `Δ₀` log-uniform in `[dt_min, dt_max]` (floored at
+    `dt_floor`). The recurrence runs through `ssm.linear_scan` in chunks of
+    `chunk_size` steps whose bodies are rematerialised, so only the chunk-boundary
+    states are kept: the `T × d_inner × d_state` state history is never stored, in
+    the forward or the backward pass.
+    """
+
+    d_model: int = eqx.field(static=True)
+    d_state: int = eqx.field(static=True)
+    d_conv: int = eqx.field(static=True)
+    d_inner: int = eqx.field(static=True)
+    dt_rank: int = eqx.field(static=True)
+    chunk_size: int = eqx.field(static=True)
+    in_proj: eqx.nn.Linear
+    conv_weight: Float[Array, "d_conv d_inner"]
+    conv_bias: Float[Array, " d_inner"]
+    x_proj: eqx.nn.Linear
+    dt_proj: eqx.nn.Linear
+    dt_bias: Float[Array, " d_inner"]
+    A_log: Float[Array, "d_inner d_state"]
+    D: Float[Array, " d_inner"]
+    out_proj: eqx.nn.Linear
+
+    ssm_params: ClassVar[tuple[str, ...]] = ("A_log", "D", "dt_bias")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        chunk_size: int = 64,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `d_model`: the model width.
+        - `d_state`: the state size `N` per inner channel.
+        - `d_conv`: the width of the causal depthwise convolution.
+        - `expand`: `d_inner = expand · d_model`.
+        - `dt_rank`: the rank of the step-size projection (default `ceil(d_model/16)`).
+        - `dt_min`, `dt_max`, `dt_floor`: the initial step-size range and floor.
+        - `dt_scale`: scales the init of `dt_proj`'s weight (`±dt_scale/√dt_rank`).
+        - `chunk_size`: the time chunk over which states are rematerialised.
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        k_in, k_conv, k_cb, k_x, k_dt, k_dtb, k_out = jr.split(key, 7)
+        d_inner = expand * d_model
+        dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner, self.dt_rank, self.chunk_size = d_inner, dt_rank, chunk_size
+        self.in_proj = eqx.nn.Linear(d_model, 2 * d_inner, use_bias=False, key=k_in)
+        bound = 1 / np.sqrt(d_conv)
+        self.conv_weight = jr.uniform(k_conv, (d_conv, d_inner), jnp.float32, -bound, bound)
+        self.conv_bias = jr.uniform(k_cb, (d_inner,), jnp.float32, -bound, bound)
+        self.x_proj = eqx.nn.Linear(d_inner, dt_rank + 2 * d_state, use_bias=False, key=k_x)
+        dt_proj = eqx.nn.Linear(dt_rank, d_inner, use_bias=False, key=k_dt)
+        std = dt_scale / np.sqrt(dt_rank)
+        self.dt_proj = eqx.tree_at(
+            lambda lin: lin.weight,
+            dt_proj,
+            jr.uniform(k_dt, (d_inner, dt_rank), jnp.float32, -std, std),
+        )
+        dt = jnp.exp(jr.uniform(k_dtb, (d_inner,), jnp.float32, np.log(dt_min), np.log(dt_max)))
+        self.dt_bias = inverse_softplus(jnp.maximum(dt, dt_floor))
+        self.A_log = jnp.log(
+            jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state))
+        )
+        self.D = jnp.ones((d_inner,), jnp.float32)
+        self.out_proj = eqx.nn.Linear(d_inner, d_model, use_bias=False, key=k_out)
+
+    def init_state(self) -> ConvState:
+        return ConvState(
+            conv=jnp.zeros((self.d_conv - 1, self.d_inner), jnp.float32),
+            ssm=jnp.zeros((self.d_inner, self.d_state), jnp.float32),
+        )
+
+    def _selective_inputs(self, u, conv_state):
+        """The projections and convolution: everything before the recurrence."""
+        xz = linear(self.in_proj, u)
+        x, z = xz[..., : self.d_inner], xz[..., self.d_inner :]
+        x, conv_state = causal_conv(self.conv_weight, self.conv_bias, x, conv_state)
+        x = jax.nn.silu(x)
+        dbc = linear(self.x_proj, x)
+        r, n = self.dt_rank, self.d_state
+        rdt = real_dtype(u.dtype)
+        dt = linear(self.dt_proj, dbc[..., :r]).astype(rdt)
+        delta = jax.nn.softplus(dt + jnp.reshape(self.dt_bias.astype(rdt), (1,) * (dt.ndim - 1) + (-1,)))
+        B = dbc[..., r : r + n].astype(rdt)
+        C = dbc[..., r + n :].astype(rdt)
+        return x, z, delta, B, C, conv_state
+
+    def _output(self, y, x, z, u_dtype):
+        rdt = y.dtype
+        D = jnp.reshape(self.D.astype(rdt), (1,) * (y.ndim - 1) + (-1,))
+        y = (y + D * x.astype(rdt)).astype(u_dtype)
+        return linear(self.out_proj, y * jax.nn.silu(z))
+
+    def __call__(
+        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d_model"]:
+        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
+
+        **Returns:** `(seq, d_model)`, causal.
+        """
+        return self.prefill(x, self.init_state())[0]
+
+    def prefill(self, u: Float[Array, "seq d_model"], state: ConvState):
+        """Run `u` from `state`; returns the outputs and the state after the last step."""
+        check_sequence(u, self.d_model, "Mamba")
+        x, z, delta, B, C, conv_state = self._selective_inputs(u, state.conv)
+        rdt = delta.dtype
+        A = -jnp.exp(self.A_log.astype(rdt))
+
+        def chunk(h0, inputs):
+            delta_c, B_c, C_c, x_c = inputs
+            dA = jnp.exp(delta_c[:, :, None] * A[None])
+            dBx = (delta_c * x_c)[:, :, None] * B_c[:, None, :]
+            h = ssm.linear_scan(dA, dBx, h0)
+            return jnp.einsum("tdn,tn->td", h, C_c), h
+
+        y, h = chunked(
+            chunk, state.ssm.astype(rdt), (delta, B, C, x.astype(rdt)), self.chunk_size
+        )
+        out = self._output(y, x, z, u.dtype)
+        return out, ConvState(conv_state, h.astype(state.ssm.dtype))
+
+    def step(self, u_t: Float[Array, " d_model"], state: ConvState):
+        """One time step: returns `(y_t, state)`."""
+        check_token(u_t, self.d_model, "Mamba")
+        x, z, delta, B, C, conv_state = self._selective_inputs(u_t[None], state.conv)
+        x, z, delta, B, C = x[0], z[0], delta[0], B[0], C[0]
+        rdt = delta.dtype
+        A = -jnp.exp(self.A_log.astype(rdt))
+        dA = jnp.exp(delta[:, None] * A)
+        h = dA * state.ssm.astype(rdt) + (delta * x.astype(rdt))[:, None] * B[None, :]
+        y = self._output(h @ C, x, z, u_t.dtype)
+        return y, ConvState(conv_state, h.astype(state.ssm.dtype))

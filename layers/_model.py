@@ -1,0 +1,153 @@
+"""`SequenceModel`: input map, stacked blocks, final norm, head and pooling."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from ._block import Block, rms_norm
+from ._mixer import AbstractMixer, linear
+
+
+class SequenceModel(eqx.Module):
+    """A stack of `Block`s between an input map and an output head.
+
+    The input map is a token embedding (`vocab_size=...`, inputs `Int[Array, "seq"]`)
+    or a linear encoder (`d_input=...`, inputs `Float[Array, "seq d_input"]`). After
+    the blocks come a final RMS norm and a linear head to `d_output`, then pooling:
+    `None` for per-step outputs (language modelling), `"mean"` or `"last"` for one
+    output per sequence (classification).
+
+    `init_state`/`prefill`/`step` give per-step outputs whatever the pooling (for
+    `"last"` the final one equals the pooled output), so a trained language model
+    can generate token by token:
+
+    ```python
+    model = layers.SequenceModel("mamba", d_model=64, n_layers=2, vocab_size=256,
+                                 d_output=256, key=key)
+    logits, state = model.prefill(prompt, model.init_state())
+    next_logits, state = model.step(next_token, state)
+    ```
+    """
+
+    d_model: int = eqx.field(static=True)
+    pooling: str | None = eqx.field(static=True)
+    embedding: eqx.nn.Embedding | None
+    encoder: eqx.nn.Linear | None
+    blocks: tuple[Block, ...]
+    norm: eqx.nn.RMSNorm
+    head: eqx.nn.Linear
+
+    def __init__(
+        self,
+        mixer: str | type[AbstractMixer],
+        d_model: int,
+        n_layers: int,
+        d_output: int,
+        *,
+        vocab_size: int | None = None,
+        d_input: int | None = None,
+        pooling: Literal["mean", "last"] | None = None,
+        mixer_kwargs: dict[str, Any] | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        remat: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `mixer`: the sequence mixer of every block, a name in `layers.MIXERS` or a
+          class.
+        - `d_model`, `n_layers`: the width and the number of blocks.
+        - `d_output`: the head's output size (vocabulary or number of classes).
+        - `vocab_size`: embed integer tokens (exactly one of this and `d_input`).
+        - `d_input`: encode real inputs of this width linearly.
+        - `pooling`: `None`, `"mean"` or `"last"`.
+        - `mixer_kwargs`, `mlp_ratio`, `dropout`, `remat`: passed to every `Block`.
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        if (vocab_size is None) == (d_input is None):
+            raise ValueError("give exactly one of `vocab_size` (tokens) and `d_input`.")
+        if pooling not in (None, "mean", "last"):
+            raise ValueError(f"`pooling` must be None, 'mean' or 'last', got {pooling!r}.")
+        k_in, k_head, *k_blocks = jr.split(key, n_layers + 2)
+        self.d_model, self.pooling = d_model, pooling
+        if vocab_size is not None:
+            self.embedding = eqx.nn.Embedding(vocab_size, d_model, key=k_in)
+            self.encoder = None
+        else:
+            self.embedding = None
+            self.encoder = eqx.nn.Linear(d_input, d_model, key=k_in)
+        self.blocks = tuple(
+            Block(d_model, mixer, mixer_kwargs, mlp_ratio, dropout, remat, key=k)
+            for k in k_blocks
+        )
+        self.norm = eqx.nn.RMSNorm(d_model, use_bias=False)
+        self.head = eqx.nn.Linear(d_model, d_output, key=k_head)
+
+    def _encode(self, x):
+        if self.embedding is not None:
+            if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+                raise TypeError(f"expected integer tokens, got dtype {jnp.result_type(x)}.")
+            if x.ndim not in (0, 1):
+                raise ValueError(
+                    f"expected one sequence of tokens of shape (seq,), got {x.shape}; "
+                    "for a batch use `jax.vmap(model)(x)`."
+                )
+            return jnp.take(self.embedding.weight, x, axis=0)
+        if x.ndim not in (1, 2) or x.shape[-1] != self.encoder.in_features:
+            raise ValueError(
+                f"expected one sequence of shape (seq, {self.encoder.in_features}), got "
+                f"{x.shape}; for a batch use `jax.vmap(model)(x)`."
+            )
+        return linear(self.encoder, x)
+
+    def _head(self, h):
+        return linear(self.head, rms_norm(self.norm, h))
+
+    def __call__(
+        self,
+        x: Int[Array, " seq"] | Float[Array, "seq d_input"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq d_output"] | Float[Array, " d_output"]:
+        """**Arguments:** one sequence of tokens `(seq,)` or features
+        `(seq, d_input)`; `key` for dropout when training.
+
+        **Returns:** `(seq, d_output)`, or `(d_output,)` with pooling.
+        """
+        h = self._encode(x)
+        keys = [None] * len(self.blocks) if key is None else jr.split(key, len(self.blocks))
+        for block, k in zip(self.blocks, keys):
+            h = block(h, key=k)
+        if self.pooling == "mean":
+            h = jnp.mean(h, axis=0)
+        elif self.pooling == "last":
+            h = h[-1]
+        return self._head(h)
+
+    def init_state(self) -> tuple[PyTree[Array], ...]:
+        return tuple(block.init_state() for block in self.blocks)
+
+    def prefill(self, x, state: tuple[PyTree[Array], ...]):
+        """Run a sequence from `state`; returns per-step outputs and the new state."""
+        h = self._encode(x)
+        new = []
+        for block, s in zip(self.blocks, state):
+            h, s = block.prefill(h, s)
+            new.append(s)
+        return self._head(h), tuple(new)
+
+    def step(self, x_t, state: tuple[PyTree[Array], ...]):
+        """One token (an integer scalar, or a `(d_input,)` vector); returns
+        `(output_t, state)`."""
+        h = self._encode(x_t)
+        new = []
+        for block, s in zip(self.blocks, state):
+            h, s = block.step(h, s)
+            new.append(s)
+        return self._head(h), tuple(new)
