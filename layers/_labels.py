@@ -64,6 +64,3 @@ def ssm_param_mask(tree: PyTree) -> PyTree[bool]:
     only the other parameters).
     """
     return jax.tree.map(lambda label: label == "ssm", ssm_param_labels(tree))
-
-
-

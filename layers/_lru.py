@@ -80,14 +80,18 @@ class LRU(AbstractMixer):
         """`λ`, the discrete-time eigenvalues."""
         real = jnp.finfo(dtype).dtype
         return jnp.exp(
-            lax.complex(-jnp.exp(self.nu_log.astype(real)), jnp.exp(self.theta_log.astype(real)))
+            lax.complex(
+                -jnp.exp(self.nu_log.astype(real)), jnp.exp(self.theta_log.astype(real))
+            )
         )
 
     def _params(self, dtype):
         cdt = complex_dtype(dtype)
         gamma = jnp.exp(self.gamma_log.astype(real_dtype(dtype))).astype(cdt)
-        return self.eigenvalues(cdt), gamma[:, None] * as_complex(self.B, cdt), as_complex(
-            self.C, cdt
+        return (
+            self.eigenvalues(cdt),
+            gamma[:, None] * as_complex(self.B, cdt),
+            as_complex(self.C, cdt),
         )
 
     def init_state(self) -> Complex[Array, " state"]:

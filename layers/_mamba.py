@@ -113,10 +113,14 @@ class Mamba(AbstractMixer):
             dt_proj,
             jr.uniform(k_dt, (d_inner, dt_rank), jnp.float32, -std, std),
         )
-        dt = jnp.exp(jr.uniform(k_dtb, (d_inner,), jnp.float32, np.log(dt_min), np.log(dt_max)))
+        dt = jnp.exp(
+            jr.uniform(k_dtb, (d_inner,), jnp.float32, np.log(dt_min), np.log(dt_max))
+        )
         self.dt_bias = inverse_softplus(jnp.maximum(dt, dt_floor))
         self.A_log = jnp.log(
-            jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state))
+            jnp.broadcast_to(
+                jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state)
+            )
         )
         self.D = jnp.ones((d_inner,), jnp.float32)
         self.out_proj = eqx.nn.Linear(d_inner, d_model, use_bias=False, key=k_out)
@@ -137,7 +141,9 @@ class Mamba(AbstractMixer):
         r, n = self.dt_rank, self.d_state
         rdt = real_dtype(u.dtype)
         dt = linear(self.dt_proj, dbc[..., :r]).astype(rdt)
-        delta = jax.nn.softplus(dt + jnp.reshape(self.dt_bias.astype(rdt), (1,) * (dt.ndim - 1) + (-1,)))
+        delta = jax.nn.softplus(
+            dt + jnp.reshape(self.dt_bias.astype(rdt), (1,) * (dt.ndim - 1) + (-1,))
+        )
         B = dbc[..., r : r + n].astype(rdt)
         C = dbc[..., r + n :].astype(rdt)
         return x, z, delta, B, C, conv_state

@@ -95,14 +95,18 @@ def check_token(x_t: Any, d_model: int, name: str) -> None:
 
 def real_dtype(dtype) -> jnp.dtype:
     """The dtype states and recurrence parameters are computed in: float32 at least."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(
-        jnp.float32
+    return (
+        jnp.dtype(jnp.float64)
+        if jnp.dtype(dtype) == jnp.float64
+        else jnp.dtype(jnp.float32)
     )
 
 
 def complex_dtype(dtype) -> jnp.dtype:
-    return jnp.dtype(jnp.complex128) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(
-        jnp.complex64
+    return (
+        jnp.dtype(jnp.complex128)
+        if jnp.dtype(dtype) == jnp.float64
+        else jnp.dtype(jnp.complex64)
     )
 
 

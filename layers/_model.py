@@ -122,7 +122,7 @@ class SequenceModel(eqx.Module):
         """
         h = self._encode(x)
         keys = [None] * len(self.blocks) if key is None else jr.split(key, len(self.blocks))
-        for block, k in zip(self.blocks, keys):
+        for block, k in zip(self.blocks, keys, strict=True):
             h = block(h, key=k)
         if self.pooling == "mean":
             h = jnp.mean(h, axis=0)
@@ -137,7 +137,7 @@ class SequenceModel(eqx.Module):
         """Run a sequence from `state`; returns per-step outputs and the new state."""
         h = self._encode(x)
         new = []
-        for block, s in zip(self.blocks, state):
+        for block, s in zip(self.blocks, state, strict=True):
             h, s = block.prefill(h, s)
             new.append(s)
         return self._head(h), tuple(new)
@@ -147,7 +147,7 @@ class SequenceModel(eqx.Module):
         `(output_t, state)`."""
         h = self._encode(x_t)
         new = []
-        for block, s in zip(self.blocks, state):
+        for block, s in zip(self.blocks, state, strict=True):
             h, s = block.step(h, s)
             new.append(s)
         return self._head(h), tuple(new)

@@ -29,6 +29,8 @@ def make_mixer(mixer, d_model: int, mixer_kwargs: dict | None, *, key) -> Abstra
         return mixer
     if isinstance(mixer, str):
         if mixer not in MIXERS:
-            raise ValueError(f"unknown mixer {mixer!r}; the registered ones are {sorted(MIXERS)}.")
+            raise ValueError(
+                f"unknown mixer {mixer!r}; the registered ones are {sorted(MIXERS)}."
+            )
         mixer = MIXERS[mixer]
     return mixer(d_model, **(mixer_kwargs or {}), key=key)

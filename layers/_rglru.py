@@ -123,8 +123,12 @@ class RGLRU(AbstractMixer):
         rdt = real_dtype(x.dtype)
         lead = x.shape[:-1]
         xh = x.reshape(lead + (self.num_heads, -1))
-        gate_a = jnp.einsum("...hi,hij->...hj", xh, self.W_a.astype(x.dtype)).reshape(x.shape)
-        gate_x = jnp.einsum("...hi,hij->...hj", xh, self.W_x.astype(x.dtype)).reshape(x.shape)
+        gate_a = jnp.einsum("...hi,hij->...hj", xh, self.W_a.astype(x.dtype)).reshape(
+            x.shape
+        )
+        gate_x = jnp.einsum("...hi,hij->...hj", xh, self.W_x.astype(x.dtype)).reshape(
+            x.shape
+        )
         r = jax.nn.sigmoid(gate_a.astype(rdt) + _row(self.b_a.astype(rdt), x.ndim))
         i = jax.nn.sigmoid(gate_x.astype(rdt) + _row(self.b_x.astype(rdt), x.ndim))
         log_a = self.c * r * _row(self.log_a(rdt), x.ndim)

@@ -6,9 +6,9 @@ from typing import ClassVar, Literal
 
 import equinox as eqx
 import jax.numpy as jnp
-from jax import lax
 import jax.random as jr
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 import ssm
@@ -125,7 +125,9 @@ class S4D(AbstractMixer):
         """
         return self.prefill(x, self.init_state())[0]
 
-    def prefill(self, x: Float[Array, "seq d_model"], state: Complex[Array, "d_model modes"]):
+    def prefill(
+        self, x: Float[Array, "seq d_model"], state: Complex[Array, "d_model modes"]
+    ):
         """Run `x` from `state`; returns the outputs and the state after the last step."""
         check_sequence(x, self.d_model, "S4D")
         rdt = real_dtype(x.dtype)

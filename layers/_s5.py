@@ -91,7 +91,9 @@ class S5(AbstractMixer):
         Vinv_all = scipy.linalg.block_diag(*([V.conj().T] * blocks))  # (P/2, P)
         H, M = d_model, state_size // 2
         n_dir = 2 if bidirectional else 1
-        B = np.asarray(jr.normal(k_b, (state_size, H), jnp.float32), np.float64) / np.sqrt(H)
+        B = np.asarray(jr.normal(k_b, (state_size, H), jnp.float32), np.float64) / np.sqrt(
+            H
+        )
         C = np.asarray(jr.normal(k_c, (n_dir, H, state_size, 2), jnp.float32), np.float64)
         C = (C[..., 0] + 1j * C[..., 1]) / np.sqrt(state_size)
         B_tilde = Vinv_all @ B
