@@ -73,9 +73,12 @@ def measure(fn, args, repeats):
 def bench_scan(T, N, D, repeats, budgets):
     args = make_problem(T, N, D, jr.key(0))
     cases = [("lax.scan", lambda f, h, x: lax.scan(f, h, x))]
-    cases.append(("ssm.scan checkpoints=\"all\"", lambda f, h, x: ssm.scan(f, h, x)))
+    cases.append(('ssm.scan checkpoints="all"', lambda f, h, x: ssm.scan(f, h, x)))
     cases.append(
-        ("ssm.scan checkpoints=\"auto\"", lambda f, h, x: ssm.scan(f, h, x, checkpoints="auto"))
+        (
+            'ssm.scan checkpoints="auto"',
+            lambda f, h, x: ssm.scan(f, h, x, checkpoints="auto"),
+        )
     )
     for c in budgets:
         cases.append(
@@ -86,7 +89,7 @@ def bench_scan(T, N, D, repeats, budgets):
         )
     cases.append(
         (
-            "ssm.scan backward=\"parallel\"",
+            'ssm.scan backward="parallel"',
             lambda f, h, x: ssm.scan(f, h, x, backward="parallel"),
         )
     )
@@ -110,7 +113,10 @@ def bench_scan(T, N, D, repeats, budgets):
         if base_mem is None:
             base_mem, base_time = mem, t
         rows.append((name, mem, mem / base_mem, t, t / base_time))
-    print(f"\n### `ssm.scan` gradient, GRU cell, T={T}, N={N}, D={D}, {jax.devices()[0].platform}\n")
+    print(
+        f"\n### `ssm.scan` gradient, GRU cell, T={T}, N={N}, D={D}, "
+        f"{jax.devices()[0].platform}\n"
+    )
     print("| scan | temp memory (MiB) | vs lax.scan | time (ms) | vs lax.scan |")
     print("|---|---:|---:|---:|---:|")
     for name, mem, rm, t, rt in rows:
@@ -132,7 +138,9 @@ def bench_deer(T, N, D, repeats):
         )
         hs, k = fn(h0, xs)
         err = float(jnp.max(jnp.abs(hs - ref)))
-        rows.append((f"parallel_scan_nonlinear {jac}", *measure(fn, (h0, xs), repeats), int(k), err))
+        rows.append(
+            (f"parallel_scan_nonlinear {jac}", *measure(fn, (h0, xs), repeats), int(k), err)
+        )
     print(f"\n### DEER vs sequential evaluation (forward), GRU cell, T={T}, N={N}, D={D}\n")
     print("| method | temp memory (MiB) | time (ms) | iterations | max abs error |")
     print("|---|---:|---:|---:|---:|")

@@ -47,7 +47,9 @@ def _only_diff(primal, other):
     """``other`` (same structure as ``primal``) with non-inexact leaves set to None."""
     leaves, treedef = jax.tree.flatten(primal)
     others = treedef.flatten_up_to(other)
-    return treedef.unflatten([o if _inexact(p) else None for p, o in zip(leaves, others)])
+    return treedef.unflatten(
+        [o if _inexact(p) else None for p, o in zip(leaves, others, strict=True)]
+    )
 
 
 def _fill_float0(primal, grads):
@@ -58,7 +60,7 @@ def _fill_float0(primal, grads):
     return treedef.unflatten(
         [
             np.zeros(np.shape(p), jax.dtypes.float0) if g is None else g
-            for p, g in zip(leaves, gl)
+            for p, g in zip(leaves, gl, strict=True)
         ]
     )
 
@@ -68,7 +70,9 @@ def _index(tree, i):
 
 
 def _set(tree, i, value):
-    return jax.tree.map(lambda x, v: lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
+    return jax.tree.map(
+        lambda x, v: lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value
+    )
 
 
 def _add(a, b):
@@ -95,7 +99,7 @@ def _step_vjp(step, consts, carry, x, ct_carry, ct_y):
 
 
 def _binomial_table(budget: int, n: int) -> np.ndarray:
-    """``tab[s, t] = min(C(s + t, s), n + 1)``: steps reversible with s snapshots, t sweeps."""
+    """``tab[s, t] = min(C(s + t, s), n + 1)``: steps s snapshots, t sweeps reverse."""
     tmax = 1
     while math.comb(2 + tmax, 2) < n:
         tmax += 1
@@ -129,7 +133,9 @@ def _advance(step, consts, carry, xs, start, stop):
 def _reverse_sweep(step, budget, consts, init, xs, ct_carry, ct_ys, length):
     """Backward pass holding at most ``budget`` carries (the initial one included)."""
     tab = jnp.asarray(_binomial_table(budget, length))
-    stack = jax.tree.map(lambda c: jnp.zeros((budget,) + c.shape, c.dtype).at[0].set(c), init)
+    stack = jax.tree.map(
+        lambda c: jnp.zeros((budget,) + c.shape, c.dtype).at[0].set(c), init
+    )
     where = jnp.zeros((budget,), jnp.int32)
     d_consts = jax.tree.map(jnp.zeros_like, eqx.filter(consts, eqx.is_inexact_array))
     d_xs = jax.tree.map(jnp.zeros_like, eqx.filter(xs, eqx.is_inexact_array))
@@ -293,7 +299,8 @@ def _check_checkpoints(checkpoints):
     if isinstance(checkpoints, str):
         if checkpoints not in ("all", "auto"):
             raise ValueError(
-                f'`checkpoints` must be "all", "auto" or a positive int, got {checkpoints!r}.'
+                '`checkpoints` must be "all", "auto" or a positive int, '
+                f"got {checkpoints!r}."
             )
         return
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, (int, np.integer)):
@@ -370,7 +377,9 @@ def scan(
     """
     _check_checkpoints(checkpoints)
     if backward not in ("sequential", "parallel"):
-        raise ValueError(f'`backward` must be "sequential" or "parallel", got {backward!r}.')
+        raise ValueError(
+            f'`backward` must be "sequential" or "parallel", got {backward!r}.'
+        )
     if jacobian not in ("dense", "diagonal"):
         raise ValueError(f'`jacobian` must be "dense" or "diagonal", got {jacobian!r}.')
     if backward == "parallel" and checkpoints != "all":
