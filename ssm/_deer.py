@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -160,7 +160,7 @@ def parallel_scan_nonlinear(
     *,
     iterations: int | None = None,
     tol: float | None = None,
-    jacobian: Literal["dense", "diagonal"] = "dense",
+    jacobian: str = "dense",
 ) -> tuple[Inexact[Array, "T N"], Int[Array, ""]]:
     """All states of ``h[t] = f(h[t-1], x[t])`` by Newton iterations of parallel scans.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -31,9 +31,6 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from ._scan import linear_scan, matrix_scan
-
-Checkpoints = Literal["all", "auto"] | int
-
 
 # ---------------------------------------------------------------------------
 # Pytree helpers: only inexact leaves are differentiated; the rest get float0.
@@ -319,9 +316,9 @@ def scan(
     *,
     reverse: bool = False,
     unroll: int | bool = 1,
-    checkpoints: Checkpoints = "all",
-    backward: Literal["sequential", "parallel"] = "sequential",
-    jacobian: Literal["dense", "diagonal"] = "dense",
+    checkpoints: str | int = "all",
+    backward: str = "sequential",
+    jacobian: str = "dense",
 ) -> tuple[Any, Any]:
     """``jax.lax.scan`` for nonlinear recurrences, with memory-bounded reverse mode.
 
