@@ -63,28 +63,19 @@ def _mult_shape(ops: _Ops, a_shape, r_shape, has_resets):
 
 
 def sequential(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, unroll=1):
-    """One step per time index with ``lax.scan``."""
-    dtype = h0.dtype
-    a_varies = a.shape[0] != 1
-    r_varies = has_resets and r.shape[0] != 1
-    a_fixed = None if a_varies else a[0]
-    r_fixed = r[0] if (has_resets and not r_varies) else None
-
-    def body(carry, xs):
-        h, m_prev = carry
-        a_k, b_k, r_k = xs
-        a_k = a_fixed if a_k is None else a_k
-        r_k = r_fixed if r_k is None else r_k
-        m_k = ops.mult(a_k, r_k, dtype, has_resets)
-        m = m_prev if shift else m_k
-        h = ops.apply(m, h) + b_k.astype(dtype)
-        return (h, m_k if shift else m_prev), h
-
-    m_shape = _mult_shape(ops, a.shape[1:], r.shape[1:], has_resets)
-    m0 = ops.identity(m_shape, dtype) if shift else jnp.zeros((), dtype)
-    xs = (a if a_varies else None, b, r if r_varies else None)
-    _, h = lax.scan(body, (h0, m0), xs, reverse=reverse, unroll=unroll)
-    return h
+    """One step per time index: the chunked kernel with a single chunk."""
+    return chunked(
+        a,
+        b,
+        h0,
+        r,
+        ops=ops,
+        reverse=reverse,
+        shift=shift,
+        has_resets=has_resets,
+        chunk_size=b.shape[0],
+        unroll=unroll,
+    )
 
 
 def _combine_diag(x, y):
@@ -98,25 +89,67 @@ def _combine_matrix(x, y):
     return jnp.matmul(a2, a1, precision=hi), jnp.matmul(a2, b1, precision=hi) + b2
 
 
-def associative(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets):
-    """``lax.associative_scan`` over (multiplier, input) pairs: O(log T) depth."""
+def associative(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, blocks=16):
+    """``lax.associative_scan`` over (multiplier, input) pairs: O(log T) depth.
+
+    The sequence is cut into a fixed number of ``blocks`` run one after the other,
+    each an associative scan started from the previous block's last state. The depth
+    stays O(log T) (``blocks * log(T / blocks)``) while the scan's intermediate
+    partial products, which a single associative scan over all of T would hold at
+    several times the input's size, shrink to ``1 / blocks`` of that.
+    """
     dtype = h0.dtype
     T = b.shape[0]
-    m = ops.mult(a, r, dtype, has_resets)
-    m = jnp.broadcast_to(m, (T,) + m.shape[1:])
-    if shift:
-        one = ops.identity((1,) + m.shape[1:], dtype)
-        m = (
-            jnp.concatenate([m[1:], one]) if reverse else jnp.concatenate([one, m[:-1]])
-        )
-    b = b.astype(dtype)
-    first = T - 1 if reverse else 0
-    b = b.at[first].add(ops.apply(m[first], h0))
-    if not ops.matrix:
-        m = jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, b.shape))
+    B = -(-T // min(blocks, T))  # block length; blocks may overlap at the end
+    K = -(-T // B)
+    lag = 1 if shift else 0
     combine = _combine_matrix if ops.matrix else _combine_diag
-    _, h = lax.associative_scan(combine, (m, b), reverse=reverse)
-    return h
+
+    def multipliers(s, first):
+        """Multipliers of positions s..s+B-1 (in time), shifted when asked."""
+
+        def window(x, start, size):
+            if x.shape[0] == 1:
+                return jnp.broadcast_to(x, (size,) + x.shape[1:])
+            return lax.dynamic_slice_in_dim(x, start, size, axis=0)
+
+        if shift and first:
+            size = B - 1
+            start = s + 1 if reverse else s
+        else:
+            size = B
+            start = s + lag if reverse else s - lag
+        m = ops.mult(window(a, start, size), window(r, start, size), dtype, has_resets)
+        if shift and first:
+            one = ops.identity((1,) + m.shape[1:], dtype)
+            m = jnp.concatenate([m, one] if reverse else [one, m])
+        return m
+
+    def run_block(s, h_in, first):
+        m = multipliers(s, first)
+        blk = lax.dynamic_slice_in_dim(b, s, B, axis=0).astype(dtype)
+        i0 = B - 1 if reverse else 0
+        blk = blk.at[i0].add(ops.apply(m[i0], h_in))
+        if not ops.matrix:
+            m = jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, blk.shape))
+        return lax.associative_scan(combine, (m, blk), reverse=reverse)[1]
+
+    def start_of(q):
+        return jnp.maximum(T - (q + 1) * B, 0) if reverse else jnp.minimum(q * B, T - B)
+
+    out = jnp.zeros((T,) + h0.shape, dtype)
+    out = lax.dynamic_update_slice_in_dim(
+        out, run_block(start_of(0), h0, True), start_of(0), 0
+    )
+
+    def body(q, out):
+        s = start_of(q)
+        # The block's incoming state was already written by the previous block,
+        # also when the last block overlaps it.
+        h_in = lax.dynamic_index_in_dim(out, s + B if reverse else s - 1, 0, False)
+        return lax.dynamic_update_slice_in_dim(out, run_block(s, h_in, False), s, 0)
+
+    return lax.fori_loop(1, K, body, out)
 
 
 def default_chunk_size(T: int) -> int:
@@ -139,7 +172,9 @@ def _pad_time(x, n_total, fill, front):
     return jnp.pad(x, widths, constant_values=fill)
 
 
-def chunked(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, chunk_size=None):
+def chunked(
+    a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, chunk_size=None, unroll=1
+):
     """Two-level scan: chunks of length C are processed side by side.
 
     Pass 1 runs the recurrence inside every chunk at once from a zero state,
@@ -163,8 +198,10 @@ def chunked(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, chunk_size=No
         a_c = _pad_time(a, n * C, 1, reverse).reshape((n, C) + a.shape[1:])
     if r_varies:
         r_c = _pad_time(r, n * C, False, reverse).reshape((n, C) + r.shape[1:])
-    state_shape = h0.shape
     m_shape = (n,) + _mult_shape(ops, a.shape[1:], r.shape[1:], has_resets)
+
+    U = max(1, min(unroll, C - 1))  # positions per loop iteration
+    lag = 1 if shift else 0  # the multiplier of position j sits at position j - lag
 
     def position(j):
         return C - 1 - j if reverse else j
@@ -172,60 +209,103 @@ def chunked(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, chunk_size=No
     def at(x, k):
         return lax.dynamic_index_in_dim(x, k, axis=1, keepdims=False)
 
-    def multiplier(k):
-        a_k = at(a_c, k) if a_varies else a[0]
-        r_k = None
-        if has_resets:
-            r_k = at(r_c, k) if r_varies else r[0]
-        return jnp.broadcast_to(ops.mult(a_k, r_k, dtype, has_resets), m_shape)
+    def multiplier(a_k, r_k):
+        m = ops.mult(
+            a_k if a_varies else a[0], r_k if r_varies else r[0], dtype, has_resets
+        )
+        return jnp.broadcast_to(m, m_shape)
 
-    # Shifted: each chunk starts with the multiplier of the element processed
-    # just before it (the identity for the first chunk).
+    def multiplier_at(k):
+        return multiplier(
+            at(a_c, k) if a_varies else None, at(r_c, k) if r_varies else None
+        )
+
+    # The multiplier of each chunk's first processed element. Shifted, it is that
+    # of the element processed just before the chunk (identity for the first).
     if shift:
-        boundary = multiplier(0 if reverse else C - 1)
+        boundary = multiplier_at(0 if reverse else C - 1)
         one = ops.identity((1,) + m_shape[1:], dtype)
-        m_start = (
+        m_first = (
             jnp.concatenate([boundary[1:], one])
             if reverse
             else jnp.concatenate([one, boundary[:-1]])
         )
     else:
-        m_start = jnp.zeros((), dtype)
+        m_first = multiplier_at(position(0))
 
-    def step(j, h, m_prev):
-        k = position(j)
-        m_k = multiplier(k)
-        m = m_prev if shift else m_k
-        b_k = at(b_c, k)
-        h = ops.apply(m, h) + b_k.astype(dtype)
-        return k, h, m, (m_k if shift else m_prev)
+    # Positions 1..C-1 go in blocks of U: each block is read (and written) as one
+    # contiguous slice, in ascending memory order even when running in reverse,
+    # then stepped through in processing order.
+    n_blocks = (C - 1) // U
 
-    # Pass 1: per-chunk total multiplier and local final state.
-    def pass1(j, carry):
-        prod, h, m_prev = carry
-        _, h, m, m_prev = step(j, h, m_prev)
-        return ops.apply(m, prod), h, m_prev
+    def load(x, j0, s):
+        start = C - j0 - U + s if reverse else j0 - s
+        return lax.dynamic_slice_in_dim(x, start, U, axis=1)
 
-    prod0 = ops.identity(m_shape, dtype)
-    h_local0 = jnp.zeros((n,) + state_shape, dtype)
-    prod, h_local, _ = lax.fori_loop(0, C, pass1, (prod0, h_local0, m_start))
+    def run_block(q, h, prod):
+        j0 = 1 + q * U
+        b_blk = load(b_c, j0, 0)
+        a_blk = load(a_c, j0, lag) if a_varies else None
+        r_blk = load(r_c, j0, lag) if r_varies else None
+        hs = []
+        for i in range(U):
+            i_mem = U - 1 - i if reverse else i
+            m = multiplier(
+                None if a_blk is None else a_blk[:, i_mem],
+                None if r_blk is None else r_blk[:, i_mem],
+            )
+            h = ops.apply(m, h) + b_blk[:, i_mem].astype(dtype)
+            if prod is not None:
+                prod = ops.apply(m, prod)
+            hs.append(h)
+        return h, prod, jnp.stack(hs[::-1] if reverse else hs, axis=1)
 
-    # Pass 2: true starting state of every chunk, scanning across chunks.
-    def across(c, xs):
-        p_i, h_i = xs
-        return ops.apply(p_i, c) + h_i, c
+    def tail_positions():
+        return range(1 + n_blocks * U, C)
 
-    _, starts = lax.scan(across, h0, (prod, h_local), reverse=reverse)
+    def run_tail(h, prod, out):
+        for j in tail_positions():
+            m = multiplier_at(position(j - lag))
+            h = ops.apply(m, h) + at(b_c, position(j)).astype(dtype)
+            if prod is not None:
+                prod = ops.apply(m, prod)
+            if out is not None:
+                out = lax.dynamic_update_index_in_dim(out, h, position(j), axis=1)
+        return h, prod, out
 
-    # Pass 3: rerun inside chunks from the true starts, writing the states.
-    def pass3(j, carry):
-        out, h, m_prev = carry
-        k, h, _, m_prev = step(j, h, m_prev)
-        out = lax.dynamic_update_index_in_dim(out, h, k, axis=1)
-        return out, h, m_prev
+    state_shape = h0.shape
+    if n > 1:
+        # Pass 1: per-chunk total multiplier and local final state, from zero.
+        def pass1(q, carry):
+            h, prod = carry
+            h, prod, _ = run_block(q, h, prod)
+            return h, prod
 
-    out0 = jnp.zeros((n, C) + state_shape, dtype)
-    out, _, _ = lax.fori_loop(0, C, pass3, (out0, starts, m_start))
+        h_local = jnp.broadcast_to(at(b_c, position(0)).astype(dtype), (n,) + state_shape)
+        h_local, prod = lax.fori_loop(0, n_blocks, pass1, (h_local, m_first))
+        h_local, prod, _ = run_tail(h_local, prod, None)
+
+        # Pass 2: the true starting state of every chunk, scanning across chunks.
+        def across(c, xs):
+            p_i, h_i = xs
+            return ops.apply(p_i, c) + h_i, c
+
+        _, starts = lax.scan(across, h0, (prod, h_local), reverse=reverse)
+    else:
+        starts = h0[None]
+
+    # Pass 3: run inside every chunk from its true start, writing the states.
+    def pass3(q, carry):
+        out, h = carry
+        h, _, blk = run_block(q, h, None)
+        start = C - (1 + q * U) - U if reverse else 1 + q * U
+        return lax.dynamic_update_slice_in_dim(out, blk, start, axis=1), h
+
+    h = ops.apply(m_first, starts) + at(b_c, position(0)).astype(dtype)
+    out = jnp.zeros((n, C) + state_shape, dtype)
+    out = lax.dynamic_update_index_in_dim(out, h, position(0), axis=1)
+    out, h = lax.fori_loop(0, n_blocks, pass3, (out, h))
+    _, _, out = run_tail(h, None, out)
     out = out.reshape((n * C,) + state_shape)
     if n * C != T:
         out = out[n * C - T :] if reverse else out[:T]
@@ -245,10 +325,14 @@ def evaluate(a, b, h0, r, *, method, matrix, trans, reverse, shift, has_resets, 
 
 
 def auto_method(T: int, matrix: bool, backend: str | None = None) -> str:
-    """The method ``method="auto"`` picks; see the benchmark tables in the README."""
+    """The method ``method="auto"`` picks, from ``scripts/bench_scan.py``'s tables.
+
+    On CPU the recurrence is memory-bound and one pass over the data beats every
+    parallel form (which read the inputs at least twice), so it is sequential. On
+    accelerators, where a step of the sequential loop costs a kernel launch, the
+    chunked form (about ``2 sqrt(T)`` steps) is used for all but short sequences.
+    """
     backend = backend or jax.default_backend()
-    if backend == "cpu":
-        if T < 64:
-            return "sequential"
-        return "sequential" if matrix else "chunked"
-    return "chunked" if T >= 64 else "sequential"
+    if backend == "cpu" or T < 64:
+        return "sequential"
+    return "chunked"

@@ -58,14 +58,21 @@ def _abstract_eval(a, b, h0, r, **params):
 
 
 linear_recurrence_p.def_impl(
-    functools.partial(jax.jit, static_argnames=(
-        "matrix", "trans", "reverse", "shift", "has_resets", "method", "chunk_size"
-    ))(_impl)
+    functools.partial(
+        jax.jit,
+        static_argnames=(
+            "matrix",
+            "trans",
+            "reverse",
+            "shift",
+            "has_resets",
+            "method",
+            "chunk_size",
+        ),
+    )(_impl)
 )
 linear_recurrence_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(
-    linear_recurrence_p, mlir.lower_fun(_impl, multiple_results=False)
-)
+mlir.register_lowering(linear_recurrence_p, mlir.lower_fun(_impl, multiple_results=False))
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +213,7 @@ ad.primitive_transposes[linear_recurrence_p] = _transpose
 def _batch(args, dims, **params):
     a, b, h0, r = args
     da, db, dh0, dr = dims
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
 
     def time_major(x, d):
         if d is None:

@@ -27,9 +27,7 @@ def _state_dtype(*dtypes) -> np.dtype:
 
 def _check_inexact(name, x):
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(
-            f"`{name}` must be a JAX or NumPy array, got {type(x).__name__}."
-        )
+        raise TypeError(f"`{name}` must be a JAX or NumPy array, got {type(x).__name__}.")
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
             f"`{name}` must have a floating or complex dtype, got {x.dtype} "
@@ -211,9 +209,7 @@ def matrix_scan(
     _check_inexact("A", A)
     _check_method(method, chunk_size)
     if b.ndim not in (2, 3):
-        raise ValueError(
-            f"`b` must have shape (T, N) or (T, N, M), got {tuple(b.shape)}."
-        )
+        raise ValueError(f"`b` must have shape (T, N) or (T, N, M), got {tuple(b.shape)}.")
     T, N = b.shape[0], b.shape[1]
     if A.ndim == 2:
         A = A[None]

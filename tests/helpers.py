@@ -9,13 +9,18 @@ def rel_err(x, y) -> float:
     """``||x - y|| / ||y||`` over a whole pytree (0 when both are zero)."""
     xs, ys = jax.tree.leaves(x), jax.tree.leaves(y)
     assert len(xs) == len(ys), (len(xs), len(ys))
-    num = sum(float(np.sum(np.abs(np.asarray(a, np.complex128) - np.asarray(b, np.complex128)) ** 2)) for a, b in zip(xs, ys))
+    num = sum(
+        float(
+            np.sum(np.abs(np.asarray(a, np.complex128) - np.asarray(b, np.complex128)) ** 2)
+        )
+        for a, b in zip(xs, ys, strict=True)
+    )
     den = sum(float(np.sum(np.abs(np.asarray(b, np.complex128)) ** 2)) for b in ys)
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
 def assert_close(x, y, tol: float, what: str = "") -> None:
-    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
         assert jnp.shape(a) == jnp.shape(b), (what, jnp.shape(a), jnp.shape(b))
     err = rel_err(x, y)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

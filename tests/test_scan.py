@@ -132,7 +132,9 @@ def test_matrix_scan_values_vjp_jvp(getkey, method, case):
     T, N, M, varying, dtype, reverse, with_h0, with_resets, chunk = case
     state = (N,) if M is None else (N, M)
     # Transitions with spectral norm < 1, so long products stay bounded.
-    A = normal(getkey(), ((T,) if varying else ()) + (N, N), dtype) * (1 / (1.5 * np.sqrt(N))).astype(dtype)
+    A = normal(getkey(), ((T,) if varying else ()) + (N, N), dtype) * (
+        1 / (1.5 * np.sqrt(N))
+    ).astype(dtype)
     b = normal(getkey(), (T,) + state, dtype)
     h0 = normal(getkey(), state, dtype) if with_h0 else jnp.zeros(state, dtype)
     resets = jax.random.bernoulli(getkey(), 0.15, (T,)) if with_resets else None
@@ -168,21 +170,30 @@ def test_vmap(getkey, method):
     ours = functools.partial(ssm.linear_scan, resets=resets, method=method)
     ref = functools.partial(ref_linear_scan, resets=resets)
     # Batched a and b with a shared h0; then a shared a with batched b, batch axis 1.
-    out = jax.vmap(ours, in_axes=(0, 0, None))(a, b, h0)
-    assert_close(out, jax.vmap(ref, in_axes=(0, 0, None))(a, b, h0), 1e-10, "vmap 1")
+    out = jax.jit(jax.vmap(ours, in_axes=(0, 0, None)))(a, b, h0)
+    expect = jax.jit(jax.vmap(ref, in_axes=(0, 0, None)))(a, b, h0)
+    assert_close(out, expect, 1e-10, "vmap 1")
     b1 = jnp.moveaxis(b, 0, 1)
-    out = jax.vmap(ours, in_axes=(None, 1, None), out_axes=1)(a[0], b1, h0)
-    expect = jax.vmap(ref, in_axes=(None, 1, None), out_axes=1)(a[0], b1, h0)
+    out = jax.jit(jax.vmap(ours, in_axes=(None, 1, None), out_axes=1))(a[0], b1, h0)
+    expect = jax.jit(jax.vmap(ref, in_axes=(None, 1, None), out_axes=1))(a[0], b1, h0)
     assert_close(out, expect, 1e-10, "vmap 2")
     # Gradients through vmap, and vmap of gradients.
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(jax.vmap(f, (0, 0, None))(a, b, h0)))
     assert_close(
-        jax.grad(loss(ours), (0, 1))(a, b), jax.grad(loss(ref), (0, 1))(a, b), 1e-10, "grad"
+        jax.jit(jax.grad(loss(ours), (0, 1)))(a, b),
+        jax.jit(jax.grad(loss(ref), (0, 1)))(a, b),
+        1e-10,
+        "grad",
     )
     A = normal(getkey(), (B, T, 3, 3)) / 3
     x = normal(getkey(), (B, T, 3))
     mat = functools.partial(ssm.matrix_scan, method=method)
-    assert_close(jax.vmap(mat)(A, x), jax.vmap(ref_matrix_scan, (0, 0, None))(A, x, jnp.zeros(3)), 1e-10, "matrix vmap")
+    assert_close(
+        jax.jit(jax.vmap(mat))(A, x),
+        jax.vmap(ref_matrix_scan, (0, 0, None))(A, x, jnp.zeros(3)),
+        1e-10,
+        "matrix vmap",
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -199,20 +210,20 @@ def test_second_order(getkey, method):
     ref = loss(functools.partial(ref_linear_scan, reverse=True))
     # Forward-over-reverse (jax.hessian) and reverse-over-reverse.
     assert_close(
-        jax.hessian(ours, (0, 1, 2))(a, b, h0),
-        jax.hessian(ref, (0, 1, 2))(a, b, h0),
+        jax.jit(jax.hessian(ours, (0, 1, 2)))(a, b, h0),
+        jax.jit(jax.hessian(ref, (0, 1, 2)))(a, b, h0),
         1e-9,
         "hessian",
     )
     v = normal(getkey(), a.shape)
     rr = lambda f: jax.grad(lambda a, b: jnp.vdot(jax.grad(f)(a, b, h0), v), (0, 1))
-    assert_close(rr(ours)(a, b), rr(ref)(a, b), 1e-9, "grad of grad")
+    assert_close(jax.jit(rr(ours))(a, b), jax.jit(rr(ref))(a, b), 1e-9, "grad of grad")
     A = normal(getkey(), (T, 2, 2)) / 2
     mloss = lambda scan: lambda A, b: jnp.sum(jnp.cos(scan(A, b, h0)))
     m_ours = mloss(functools.partial(ssm.matrix_scan, method=method))
     assert_close(
-        jax.hessian(m_ours, (0, 1))(A, b),
-        jax.hessian(mloss(ref_matrix_scan), (0, 1))(A, b),
+        jax.jit(jax.hessian(m_ours, (0, 1)))(A, b),
+        jax.jit(jax.hessian(mloss(ref_matrix_scan), (0, 1)))(A, b),
         1e-9,
         "matrix hessian",
     )
@@ -248,7 +259,9 @@ def test_mixed_real_decay_complex_input(getkey):
     a = decay(getkey(), (T, 3))
     b = normal(getkey(), (T, 3), C128)
     f = lambda a, b: jnp.sum(jnp.abs(ssm.linear_scan(a, b)) ** 2)
-    g = lambda a, b: jnp.sum(jnp.abs(ref_linear_scan(a.astype(C128), b, jnp.zeros(3, C128))) ** 2)
+    g = lambda a, b: jnp.sum(
+        jnp.abs(ref_linear_scan(a.astype(C128), b, jnp.zeros(3, C128))) ** 2
+    )
     ga, gb = jax.grad(f, (0, 1))(a, b)
     ra, rb = jax.grad(g, (0, 1))(a, b)
     assert ga.dtype == F64
@@ -267,8 +280,18 @@ def test_mixed_real_decay_complex_input(getkey):
         ((np.ones((4, 3)), np.ones((4, 3), np.int32)), {}, TypeError, r"`b`.*int32"),
         ((np.ones((4, 3), np.int32), np.ones((4, 3))), {}, TypeError, r"`a`.*int32"),
         ((np.ones((4, 3)), np.ones((4, 3))), {"method": "magic"}, ValueError, r"magic"),
-        ((np.ones((4, 3)), np.ones((4, 3))), {"resets": np.ones(4)}, TypeError, r"resets.*bool"),
-        ((np.ones((4, 3)), np.ones((4, 3))), {"resets": np.ones(5, bool)}, ValueError, r"resets.*\(4,\).*\(5,\)"),
+        (
+            (np.ones((4, 3)), np.ones((4, 3))),
+            {"resets": np.ones(4)},
+            TypeError,
+            r"resets.*bool",
+        ),
+        (
+            (np.ones((4, 3)), np.ones((4, 3))),
+            {"resets": np.ones(5, bool)},
+            ValueError,
+            r"resets.*\(4,\).*\(5,\)",
+        ),
         ((np.ones((4, 3)), np.ones((4, 3)), np.ones(2)), {}, ValueError, r"`h0`.*\(2,\)"),
         ((np.ones((4, 3)), np.ones((4, 3))), {"chunk_size": 0}, ValueError, r"chunk_size"),
     ],
@@ -289,3 +312,52 @@ def test_linear_scan_bad_input(args, kwargs, err, match):
 def test_matrix_scan_bad_input(A, b, match):
     with pytest.raises(ValueError, match=match):
         ssm.matrix_scan(jnp.ones(A), jnp.ones(b))
+
+
+# ---------------------------------------------------------------------------
+# Property-based: random lengths, state shapes, broadcasting and chunk sizes.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _scan_problem(draw):
+    T = draw(st.integers(1, 40))
+    S = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    # Each state axis of `a` is either full or broadcast; its time axis too.
+    a_shape = tuple(n if draw(st.booleans()) else 1 for n in S)
+    a_time = T if draw(st.booleans()) else 1
+    method = draw(st.sampled_from(METHODS))
+    chunk = draw(st.one_of(st.none(), st.integers(1, T)))
+    reverse = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return T, S, (a_time,) + a_shape, method, chunk, reverse, seed
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(_scan_problem())
+def test_linear_scan_property(problem):
+    T, S, a_shape, method, chunk, reverse, seed = problem
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, a_shape)
+    b = rng.normal(size=(T,) + S)
+    h0 = rng.normal(size=S)
+    resets = rng.random(T) < 0.2
+    out = ssm.linear_scan(
+        jnp.asarray(a),
+        jnp.asarray(b),
+        jnp.asarray(h0),
+        reverse=reverse,
+        resets=jnp.asarray(resets),
+        method=method,
+        chunk_size=chunk,
+    )
+    # Reference: the recurrence as a plain Python loop in float64.
+    a_full = np.broadcast_to(a, b.shape)
+    expect = np.empty_like(b)
+    h = h0
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h = (0.0 if resets[t] else a_full[t]) * h + b[t]
+        expect[t] = h
+    np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-10, atol=1e-12)
