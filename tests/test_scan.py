@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import ssm
@@ -316,9 +317,6 @@ def test_matrix_scan_bad_input(A, b, match):
 
 # ---------------------------------------------------------------------------
 # Property-based: random lengths, state shapes, broadcasting and chunk sizes.
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @st.composite
