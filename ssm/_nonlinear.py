@@ -149,29 +149,28 @@ def _reverse_sweep(step, budget, consts, init, xs, ct_carry, ct_ys, length):
         push = (n > 1) & (free > 0)
         target = jnp.where(push, lo + _split(tab, jnp.maximum(free, 1) + 1, n), hi - 1)
         carry = _advance(step, consts, _index(stack, top), xs, lo, target)
+        t = hi - 1
+        x_t = _index(xs, t)
+        old_dx = _index(d_xs, t)
 
-        def do_push(_):
-            new_stack = _set(stack, top + 1, carry)
-            new_where = where.at[top + 1].set(target)
-            return top + 1, hi, new_stack, new_where, lam, d_consts, d_xs
-
+        # Only small values cross the cond: the big buffers are updated in place below.
         def do_step(_):
-            t = hi - 1
-            g_consts, g_carry, g_x = _step_vjp(
-                step, consts, carry, _index(xs, t), lam, _index(ct_ys, t)
-            )
-            new_top = jnp.where(t == lo, jnp.maximum(top - 1, 0), top)
-            return (
-                new_top,
-                t,
-                stack,
-                where,
-                g_carry,
-                _add(d_consts, g_consts),
-                _set(d_xs, t, g_x),
-            )
+            return _step_vjp(step, consts, carry, x_t, lam, _index(ct_ys, t))
 
-        return lax.cond(push, do_push, do_step, None)
+        def no_step(_):
+            return jax.tree.map(jnp.zeros_like, d_consts), lam, old_dx
+
+        g_consts, g_carry, g_x = lax.cond(push, no_step, do_step, None)
+        slot = jnp.minimum(top + 1, budget - 1)
+        keep = _index(stack, slot)
+        stack = _set(
+            stack, slot, jax.tree.map(lambda a, b: jnp.where(push, a, b), carry, keep)
+        )
+        where = where.at[slot].set(jnp.where(push, target, where[slot]))
+        d_xs = _set(d_xs, t, g_x)
+        new_top = jnp.where(push, top + 1, jnp.where(t == lo, jnp.maximum(top - 1, 0), top))
+        new_hi = jnp.where(push, hi, t)
+        return new_top, new_hi, stack, where, g_carry, _add(d_consts, g_consts), d_xs
 
     state = (jnp.int32(0), jnp.int32(length), stack, where, lam, d_consts, d_xs)
     _, _, _, _, lam, d_consts, d_xs = lax.while_loop(cond, body, state)
