@@ -36,9 +36,15 @@ class GatedMLP(eqx.Module):
 
     def __init__(self, d_model: int, d_hidden: int, *, key: PRNGKeyArray):
         k1, k2, k3 = jr.split(key, 3)
-        self.gate = eqx.nn.Linear(d_model, d_hidden, use_bias=False, key=k1)
-        self.up = eqx.nn.Linear(d_model, d_hidden, use_bias=False, key=k2)
-        self.down = eqx.nn.Linear(d_hidden, d_model, use_bias=False, key=k3)
+        self.gate = eqx.nn.Linear(
+            d_model, d_hidden, use_bias=False, dtype=jnp.float32, key=k1
+        )
+        self.up = eqx.nn.Linear(
+            d_model, d_hidden, use_bias=False, dtype=jnp.float32, key=k2
+        )
+        self.down = eqx.nn.Linear(
+            d_hidden, d_model, use_bias=False, dtype=jnp.float32, key=k3
+        )
 
     def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
         return linear(self.down, jax.nn.gelu(linear(self.gate, x)) * linear(self.up, x))
@@ -93,11 +99,11 @@ class Block(eqx.Module):
         """
         k_mix, k_mlp = jr.split(key)
         self.d_model, self.remat = d_model, remat
-        self.norm1 = eqx.nn.RMSNorm(d_model, use_bias=False)
+        self.norm1 = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
         self.mixer = make_mixer(mixer, d_model, mixer_kwargs, key=k_mix)
         if mlp_ratio > 0:
             hidden = max(1, int(round(2 * mlp_ratio * d_model / 3)))
-            self.norm2 = eqx.nn.RMSNorm(d_model, use_bias=False)
+            self.norm2 = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
             self.mlp = GatedMLP(d_model, hidden, key=k_mlp)
         else:
             self.norm2, self.mlp = None, None

@@ -101,12 +101,18 @@ class Mamba(AbstractMixer):
         dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner, self.dt_rank, self.chunk_size = d_inner, dt_rank, chunk_size
-        self.in_proj = eqx.nn.Linear(d_model, 2 * d_inner, use_bias=False, key=k_in)
+        self.in_proj = eqx.nn.Linear(
+            d_model, 2 * d_inner, use_bias=False, dtype=jnp.float32, key=k_in
+        )
         bound = 1 / np.sqrt(d_conv)
         self.conv_weight = jr.uniform(k_conv, (d_conv, d_inner), jnp.float32, -bound, bound)
         self.conv_bias = jr.uniform(k_cb, (d_inner,), jnp.float32, -bound, bound)
-        self.x_proj = eqx.nn.Linear(d_inner, dt_rank + 2 * d_state, use_bias=False, key=k_x)
-        dt_proj = eqx.nn.Linear(dt_rank, d_inner, use_bias=False, key=k_dt)
+        self.x_proj = eqx.nn.Linear(
+            d_inner, dt_rank + 2 * d_state, use_bias=False, dtype=jnp.float32, key=k_x
+        )
+        dt_proj = eqx.nn.Linear(
+            dt_rank, d_inner, use_bias=False, dtype=jnp.float32, key=k_dt
+        )
         std = dt_scale / np.sqrt(dt_rank)
         self.dt_proj = eqx.tree_at(
             lambda lin: lin.weight,
@@ -123,7 +129,9 @@ class Mamba(AbstractMixer):
             )
         )
         self.D = jnp.ones((d_inner,), jnp.float32)
-        self.out_proj = eqx.nn.Linear(d_inner, d_model, use_bias=False, key=k_out)
+        self.out_proj = eqx.nn.Linear(
+            d_inner, d_model, use_bias=False, dtype=jnp.float32, key=k_out
+        )
 
     def init_state(self) -> ConvState:
         return ConvState(

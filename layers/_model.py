@@ -77,17 +77,19 @@ class SequenceModel(eqx.Module):
         k_in, k_head, *k_blocks = jr.split(key, n_layers + 2)
         self.d_model, self.pooling = d_model, pooling
         if vocab_size is not None:
-            self.embedding = eqx.nn.Embedding(vocab_size, d_model, key=k_in)
+            self.embedding = eqx.nn.Embedding(
+                vocab_size, d_model, dtype=jnp.float32, key=k_in
+            )
             self.encoder = None
         else:
             self.embedding = None
-            self.encoder = eqx.nn.Linear(d_input, d_model, key=k_in)
+            self.encoder = eqx.nn.Linear(d_input, d_model, dtype=jnp.float32, key=k_in)
         self.blocks = tuple(
             Block(d_model, mixer, mixer_kwargs, mlp_ratio, dropout, remat, key=k)
             for k in k_blocks
         )
-        self.norm = eqx.nn.RMSNorm(d_model, use_bias=False)
-        self.head = eqx.nn.Linear(d_model, d_output, key=k_head)
+        self.norm = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
+        self.head = eqx.nn.Linear(d_model, d_output, dtype=jnp.float32, key=k_head)
 
     def _encode(self, x):
         if self.embedding is not None:

@@ -93,8 +93,8 @@ class RGLRU(AbstractMixer):
         dh = d_rnn // num_heads
         self.d_model, self.d_rnn, self.d_conv = d_model, d_rnn, d_conv
         self.num_heads, self.c = num_heads, float(c)
-        self.gate_proj = eqx.nn.Linear(d_model, d_rnn, key=k_g)
-        self.in_proj = eqx.nn.Linear(d_model, d_rnn, key=k_in)
+        self.gate_proj = eqx.nn.Linear(d_model, d_rnn, dtype=jnp.float32, key=k_g)
+        self.in_proj = eqx.nn.Linear(d_model, d_rnn, dtype=jnp.float32, key=k_in)
         bound = 1 / np.sqrt(d_conv)
         self.conv_weight = jr.uniform(k_conv, (d_conv, d_rnn), jnp.float32, -bound, bound)
         self.conv_bias = jr.uniform(k_cb, (d_rnn,), jnp.float32, -bound, bound)
@@ -106,7 +106,7 @@ class RGLRU(AbstractMixer):
         a_c = jr.uniform(k_lam, (d_rnn,), jnp.float32, a_min, a_max)
         a = a_c ** (1 / self.c)
         self.a_param = jnp.log(a) - jnp.log1p(-a)  # logit: σ(Λ) = a
-        self.out_proj = eqx.nn.Linear(d_rnn, d_model, key=k_out)
+        self.out_proj = eqx.nn.Linear(d_rnn, d_model, dtype=jnp.float32, key=k_out)
 
     def init_state(self) -> ConvState:
         return ConvState(

@@ -91,20 +91,20 @@ class S5(AbstractMixer):
         Vinv_all = scipy.linalg.block_diag(*([V.conj().T] * blocks))  # (P/2, P)
         H, M = d_model, state_size // 2
         n_dir = 2 if bidirectional else 1
-        B = np.asarray(jr.normal(k_b, (state_size, H), jnp.float32), np.float64) / np.sqrt(
-            H
-        )
-        C = np.asarray(jr.normal(k_c, (n_dir, H, state_size, 2), jnp.float32), np.float64)
-        C = (C[..., 0] + 1j * C[..., 1]) / np.sqrt(state_size)
-        B_tilde = Vinv_all @ B
+        V_all = jnp.asarray(V_all, jnp.complex64)
+        Vinv_all = jnp.asarray(Vinv_all, jnp.complex64)
+        B = jr.normal(k_b, (state_size, H), jnp.float32) / np.float32(np.sqrt(H))
+        C = jr.normal(k_c, (n_dir, H, state_size, 2), jnp.float32)
+        C = as_complex(C, jnp.complex64) / float(np.sqrt(state_size))
+        B_tilde = Vinv_all @ B.astype(jnp.complex64)
         C_tilde = C @ V_all
         self.d_model, self.state_size = d_model, state_size
         self.discretisation, self.bidirectional = discretisation, bidirectional
         self.Lambda_re = jnp.asarray(Lam.real, jnp.float32)
         self.Lambda_im = jnp.asarray(Lam.imag, jnp.float32)
         self.log_step = log_uniform(k_dt, (M,), dt_min, dt_max)
-        self.B = jnp.asarray(np.stack([B_tilde.real, B_tilde.imag], -1), jnp.float32)
-        self.C = jnp.asarray(np.stack([C_tilde.real, C_tilde.imag], -1), jnp.float32)
+        self.B = jnp.stack([B_tilde.real, B_tilde.imag], -1)
+        self.C = jnp.stack([C_tilde.real, C_tilde.imag], -1)
         self.D = jr.normal(k_d, (H,), jnp.float32)
 
     def eigenvalues(self, dtype=jnp.complex64) -> Complex[Array, " modes"]:
