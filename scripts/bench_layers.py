@@ -72,12 +72,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--mixers", default="s4d,s5,lru,mamba,rglru")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the Mamba memory tables"
+    )
     args = parser.parse_args()
     if args.quick:
         lengths, d_model, batch, runs = (128, 256), 32, 2, args.runs or 3
     else:
         lengths, d_model, batch, runs = (1024, 4096), 128, 8, args.runs or 5
     mixers = args.mixers.split(",")
+    if args.memory_only:
+        mamba_memory(lengths[-1], d_model)
+        return
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"d_model={d_model}, batch={batch}, median of {runs} runs, float32\n"
@@ -99,25 +105,49 @@ def main():
                 flush=True,
             )
     if "mamba" in mixers:
-        T = lengths[-1]
-        mixer = layers.Mamba(d_model, key=jr.key(0))
-        state = T * mixer.d_inner * mixer.d_state * 4
+        mamba_memory(lengths[-1], d_model)
+
+
+def temp_of(mixer, shape):
+    fn, params = fwd_bwd(mixer, False)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return fn.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def mamba_memory(T, d_model):
+    """Mamba's fwd+bwd temp memory against the T x d_inner x d_state state history."""
+    mixer = layers.Mamba(d_model, key=jr.key(0))
+    state = T * mixer.d_inner * mixer.d_state * 4
+    print(
+        f"\nMamba, one sequence, T={T}, d_model={d_model} (d_inner={mixer.d_inner}, "
+        f"d_state={mixer.d_state}): T x state = {mib(state)} MiB\n"
+    )
+    print("| chunk_size | fwd+bwd temp (MiB) | temp / (T x state bytes) |")
+    print("|---|---|---|")
+    for chunk in sorted({64, 256, T}):
+        m = layers.Mamba(d_model, chunk_size=chunk, key=jr.key(0))
+        temp = temp_of(m, (1, T, d_model))
+        label = f"{chunk} (no chunking)" if chunk == T else str(chunk)
+        print(f"| {label} | {mib(temp)} | {temp / state:.2f} |", flush=True)
+    fn, params = fwd_bwd(mixer, True)
+    x = jax.ShapeDtypeStruct((1, T, d_model), jnp.float32)
+    temp = fn.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+    print(f"| naive lax.scan + autodiff | {mib(temp)} | {temp / state:.2f} |")
+    print(
+        "\nGrowth of temp memory per time step (from T/2 to T), chunk_size 64, "
+        "against the bytes of one step's state:\n"
+    )
+    print("| d_state | temp growth per step (KiB) | state per step (KiB) | ratio |")
+    print("|---|---|---|---|")
+    for d_state in (16, 64):
+        m = layers.Mamba(d_model, d_state=d_state, key=jr.key(0))
+        slope = (temp_of(m, (1, T, d_model)) - temp_of(m, (1, T // 2, d_model))) / (T // 2)
+        per_step = m.d_inner * d_state * 4
         print(
-            f"\nMamba, one sequence, T={T}, d_model={d_model} (d_inner={mixer.d_inner}, "
-            f"d_state={mixer.d_state}): T x state = {mib(state)} MiB\n"
+            f"| {d_state} | {slope / 1024:.1f} | {per_step / 1024:.1f} | "
+            f"{slope / per_step:.2f} |",
+            flush=True,
         )
-        print("| chunk_size | fwd+bwd temp (MiB) | temp / (T x state bytes) |")
-        print("|---|---|---|")
-        x = jax.ShapeDtypeStruct((1, T, d_model), jnp.float32)
-        for chunk in sorted({64, 256, T}):
-            m = layers.Mamba(d_model, chunk_size=chunk, key=jr.key(0))
-            fn, params = fwd_bwd(m, False)
-            temp = fn.lower(params, x).compile().memory_analysis().temp_size_in_bytes
-            label = f"{chunk} (no chunking)" if chunk == T else str(chunk)
-            print(f"| {label} | {mib(temp)} | {temp / state:.2f} |", flush=True)
-        fn, params = fwd_bwd(mixer, True)
-        temp = fn.lower(params, x).compile().memory_analysis().temp_size_in_bytes
-        print(f"| naive lax.scan + autodiff | {mib(temp)} | {temp / state:.2f} |")
 
 
 if __name__ == "__main__":
