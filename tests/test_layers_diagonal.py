@@ -430,17 +430,14 @@ def test_sequence_model_recurrent_forms(mixer, getkey):
 
 
 def test_sequence_model_pooling_remat_dropout(getkey):
-    kw = dict(d_input=3, mixer_kwargs=dict(state_size=8), key=getkey())  # same weights
-    plain, last, mean, remat, drop = (
-        build(layers.SequenceModel, "lru", 8, 2, 5, **opts, **kw)
-        for opts in (
-            {},
-            dict(pooling="last"),
-            dict(pooling="mean"),
-            dict(remat=True),
-            dict(dropout=0.5),
+    options = ({}, dict(pooling="last"), dict(pooling="mean"), dict(remat=True))
+    options += (dict(dropout=0.5),)
+    kw = dict(d_input=3, mixer_kwargs=dict(state_size=8))
+    models = eqx.filter_jit(  # one compiled call builds all five, with the same weights
+        lambda key: tuple(
+            layers.SequenceModel("lru", 8, 1, 5, **o, **kw, key=key) for o in options
         )
-    )
+    )(getkey())
     x = normal(getkey(), (T, 3), f32)
 
     @eqx.filter_jit
@@ -453,9 +450,8 @@ def test_sequence_model_pooling_remat_dropout(getkey):
             (drop(x, key=k1), drop(x, key=k2), eqx.nn.inference_mode(drop)(x)),
         )
 
-    (y, y_last, y_mean), (g, g_remat), (d1, d2, d_inf) = run(
-        (plain, last, mean, remat, drop), x, getkey(), getkey()
-    )
+    (y, y_last, y_mean), (g, g_remat), (d1, d2, d_inf) = run(models, x, getkey(), getkey())
+    plain = models[0]
     assert y.shape == (T, 5) and y_last.shape == y_mean.shape == (5,)
     assert_close(y_last, y[-1], 1e-6, "last pooling")
     assert_close(g_remat, g, 1e-5, "remat gradients")
