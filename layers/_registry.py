@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ._gru import GRU
 from ._lru import LRU
+from ._lstm import LSTM
 from ._mamba import Mamba
 from ._mixer import AbstractMixer
 from ._rglru import RGLRU
@@ -15,6 +17,8 @@ MIXERS: dict[str, type[AbstractMixer]] = {
     "lru": LRU,
     "mamba": Mamba,
     "rglru": RGLRU,
+    "gru": GRU,
+    "lstm": LSTM,
 }
 """Sequence-mixer classes by registry name; `MIXERS[name](d_model, ..., key=key)`."""
 
