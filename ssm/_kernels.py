@@ -55,7 +55,7 @@ class _Ops:
         return jnp.ones(shape, dtype)
 
 
-def _mult_shape(ops: _Ops, a_shape, r_shape, has_resets):
+def _mult_shape(a_shape, r_shape, has_resets):
     shape = tuple(a_shape)
     if has_resets:
         shape = jnp.broadcast_shapes(shape, tuple(r_shape))
@@ -198,7 +198,7 @@ def chunked(
         a_c = _pad_time(a, n * C, 1, reverse).reshape((n, C) + a.shape[1:])
     if r_varies:
         r_c = _pad_time(r, n * C, False, reverse).reshape((n, C) + r.shape[1:])
-    m_shape = (n,) + _mult_shape(ops, a.shape[1:], r.shape[1:], has_resets)
+    m_shape = (n,) + _mult_shape(a.shape[1:], r.shape[1:], has_resets)
 
     # Positions per block (single-chunk runs only: with many chunks a step already
     # reads a slab of rows, and blocks of them would cost a T-sized buffer).

@@ -21,7 +21,6 @@ import functools
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
-from jax import lax
 from jax.core import ShapedArray
 from jax.interpreters import ad, batching, mlir
 
@@ -234,5 +233,3 @@ def _batch(args, dims, **params):
 
 
 batching.primitive_batchers[linear_recurrence_p] = _batch
-
-del lax
