@@ -325,6 +325,10 @@ def test_eval_batches_max_examples_and_bad_split():
     assert sum(b["weight"].sum() for b in batches) == 20 and len(batches) == 3
     with pytest.raises(KeyError, match="split"):
         task.examples("dev", np.arange(2))
+    with pytest.raises(KeyError, match="split"):
+        task.size("dev")
+    with pytest.raises(ValueError, match="integer"):
+        task.examples("val", np.array([0.0, 1.0]))
     with pytest.raises(IndexError):
         task.examples("val", np.array([task.size("val")]))
 
@@ -436,7 +440,8 @@ def test_bytes_lm_windows(corpus, train_stride):
         val_fraction=0.25,
         train_stride=train_stride,
     )
-    assert config.paths == ("**/*.txt", "a.txt")
+    assert config.paths == ("**/*.txt", "a.txt")  # a YAML list becomes a tuple
+    assert BytesLMConfig(paths="a.txt").paths == ("a.txt",)
     task = build_task(config)
     assert task.files == ("a.txt", "sub/b.txt")
     assert (task.kind, task.vocab_size, task.n_outputs) == ("lm", 256, 256)

@@ -56,7 +56,7 @@ import glob
 import os
 import random
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -405,9 +405,13 @@ class Task(abc.ABC):
         del rng
         return batch
 
-    def _indices(self, split: str, idx: Any) -> np.ndarray:
+    def _check_split(self, split: str) -> str:
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; this task has {self.splits}")
+        return split
+
+    def _indices(self, split: str, idx: Any) -> np.ndarray:
+        self._check_split(split)
         idx = np.asarray(idx)
         if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
             raise ValueError(f"idx must be a 1-D integer array, got {idx.dtype}{idx.shape}")
@@ -461,7 +465,7 @@ class MNIST1DTask(Task):
     num_test)` test. Generated arrays are cached in memory per generator settings.
     """
 
-    kind: ClassVar[Kind] = "classification"
+    kind = "classification"
     vocab_size = None
     d_input = 1
     n_outputs = 10
@@ -479,7 +483,7 @@ class MNIST1DTask(Task):
         self._size = {"train": n_train, "val": config.num_val, "test": config.num_test}
 
     def size(self, split: str) -> int:
-        return self._size[split]
+        return self._size[self._check_split(split)]
 
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         idx = self._indices(split, idx) + self._offset[split]
@@ -494,7 +498,7 @@ class MNIST1DTask(Task):
             time = (np.arange(x.shape[1])[None, :] - offsets[:, None]) % x.shape[1]
             x = np.take_along_axis(x, time[:, :, None], axis=1)
         if noise > 0.0:
-            x = x + (noise * rng.standard_normal(x.shape)).astype(np.float32)
+            x = x + np.float32(noise) * rng.standard_normal(x.shape, dtype=np.float32)
         return {**batch, "inputs": x}
 
 
@@ -575,7 +579,7 @@ def _has_repeats(x: np.ndarray) -> np.ndarray:
 class _AbstractSyntheticTask(Task):
     """A generated token task with per-step targets under a mask."""
 
-    kind: ClassVar[Kind] = "sequence"
+    kind = "sequence"
     d_input = None
     splits = ("train", "val", "test")
 
@@ -585,7 +589,7 @@ class _AbstractSyntheticTask(Task):
         self.n_outputs = config.vocab_size
 
     def size(self, split: str) -> int:
-        return getattr(self.config, f"num_{split}")
+        return getattr(self.config, f"num_{self._check_split(split)}")
 
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         idx = self._indices(split, idx)
@@ -761,7 +765,7 @@ class BytesLMTask(Task):
     bytes, all inside its split).
     """
 
-    kind: ClassVar[Kind] = "lm"
+    kind = "lm"
     vocab_size = 256
     d_input = None
     n_outputs = 256
@@ -785,7 +789,8 @@ class BytesLMTask(Task):
                 )
 
     def size(self, split: str) -> int:
-        return (len(self._data[split]) - self.seq_len - 1) // self._stride[split] + 1
+        part = self._data[self._check_split(split)]
+        return (len(part) - self.seq_len - 1) // self._stride[split] + 1
 
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         idx = self._indices(split, idx)
