@@ -47,8 +47,6 @@ in order in batches of one shape, the last one padded, with a per-example `"weig
 (0 for padding).
 """
 
-from __future__ import annotations
-
 import abc
 import dataclasses
 import functools
@@ -530,11 +528,11 @@ class _Draws:
         self.keys = keys
 
     @classmethod
-    def for_examples(cls, seed: int, split: str, idx: np.ndarray) -> _Draws:
+    def for_examples(cls, seed: int, split: str, idx: np.ndarray) -> "_Draws":
         base = _mix(_mix(np.asarray([seed], np.uint64)) ^ np.uint64(_SPLIT_ID[split]))
         return cls(_mix(base ^ idx.astype(np.uint64)))
 
-    def __getitem__(self, rows: np.ndarray) -> _Draws:
+    def __getitem__(self, rows: np.ndarray) -> "_Draws":
         return _Draws(self.keys[rows])
 
     def bits(self, tag: int, n: int, attempt: int = 0) -> np.ndarray:
