@@ -98,7 +98,14 @@ class Checkpointer:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                },
+            )
 
     def steps(self) -> list[int]:
         """The committed checkpoint steps, oldest first."""

@@ -192,7 +192,7 @@ def _sums(static, params, batch, key, kind: str, compute_dtype):
         inputs = inputs.astype(compute_dtype)
     B = inputs.shape[0]
     if key is None:
-        logits = jax.vmap(model)(inputs)
+        logits = jax.vmap(eqx.nn.inference_mode(model))(inputs)
     else:
         logits = jax.vmap(lambda x, k: model(x, key=k))(inputs, jr.split(key, B))
     logits = logits.astype(jnp.float32)
