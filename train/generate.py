@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -12,8 +13,9 @@ def sample(model, prompt: np.ndarray, length: int, temperature: float, seed: int
     """Feed `prompt` through `model.prefill`, then sample `length` tokens one `step` at
     a time (temperature 0 is greedy). Returns the sampled tokens as numpy int32."""
     prompt = jnp.asarray(prompt, jnp.int32)
-    logits, state = jax.jit(model.prefill)(prompt, model.init_state())
-    step = jax.jit(model.step)
+    prefill = eqx.filter_jit(lambda m, x, s: m.prefill(x, s))
+    step_fn = eqx.filter_jit(lambda m, x, s: m.step(x, s))
+    logits, state = prefill(model, prompt, model.init_state())
 
     @jax.jit
     def draw(logits, key):
@@ -27,5 +29,5 @@ def sample(model, prompt: np.ndarray, length: int, temperature: float, seed: int
     for i in range(length):
         token = draw(last, jr.fold_in(key, i))
         out.append(token)
-        last, state = step(token, state)
+        last, state = step_fn(model, token, state)
     return np.asarray(jax.device_get(jnp.stack(out))) if out else np.zeros((0,), np.int32)

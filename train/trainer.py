@@ -204,7 +204,9 @@ def _sums(static, params, batch, key, kind: str, compute_dtype):
     else:
         w = batch["mask"].astype(jnp.float32) * weight[:, None]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1).astype(targets.dtype) == targets).astype(
+        jnp.float32
+    )
     return {
         "loss": jnp.sum(ce * w),
         "correct": jnp.sum(correct * w),
@@ -253,7 +255,7 @@ def make_train_step(config: Config, static, optimizer, kind: str):
             )
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         loss = sums["loss"] / total
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
