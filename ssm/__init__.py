@@ -1,7 +1,15 @@
 """Differentiable linear scans for state-space models and linear RNNs."""
 
 from ._deer import parallel_scan_nonlinear as parallel_scan_nonlinear
+from ._delta import delta_rule as delta_rule, delta_rule_step as delta_rule_step
 from ._nonlinear import scan as scan
 from ._scan import linear_scan as linear_scan, matrix_scan as matrix_scan
 
-__all__ = ["linear_scan", "matrix_scan", "parallel_scan_nonlinear", "scan"]
+__all__ = [
+    "delta_rule",
+    "delta_rule_step",
+    "linear_scan",
+    "matrix_scan",
+    "parallel_scan_nonlinear",
+    "scan",
+]
