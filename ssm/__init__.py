@@ -2,12 +2,24 @@
 
 from ._deer import parallel_scan_nonlinear as parallel_scan_nonlinear
 from ._delta import delta_rule as delta_rule, delta_rule_step as delta_rule_step
+from ._gla import (
+    MLSTMState as MLSTMState,
+    gated_linear_attention as gated_linear_attention,
+    gated_linear_attention_step as gated_linear_attention_step,
+    mlstm as mlstm,
+    mlstm_step as mlstm_step,
+)
 from ._nonlinear import scan as scan
 from ._scan import linear_scan as linear_scan, matrix_scan as matrix_scan
 
 __all__ = [
     "delta_rule",
     "delta_rule_step",
+    "gated_linear_attention",
+    "gated_linear_attention_step",
+    "MLSTMState",
+    "mlstm",
+    "mlstm_step",
     "linear_scan",
     "matrix_scan",
     "parallel_scan_nonlinear",

@@ -1,0 +1,694 @@
+"""Gated linear attention and mLSTM: chunked, recurrent and one-step forms.
+
+The recurrence, one example at a time, per head ``h``:
+
+    S[t] = diag(alpha[t]) S[t-1] + k[t] v[t]^T,        o[t] = S[t]^T q[t],
+
+with the state ``S[t]`` of shape ``(d_k, d_v)`` and ``alpha[t] = exp(log_decay[t])``
+either one scalar per head (linear attention, RetNet, Mamba-2/SSD, mLSTM) or one value
+per key dimension (GLA).
+
+The chunked form splits time into chunks of ``C`` steps. Within a chunk it uses masked
+matrix products on decays ``exp(b[i] - b[j])``, ``b`` the cumulative log decay inside
+the chunk, masked to ``j <= i`` *before* the exponential (so every exponent is <= 0 and
+nothing overflows); across chunks it hands the state on through ``ssm.linear_scan``
+with the chunk's total decay. Per-key decays need one more level: inside a chunk the
+``(i, j)`` pairs in different sub-chunks of ``c`` steps are split at a sub-chunk
+boundary (both factors of ``exp(b[i] - ref) exp(ref - b[j])`` are <= 1), and only the
+``c x c`` diagonal blocks are formed element by element (Yang et al. 2024, section 4).
+
+The derivative is hand-written (``jax.custom_vjp``): the forward pass keeps the inputs
+and the ``T / C`` chunk-start states; the backward pass runs the adjoint recurrence of
+the chunk states (``G[n] = alpha_{n+1} G[n+1] + (q exp(b))_{n+1}^T do_{n+1}``) through
+``ssm.linear_scan(reverse=True)`` and recomputes each chunk's local products. Nothing of
+size ``T x d_k x d_v`` is ever stored. All of it is computed in float32 (float64 when an
+input is float64), whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Shaped
+
+from ._scan import linear_scan
+
+_METHODS = ("chunked", "recurrent")
+# Chunks are processed in groups of about this many time steps (a `lax.map` over
+# groups), which bounds the memory of the within-chunk products whatever the length.
+_GROUP_STEPS = 2048
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _compute_dtype(*dtypes) -> np.dtype:
+    wide = any(np.dtype(d) == np.dtype("float64") for d in dtypes)
+    return np.dtype("float64" if wide else "float32")
+
+
+def _check_array(name, x, ndims, expected):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(
+            f"`{name}` must be a JAX or NumPy array of shape {expected}, got "
+            f"{type(x).__name__}."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating dtype, got {x.dtype} (shape "
+            f"{tuple(x.shape)}); cast it explicitly, e.g. `{name}.astype(jnp.float32)`."
+        )
+    if x.ndim not in ndims:
+        raise ValueError(
+            f"`{name}` must have shape {expected}, got {tuple(x.shape)}; the operator "
+            "works on one example with time on axis 0 (use `jax.vmap` for a batch)."
+        )
+
+
+def _check_shape(name, x, shape, expected):
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(
+            f"`{name}` must have shape {expected} = {tuple(shape)}, got {tuple(x.shape)}."
+        )
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
+
+
+def _check_qkv(q, k, v):
+    _check_array("q", q, (3,), "(T, H, d_k)")
+    T, H, dk = q.shape
+    if T < 1:
+        raise ValueError(f"`q` must have at least one time step, got shape {q.shape}.")
+    _check_array("k", k, (3,), f"(T, H, d_k) = ({T}, {H}, {dk})")
+    _check_shape("k", k, q.shape, "(T, H, d_k), the shape of `q`")
+    _check_array("v", v, (3,), f"(T, H, d_v) = ({T}, {H}, d_v)")
+    if tuple(v.shape[:2]) != (T, H):
+        raise ValueError(
+            f"`v` must have shape (T, H, d_v) = ({T}, {H}, d_v) to match `q` of shape "
+            f"{tuple(q.shape)}, got {tuple(v.shape)}."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"`q`, `k` and `v` must share a dtype, got {q.dtype}, {k.dtype} and "
+            f"{v.dtype}; cast them explicitly."
+        )
+    return T, H, dk, v.shape[2]
+
+
+# ------------------------------------------------------------------- chunk helpers
+
+
+def _lead(x, ndim):
+    """`x` with leading unit axes up to rank `ndim` (explicit rank promotion)."""
+    return jnp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
+
+
+def _tril(n, ndim, k=0):
+    return _lead(jnp.tril(jnp.ones((n, n), bool), k), ndim)
+
+
+def _mT(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _cumsum(g):
+    """Cumulative sum over the chunk axis (-2), as a product with a triangular matrix
+    (XLA fuses `jnp.cumsum` into its consumers and recomputes it there)."""
+    C = g.shape[-2]
+    ones = _lead(jnp.tril(jnp.ones((C, C), g.dtype)), g.ndim)
+    return jnp.matmul(ones, g, precision=lax.Precision.HIGHEST)
+
+
+def _to_chunks(x, C):
+    """`(T, H, *d) -> (N, H, C, *d)`, zero-padded at the end."""
+    T = x.shape[0]
+    N = -(-T // C)
+    if N * C != T:
+        x = jnp.pad(x, [(0, N * C - T)] + [(0, 0)] * (x.ndim - 1))
+    return jnp.moveaxis(jnp.reshape(x, (N, C) + tuple(x.shape[1:])), 1, 2)
+
+
+def _from_chunks(x, T):
+    """`(N, H, C, *d) -> (T, H, *d)`, dropping the padding."""
+    x = jnp.moveaxis(x, 2, 1)
+    return jnp.reshape(x, (-1,) + tuple(x.shape[2:]))[:T]
+
+
+# ------------------------------------------------------- within-chunk products
+#
+# Each takes one chunk's `q, k` `(..., C, dk)`, `v` `(..., C, dv)` and cumulative log
+# decays `b` `(..., C, K)` (K = 1 or dk), and returns the within-chunk outputs
+# `sum_{j <= i} (q_i . (k_j * exp(b_i - b_j))) v_j`; the `_bwd` forms return the
+# cotangents `(dq, dk, dv, db)` for an output cotangent `do`, recomputing what they need.
+
+
+def _intra_scalar(q, k, v, b):
+    """`((q k^T) * L) v` with `L[i, j] = exp(b_i - b_j)` for `j <= i`, else 0."""
+    return _scalar_attention(q, k, b)[0] @ v
+
+
+def _scalar_attention(q, k, b):
+    b = b[..., 0]
+    C = b.shape[-1]
+    diff = b[..., :, None] - b[..., None, :]
+    decay = jnp.exp(jnp.where(_tril(C, diff.ndim), diff, -jnp.inf))
+    return (q @ _mT(k)) * decay, decay
+
+
+def _intra_scalar_bwd(q, k, v, b, do):
+    scores, decay = _scalar_attention(q, k, b)
+    d_scores = do @ _mT(v)
+    dv = _mT(scores) @ do
+    d_qk = d_scores * decay
+    dq = d_qk @ k
+    dk = _mT(d_qk) @ q
+    z = d_scores * scores  # d/d(b_i - b_j), zero above the diagonal
+    db = jnp.sum(z, axis=-1) - jnp.sum(z, axis=-2)
+    return dq, dk, dv, db[..., None]
+
+
+def _leaf_size(C):
+    """The odd part of `C`: the per-key tree halves blocks down to this size."""
+    while C % 2 == 0:
+        C //= 2
+    return C
+
+
+def _levels(C):
+    """`(s, p)` for the tree: blocks of `2 s` steps, `p` of them per chunk."""
+    s = _leaf_size(C)
+    while s < C:
+        yield s, C // (2 * s)
+        s *= 2
+
+
+def _halves(x, p, s):
+    """`(..., C, d) -> (first, second)` halves of the `p` blocks, `(..., p, s, d)` each."""
+    x = jnp.reshape(x, x.shape[:-2] + (p, 2, s, x.shape[-1]))
+    return x[..., 0, :, :], x[..., 1, :, :]
+
+
+def _join(first, second):
+    """Inverse of `_halves`."""
+    x = jnp.stack([first, second], axis=-3)
+    return jnp.reshape(x, x.shape[:-4] + (-1, x.shape[-1]))
+
+
+def _level(q, k, b, p, s):
+    """Rescaled second-half queries and first-half keys of one tree level."""
+    q1, q2 = _halves(q, p, s)
+    k1, k2 = _halves(k, p, s)
+    b1, b2 = _halves(b, p, s)
+    ref = b1[..., -1:, :]  # b at the end of the first half
+    e2 = jnp.exp(b2 - ref)
+    e1 = jnp.exp(ref - b1)
+    return q2 * e2, k1 * e1, e2, e1
+
+
+def _leaf(q, k, b, c):
+    """The `c x c` leaf blocks, element by element: `(..., n, c, c)` and the decays."""
+    qs, ks, bs = (jnp.reshape(x, x.shape[:-2] + (-1, c, x.shape[-1])) for x in (q, k, b))
+    diff = bs[..., :, None, :] - bs[..., None, :, :]
+    mask = _tril(c, diff.ndim - 1)[..., None]
+    decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
+    return jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * decay, axis=-1), decay
+
+
+def _intra_per_key(q, k, v, b):
+    """Within-chunk outputs for a per-key decay: a binary tree over the chunk.
+
+    The chunk is halved recursively down to leaves of `c` steps (`c` the odd part of
+    `C`; 1 when `C` is a power of two). A pair `(i, j)`, `j < i`, in the two halves
+    of a block is weighted by `exp(b_i - b_j) = exp(b_i - r) exp(r - b_j)` with `r =
+    b` at the end of the first half: both factors are <= 1, so each block's pairs are
+    one matrix product of rescaled queries and keys. Every pair is counted once, at
+    the block where its ends separate; only the leaf blocks (the diagonal when `c =
+    1`) are formed element by element.
+    """
+    C = q.shape[-2]
+    c = _leaf_size(C)
+    if c == 1:
+        o = jnp.sum(q * k, axis=-1, keepdims=True) * v
+    else:
+        a, _ = _leaf(q, k, b, c)
+        o = jnp.reshape(a @ jnp.reshape(v, v.shape[:-2] + (-1, c, v.shape[-1])), v.shape)
+    for s, p in _levels(C):
+        q_hat, k_hat, _, _ = _level(q, k, b, p, s)
+        v1, _ = _halves(v, p, s)
+        o1, o2 = _halves(o, p, s)
+        o = _join(o1, o2 + (q_hat @ _mT(k_hat)) @ v1)
+    return o
+
+
+def _intra_per_key_bwd(q, k, v, b, do):
+    C = q.shape[-2]
+    c = _leaf_size(C)
+    if c == 1:
+        a = jnp.sum(q * k, axis=-1, keepdims=True)
+        da = jnp.sum(do * v, axis=-1, keepdims=True)
+        dq, dk, dv, db = da * k, da * q, a * do, jnp.zeros_like(b)
+    else:
+        a, decay = _leaf(q, k, b, c)
+        split = lambda x: jnp.reshape(x, x.shape[:-2] + (-1, c, x.shape[-1]))  # noqa: E731
+        qs, ks, vs, dos = (split(x) for x in (q, k, v, do))
+        da = (dos @ _mT(vs)) * _tril(c, a.ndim).astype(a.dtype)
+        dv = jnp.reshape(_mT(a) @ dos, v.shape)
+        w = da[..., None] * decay  # (..., n, c, c, dk)
+        dq = jnp.reshape(jnp.sum(w * ks[..., None, :, :], axis=-2), q.shape)
+        dk = jnp.reshape(jnp.sum(w * qs[..., :, None, :], axis=-3), k.shape)
+        z = w * qs[..., :, None, :] * ks[..., None, :, :]
+        db = jnp.reshape(jnp.sum(z, axis=-2) - jnp.sum(z, axis=-3), b.shape)
+    for s, p in _levels(C):
+        q_hat, k_hat, e2, e1 = _level(q, k, b, p, s)
+        v1, _ = _halves(v, p, s)
+        _, do2 = _halves(do, p, s)
+        off = q_hat @ _mT(k_hat)
+        d_off = do2 @ _mT(v1)
+        dq_hat = d_off @ k_hat
+        dk_hat = _mT(d_off) @ q_hat
+        t2 = dq_hat * q_hat
+        t1 = dk_hat * k_hat
+        d_ref = jnp.sum(t1, axis=-2, keepdims=True) - jnp.sum(t2, axis=-2, keepdims=True)
+        dq1, dq2 = _halves(dq, p, s)
+        dk1, dk2 = _halves(dk, p, s)
+        dv1, dv2 = _halves(dv, p, s)
+        db1, db2 = _halves(db, p, s)
+        db1 = db1 - t1
+        db1 = jnp.concatenate([db1[..., :-1, :], db1[..., -1:, :] + d_ref], axis=-2)
+        dq = _join(dq1, dq2 + dq_hat * e2)
+        dk = _join(dk1 + dk_hat * e1, dk2)
+        dv = _join(dv1 + _mT(off) @ do2, dv2)
+        db = _join(db1, db2 + t2)
+    return dq, dk, dv, db
+
+
+# ------------------------------------------------------------- chunked, custom vjp
+
+
+def _to_k(x, K):
+    """Reduce a per-key quantity `(..., dk)` to the decay's width `K` (1 or dk)."""
+    return jnp.sum(x, axis=-1, keepdims=True) if K == 1 else x
+
+
+def _decays(g):
+    """Cumulative log decays in a chunk and the factors built from them."""
+    b = _cumsum(g)
+    last = b[..., -1:, :]
+    return b, jnp.exp(b), jnp.exp(last - b), jnp.exp(last)
+
+
+def _over_groups(fn, xs, C):
+    """`fn` over the leading (chunk) axis, in groups of about `_GROUP_STEPS` steps."""
+    N = jax.tree.leaves(xs)[0].shape[0]
+    group = max(1, _GROUP_STEPS // C)
+    if N <= group:
+        return fn(*xs)
+    return lax.map(lambda x: fn(*x), xs, batch_size=group)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gla_chunked(q, k, v, g, h0, C):
+    return _gla_chunked_fwd(q, k, v, g, h0, C)[0]
+
+
+def _gla_chunked_fwd(q, k, v, g, h0, C):
+    T = q.shape[0]
+    qc, kc, vc, gc = (_to_chunks(x, C) for x in (q, k, v, g))
+    per_key = g.shape[-1] != 1
+    _, _, k_decay, total = _decays(gc)
+    u = _mT(kc * k_decay) @ vc  # each chunk's input to the state
+    h = linear_scan(_mT(total), u, h0)  # the state at the end of each chunk
+    s_start = jnp.concatenate([h0[None], h[:-1]])
+
+    def outputs(q, k, v, g, s0):
+        b, q_decay, _, _ = _decays(g)
+        intra = (_intra_per_key if per_key else _intra_scalar)(q, k, v, b)
+        return intra + (q * q_decay) @ s0
+
+    o = _over_groups(outputs, (qc, kc, vc, gc, s_start), C)
+    return (_from_chunks(o, T), h[-1]), (q, k, v, g, s_start)
+
+
+def _gla_chunked_bwd(C, res, cts):
+    q, k, v, g, s_start = res
+    do, d_final = cts
+    T, K = q.shape[0], g.shape[-1]
+    dtype = s_start.dtype
+    qc, kc, vc, gc = (_to_chunks(x, C) for x in (q, k, v, g))
+    doc = _to_chunks(do.astype(dtype), C)
+    _, q_decay, _, total = _decays(gc)
+    # Cotangents of the chunk-end states: G[N-1] = d_final,
+    # G[n] = total[n+1] * G[n+1] + x[n+1], x[n] = (q exp(b))_n^T do_n.
+    x = _mT(qc * q_decay) @ doc
+    a_rev = jnp.concatenate([_mT(total[1:]), jnp.ones_like(_mT(total[:1]))])
+    x_rev = jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
+    G = linear_scan(a_rev, x_rev, d_final.astype(dtype), reverse=True)
+    dh0 = _mT(total[0]) * G[0] + x[0]
+
+    def local(q, k, v, g, s0, do, G):
+        b, q_decay, k_decay, total = _decays(g)
+        intra_bwd = _intra_per_key_bwd if K != 1 else _intra_scalar_bwd
+        dq, dk, dv, db = intra_bwd(q, k, v, b, do)
+        # o += (q exp(b)) s0
+        dq_bar = do @ _mT(s0)
+        dq = dq + dq_bar * q_decay
+        db = db + _to_k(dq_bar * q * q_decay, K)
+        # state: exp(b_last) s0 + (k exp(b_last - b))^T v
+        k_bar = k * k_decay
+        dk_bar = v @ _mT(G)
+        dk = dk + dk_bar * k_decay
+        dv = dv + k_bar @ G
+        t = _to_k(dk_bar * k_bar, K)
+        d_last = jnp.sum(t, axis=-2, keepdims=True)
+        d_last = d_last + _to_k(_mT(jnp.sum(s0 * G, axis=-1, keepdims=True)), K) * total
+        db = db - t
+        db = jnp.concatenate([db[..., :-1, :], db[..., -1:, :] + d_last], axis=-2)
+        dg = _cumsum(db[..., ::-1, :])[..., ::-1, :]
+        return dq, dk, dv, dg
+
+    grads = _over_groups(local, (qc, kc, vc, gc, s_start, doc, G), C)
+    dq, dk, dv, dg = (_from_chunks(x, T) for x in grads)
+    return dq, dk, dv, dg, dh0
+
+
+_gla_chunked.defvjp(_gla_chunked_fwd, _gla_chunked_bwd)
+
+
+# ------------------------------------------------------------------------- one step
+
+
+def _step(q_t, k_t, v_t, g_t, state):
+    """One step in the compute dtype: `g_t` is `(H, K)`, `state` `(H, dk, dv)`."""
+    state = jnp.exp(g_t)[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
+    return jnp.einsum("hkv,hk->hv", state, q_t), state
+
+
+def _recurrent(q, k, v, g, h0):
+    def body(state, xs):
+        o, state = _step(*xs, state)
+        return state, o
+
+    state, o = lax.scan(body, h0, (q, k, v, g))
+    return o, state
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _normalise(q, k, v, log_decay, h0, what):
+    """Validate; return the inputs in the compute dtype, `log_decay` as `(T, H, K)`."""
+    T, H, dk, dv = _check_qkv(q, k, v)
+    dtypes = [q.dtype]
+    if log_decay is None:
+        g = jnp.zeros((T, H, 1), q.dtype)
+    else:
+        _check_array("log_decay", log_decay, (2, 3), f"({T}, {H}) or ({T}, {H}, {dk})")
+        if tuple(log_decay.shape) not in ((T, H), (T, H, dk)):
+            raise ValueError(
+                f"`log_decay` must have shape (T, H) = ({T}, {H}) (one decay per head) "
+                f"or (T, H, d_k) = ({T}, {H}, {dk}) (per key), got "
+                f"{tuple(log_decay.shape)}."
+            )
+        g = log_decay if log_decay.ndim == 3 else log_decay[..., None]
+        dtypes.append(g.dtype)
+    if h0 is not None:
+        h0 = jnp.asarray(h0) if not hasattr(h0, "shape") else h0
+        _check_array("h0", h0, (3,), f"(H, d_k, d_v) = ({H}, {dk}, {dv})")
+        _check_shape("h0", h0, (H, dk, dv), f"(H, d_k, d_v) for {what}")
+        dtypes.append(h0.dtype)
+    dtype = _compute_dtype(*dtypes)
+    h0 = jnp.zeros((H, dk, dv), dtype) if h0 is None else h0.astype(dtype)
+    cast = [x.astype(dtype) for x in (q, k, v, g)]
+    return (*cast, h0)
+
+
+def _chunk_length(T, per_key, chunk_size):
+    """The chunk length used for `T` steps: `chunk_size`, or less for short inputs."""
+    _check_int("chunk_size", chunk_size)
+    if T >= chunk_size:
+        return chunk_size
+    if not per_key:
+        return T
+    C = chunk_size  # keep the tree's shape: halve while the chunk still covers T
+    while C % 2 == 0 and C // 2 >= T:
+        C //= 2
+    return C
+
+
+def _gla(q, k, v, g, h0, chunk_size, method):
+    """The operator on normalised inputs (compute dtype); outputs in compute dtype."""
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    if method == "recurrent":
+        _check_int("chunk_size", chunk_size)
+        return _recurrent(q, k, v, g, h0)
+    C = _chunk_length(q.shape[0], g.shape[-1] != 1, chunk_size)
+    return _gla_chunked(q, k, v, g, h0, C)
+
+
+def gated_linear_attention(
+    q: Shaped[Array, "..."],
+    k: Shaped[Array, "..."],
+    v: Shaped[Array, "..."],
+    log_decay: Shaped[Array, "..."] | None = None,
+    h0: Shaped[ArrayLike, "..."] | None = None,
+    *,
+    chunk_size: int = 64,
+    method: str = "chunked",
+) -> tuple[Float[Array, "T H dv"], Float[Array, "H dk dv"]]:
+    """Gated linear attention, `S[t] = diag(exp(log_decay[t])) S[t-1] + k[t] v[t]^T`,
+    `o[t] = S[t]^T q[t]`, per head.
+
+    Covers linear attention (`log_decay=None`), RetNet and Mamba-2/SSD (one decay per
+    head) and GLA (one per key dimension).
+
+    **Arguments:**
+
+    - `q`, `k`: queries and keys, shape `(T, H, d_k)`: time on axis 0, `H` heads (one
+      example; `jax.vmap` for a batch).
+    - `v`: values, shape `(T, H, d_v)`.
+    - `log_decay`: the log of the decays, `<= 0`: shape `(T, H)` (scalar per head) or
+      `(T, H, d_k)` (per key dimension); `None` for no decay.
+    - `h0`: the state before the first step, shape `(H, d_k, d_v)`; zeros if `None`.
+    - `chunk_size`: the chunk length `C` of the chunked form (any `T` works; the last
+      chunk is padded).
+    - `method`: `"chunked"` (training: matrix products inside chunks, the state
+      handed across chunks by `ssm.linear_scan`) or `"recurrent"` (a `lax.scan` of
+      `gated_linear_attention_step`, for reference and short sequences).
+
+    **Returns:**
+
+    `(o, final_state)`: the outputs, shape `(T, H, d_v)` in the dtype of `q`, and the
+    state after the last step, shape `(H, d_k, d_v)` in float32 (float64 if an input
+    is float64).
+
+    The chunked form computes in float32 whatever the input dtype, keeps cumulative
+    log decays inside each chunk and exponentiates only differences `b[i] - b[j] <= 0`.
+    Its derivative (to `q`, `k`, `v`, `log_decay` and `h0`) keeps only the inputs and
+    the `T / C` chunk-start states and recomputes the rest; `jit`, `vmap` and `grad`
+    compose (forward-mode differentiation does not: it is a `custom_vjp`).
+
+    ```python
+    o, state = ssm.gated_linear_attention(q, k, v, log_decay)      # training
+    o_t, state = ssm.gated_linear_attention_step(q_t, k_t, v_t, g_t, state)
+    ```
+    """
+    q32, k32, v32, g, h0 = _normalise(q, k, v, log_decay, h0, "`q` and `v`")
+    o, state = _gla(q32, k32, v32, g, h0, chunk_size, method)
+    return o.astype(q.dtype), state
+
+
+def gated_linear_attention_step(
+    q_t: Shaped[Array, "..."],
+    k_t: Shaped[Array, "..."],
+    v_t: Shaped[Array, "..."],
+    log_decay_t: Shaped[Array, "..."] | None,
+    state: Shaped[ArrayLike, "..."],
+) -> tuple[Float[Array, "H dv"], Float[Array, "H dk dv"]]:
+    """One step of `gated_linear_attention`, for generation.
+
+    **Arguments:** `q_t`, `k_t` of shape `(H, d_k)`, `v_t` of shape `(H, d_v)`,
+    `log_decay_t` of shape `(H,)` or `(H, d_k)` (or `None`), `state` of shape
+    `(H, d_k, d_v)`.
+
+    **Returns:** `(o_t, state)`: the output `(H, d_v)` in the dtype of `q_t`, and the
+    new state (float32 or wider).
+    """
+    g = None if log_decay_t is None else log_decay_t[None]
+    q, k, v, g, s = _normalise(q_t[None], k_t[None], v_t[None], g, state, "`q_t`, `v_t`")
+    o, s = _step(q[0], k[0], v[0], g[0], s)
+    return o.astype(q_t.dtype), s
+
+
+# ---------------------------------------------------------------------------- mLSTM
+
+
+class MLSTMState(NamedTuple):
+    """The mLSTM state of Beck et al. (2024), stabilised.
+
+    `C` (shape `(H, d_k, d_v)`) and `n` (shape `(H, d_k)`) are the matrix memory and
+    the normaliser divided by `exp(m)`, `m` (shape `(H,)`) the max-stabiliser.
+    """
+
+    C: Float[Array, "H dk dv"]
+    n: Float[Array, "H dk"]
+    m: Float[Array, " H"]
+
+
+def _mlstm_inputs(q, k, v, log_forget, log_input, h0):
+    T, H, dk, dv = _check_qkv(q, k, v)
+    for name, x in (("log_forget", log_forget), ("log_input", log_input)):
+        _check_array(name, x, (2,), f"(T, H) = ({T}, {H})")
+        _check_shape(name, x, (T, H), "(T, H), one gate per head and step")
+    dtypes = [q.dtype, log_forget.dtype, log_input.dtype]
+    if h0 is not None:
+        if not isinstance(h0, tuple) or len(h0) != 3:
+            raise TypeError(
+                f"`h0` must be an `ssm.MLSTMState(C, n, m)`, got {type(h0).__name__}."
+            )
+        h0 = MLSTMState(*h0)
+        for name, x, shape in (
+            ("h0.C", h0.C, (H, dk, dv)),
+            ("h0.n", h0.n, (H, dk)),
+            ("h0.m", h0.m, (H,)),
+        ):
+            _check_array(name, x, (len(shape),), str(shape))
+            _check_shape(name, x, shape, "the state of these `q` and `v`")
+            dtypes.append(x.dtype)
+    dtype = _compute_dtype(*dtypes)
+    if h0 is None:
+        h0 = MLSTMState(
+            jnp.zeros((H, dk, dv), dtype), jnp.zeros((H, dk), dtype), jnp.zeros((H,), dtype)
+        )
+    h0 = MLSTMState(*(x.astype(dtype) for x in h0))
+    cast = (x.astype(dtype) for x in (q, k, v, log_forget, log_input))
+    return (*cast, h0)
+
+
+def _stabiliser(log_forget, log_input, m0):
+    """`m[t] = max(log_forget[t] + m[t-1], log_input[t])`, `m[-1] = m0`: a max-plus scan."""
+
+    def combine(x, y):
+        (a1, b1), (a2, b2) = x, y
+        return a1 + a2, jnp.maximum(b1 + a2, b2)
+
+    a, b = lax.associative_scan(combine, (log_forget, log_input))
+    return jnp.maximum(a + m0[None], b)
+
+
+def _mlstm_readout(o, m, eps):
+    """`h = C q / max(|n q|, exp(-m))` from the extended output `[C q, n q]`."""
+    num, den = o[..., :-1], o[..., -1:]
+    scale = jnp.maximum(jnp.abs(den), jnp.exp(-m)[..., None]) + eps
+    return num / scale
+
+
+def mlstm(
+    q: Shaped[Array, "..."],
+    k: Shaped[Array, "..."],
+    v: Shaped[Array, "..."],
+    log_forget: Shaped[Array, "..."],
+    log_input: Shaped[Array, "..."],
+    h0: MLSTMState | None = None,
+    *,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    method: str = "chunked",
+) -> tuple[Float[Array, "T H dv"], MLSTMState]:
+    """The mLSTM memory cell (Beck et al. 2024, "xLSTM"), per head:
+
+    ```
+    m[t] = max(log_forget[t] + m[t-1], log_input[t])          # stabiliser
+    f[t] = exp(log_forget[t] + m[t-1] - m[t]);  i[t] = exp(log_input[t] - m[t])
+    C[t] = f[t] C[t-1] + i[t] k[t] v[t]^T;      n[t] = f[t] n[t-1] + i[t] k[t]
+    h[t] = C[t]^T q[t] / (max(|n[t] . q[t]|, exp(-m[t])) + eps)
+    ```
+
+    (the stabilised form of `C[t] = f C[t-1] + exp(i~) k v^T`, `h = C^T q /
+    max(|n^T q|, 1)`). Computed as a gated linear attention with the scalar decay
+    `log_forget[t] + m[t-1] - m[t] <= 0`, keys scaled by `i[t] <= 1` and a column of
+    ones appended to the values (which carries the normaliser); the stabiliser is a
+    max-plus `lax.associative_scan`. Gradients flow through `m` as in the recurrence.
+
+    **Arguments:**
+
+    - `q`, `k`: `(T, H, d_k)`; `v`: `(T, H, d_v)` (scale `k` by `1/sqrt(d_k)` as the
+      paper does, before the call).
+    - `log_forget`: `(T, H)`, the log forget gate (`log_sigmoid` of its pre-activation,
+      or the pre-activation itself for an exponential forget gate).
+    - `log_input`: `(T, H)`, the input gate pre-activation (the gate is `exp` of it).
+    - `h0`: an `MLSTMState` (zeros, with `m = 0`, if `None`).
+    - `eps`: added to the normaliser (as in the official implementation).
+    - `chunk_size`, `method`: as for `gated_linear_attention`.
+
+    **Returns:** `(h, state)`: `h` of shape `(T, H, d_v)` in the dtype of `q`, and the
+    final `MLSTMState` (float32 or wider).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    q32, k32, v32, log_f, log_i, h0 = _mlstm_inputs(q, k, v, log_forget, log_input, h0)
+    if method == "recurrent":
+
+        def body(state, xs):
+            h, state = _mlstm_step(*xs, state, eps)
+            return state, h
+
+        state, h = lax.scan(body, h0, (q32, k32, v32, log_f, log_i))
+        return h.astype(q.dtype), state
+    m = _stabiliser(log_f, log_i, h0.m)
+    m_prev = jnp.concatenate([h0.m[None], m[:-1]])
+    decay = log_f + m_prev - m
+    k_in = k32 * jnp.exp(log_i - m)[..., None]
+    ones = jnp.ones(v32.shape[:2] + (1,), v32.dtype)
+    v_ext = jnp.concatenate([v32, ones], axis=-1)
+    s0 = jnp.concatenate([h0.C, h0.n[..., None]], axis=-1)
+    o, s = _gla(q32, k_in, v_ext, decay[..., None], s0, chunk_size, method)
+    h = _mlstm_readout(o, m, eps)
+    return h.astype(q.dtype), MLSTMState(s[..., :-1], s[..., -1], m[-1])
+
+
+def _mlstm_step(q_t, k_t, v_t, log_f, log_i, state, eps):
+    C, n, m = state
+    m_new = jnp.maximum(log_f + m, log_i)
+    f = jnp.exp(log_f + m - m_new)
+    i = jnp.exp(log_i - m_new)
+    C = f[:, None, None] * C + i[:, None, None] * (k_t[:, :, None] * v_t[:, None, :])
+    n = f[:, None] * n + i[:, None] * k_t
+    num = jnp.einsum("hkv,hk->hv", C, q_t)
+    den = jnp.sum(n * q_t, axis=-1, keepdims=True)
+    h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-m_new)[:, None]) + eps)
+    return h, MLSTMState(C, n, m_new)
+
+
+def mlstm_step(
+    q_t: Shaped[Array, "..."],
+    k_t: Shaped[Array, "..."],
+    v_t: Shaped[Array, "..."],
+    log_forget_t: Shaped[Array, "..."],
+    log_input_t: Shaped[Array, "..."],
+    state: MLSTMState,
+    *,
+    eps: float = 1e-6,
+) -> tuple[Float[Array, "H dv"], MLSTMState]:
+    """One step of `mlstm`, for generation.
+
+    **Arguments:** `q_t`, `k_t` `(H, d_k)`, `v_t` `(H, d_v)`, the gates `(H,)`, and the
+    `MLSTMState`.
+
+    **Returns:** `(h_t, state)`, `h_t` of shape `(H, d_v)` in the dtype of `q_t`.
+    """
+    q, k, v, log_f, log_i, state = _mlstm_inputs(
+        q_t[None], k_t[None], v_t[None], log_forget_t[None], log_input_t[None], state
+    )
+    h, state = _mlstm_step(q[0], k[0], v[0], log_f[0], log_i[0], state, eps)
+    return h.astype(q_t.dtype), state
