@@ -11,6 +11,10 @@ from ._gla import (
 )
 from ._nonlinear import scan as scan
 from ._scan import linear_scan as linear_scan, matrix_scan as matrix_scan
+from ._sharded import (
+    sharded_linear_scan as sharded_linear_scan,
+    sharded_matrix_scan as sharded_matrix_scan,
+)
 
 __all__ = [
     "delta_rule",
@@ -24,4 +28,6 @@ __all__ = [
     "matrix_scan",
     "parallel_scan_nonlinear",
     "scan",
+    "sharded_linear_scan",
+    "sharded_matrix_scan",
 ]

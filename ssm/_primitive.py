@@ -29,9 +29,38 @@ from . import _kernels
 linear_recurrence_p = jex.core.Primitive("ssm_linear_recurrence")
 
 
+def _varying_axes(x):
+    """The manual mesh axes (inside ``shard_map``) along which ``x`` varies."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        mat = getattr(aval, "mat", None)
+        vma = getattr(mat, "varying", frozenset())
+    return frozenset(vma)
+
+
+def _match_varying(*args):
+    """Cast all operands to vary along the union of their manual axes, as JAX's own
+    n-ary primitives do under ``shard_map(..., check_vma=True)``: the primitive's
+    output then varies along them too, and the transpose of the cast (a ``psum``)
+    gives replicated operands (such as ``h0``) replicated cotangents."""
+    vmas = [_varying_axes(x) for x in args]
+    union = frozenset().union(*vmas)
+    if not union:
+        return args
+    order = tuple(sorted(union, key=str))
+    return tuple(
+        x
+        if v == union
+        else jax.lax.pcast(x, tuple(n for n in order if n not in v), to="varying")
+        for x, v in zip(args, vmas, strict=True)
+    )
+
+
 def linear_recurrence(
     a, b, h0, r, *, matrix, trans, reverse, shift, has_resets, method, chunk_size
 ):
+    a, b, h0, r = _match_varying(a, b, h0, r)
     return linear_recurrence_p.bind(
         a,
         b,
@@ -53,7 +82,8 @@ def _impl(a, b, h0, r, **params):
 
 def _abstract_eval(a, b, h0, r, **params):
     del a, r, params
-    return ShapedArray((b.shape[0],) + h0.shape, h0.dtype)
+    # Like an elementwise op on `b`: same shape, its sharding and manual axes.
+    return b.update(shape=(b.shape[0],) + h0.shape, dtype=h0.dtype, weak_type=False)
 
 
 linear_recurrence_p.def_impl(
@@ -71,7 +101,21 @@ linear_recurrence_p.def_impl(
     )(_impl)
 )
 linear_recurrence_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(linear_recurrence_p, mlir.lower_fun(_impl, multiple_results=False))
+_lower_impl = mlir.lower_fun(_impl, multiple_results=False)
+
+
+def _lowering(ctx, *args, **params):
+    # Inside `shard_map` the operands' types carry the manual axes they vary along;
+    # the kernels are per-device code whose loop carries start invariant, so they
+    # are traced with those axes dropped (the lowered code is the same).
+    avals = [
+        ShapedArray(v.shape, v.dtype, v.weak_type, sharding=v.sharding)
+        for v in ctx.avals_in
+    ]
+    return _lower_impl(ctx.replace(avals_in=avals), *args, **params)
+
+
+mlir.register_lowering(linear_recurrence_p, _lowering)
 
 
 # ---------------------------------------------------------------------------
@@ -119,7 +163,7 @@ def _cast_cotangent(ct, aval):
 def _jvp(primals, tangents, **params):
     a, b, h0, r = primals
     da, db, dh0, _ = tangents
-    h = linear_recurrence_p.bind(a, b, h0, r, **params)
+    h = linear_recurrence(a, b, h0, r, **params)
     if all(type(t) is ad.Zero for t in (da, db, dh0)):
         return h, ad.Zero.from_primal_value(h)
 
@@ -143,7 +187,7 @@ def _jvp(primals, tangents, **params):
         else:
             u = u + _apply(dm, _time_shift(h, reverse, h0), matrix)
     dh0 = jnp.zeros(h0.shape, dtype) if type(dh0) is ad.Zero else dh0
-    dh = linear_recurrence_p.bind(a, u, dh0, r, **params)
+    dh = linear_recurrence(a, u, dh0, r, **params)
     return h, dh
 
 
@@ -175,7 +219,7 @@ def _transpose(ct, a, b, h0, r, **params):
     t_params.update(reverse=not params["reverse"], shift=not params["shift"])
     if params["matrix"]:
         t_params["trans"] = not params["trans"]
-    g = linear_recurrence_p.bind(a, ct, zeros, r, **t_params)
+    g = linear_recurrence(a, ct, zeros, r, **t_params)
 
     ct_b = None if b_aval is None else _cast_cotangent(g, b_aval)
     ct_h0 = None
@@ -229,7 +273,7 @@ def _batch(args, dims, **params):
         h0 = jnp.broadcast_to(h0, (size,) + h0.shape)
     else:
         h0 = jnp.moveaxis(h0, dh0, 0)
-    return linear_recurrence_p.bind(a, b, h0, r, **params), 1
+    return linear_recurrence(a, b, h0, r, **params), 1
 
 
 batching.primitive_batchers[linear_recurrence_p] = _batch

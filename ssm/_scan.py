@@ -83,6 +83,7 @@ def linear_scan(
     resets: Shaped[ArrayLike, "..."] | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
+    mesh_axis: str | None = None,
 ) -> Inexact[Array, "T *S"]:
     """Diagonal linear recurrence ``h[t] = a[t] * h[t-1] + b[t]``.
 
@@ -101,6 +102,11 @@ def linear_scan(
       All give the same values and share one derivative rule.
     - `chunk_size`: the chunk length of the chunked method (default about
       `sqrt(T)`, a divisor of `T` when one is near).
+    - `mesh_axis`: the name of a mesh axis over which the time axis is split
+      (sequence parallelism): each device scans its shard and the devices exchange
+      only per-shard summaries (see `ssm.sharded_linear_scan`). The mesh comes from
+      `jax.set_mesh` or the inputs' shardings; `T` must be a multiple of the axis
+      size. Inside a `shard_map` over that axis the inputs are taken as the shards.
 
     **Returns:**
 
@@ -118,6 +124,20 @@ def linear_scan(
     h = ssm.linear_scan(decay[:, None, None], k[:, :, None] * v[:, None, :])
     ```
     """
+    if mesh_axis is not None:
+        from ._sharded import on_mesh
+
+        return on_mesh(
+            "linear",
+            a,
+            b,
+            h0,
+            mesh_axis=mesh_axis,
+            reverse=reverse,
+            resets=resets,
+            method=method,
+            chunk_size=chunk_size,
+        )
     _check_inexact("b", b)
     if b.ndim < 1:
         raise ValueError("`b` must have a leading time axis, shape (T, *S); got a scalar.")
@@ -185,6 +205,7 @@ def matrix_scan(
     resets: Shaped[ArrayLike, "..."] | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
+    mesh_axis: str | None = None,
 ) -> Inexact[Array, "T N *M"]:
     """Matrix linear recurrence ``h[t] = A[t] @ h[t-1] + b[t]``.
 
@@ -195,7 +216,8 @@ def matrix_scan(
     - `b`: the inputs, shape `(T, N)` (vector state) or `(T, N, M)` (matrix state).
     - `h0`: the state before the first step, shape `(N,)` or `(N, M)`; zeros if
       `None`.
-    - `reverse`, `resets`, `method`, `chunk_size`: as for `linear_scan`.
+    - `reverse`, `resets`, `method`, `chunk_size`, `mesh_axis`: as for `linear_scan`
+      (time-sharded, the summaries exchanged are the shards' `N x N` products).
 
     **Returns:**
 
@@ -204,6 +226,20 @@ def matrix_scan(
     The backward pass is the reverse scan `g[t] = dL/dh[t] + A[t+1]^T g[t+1]`,
     `dA[t] = g[t] h[t-1]^T`, `db[t] = g[t]`.
     """
+    if mesh_axis is not None:
+        from ._sharded import on_mesh
+
+        return on_mesh(
+            "matrix",
+            A,
+            b,
+            h0,
+            mesh_axis=mesh_axis,
+            reverse=reverse,
+            resets=resets,
+            method=method,
+            chunk_size=chunk_size,
+        )
     _check_inexact("b", b)
     A = jnp.asarray(A) if not hasattr(A, "shape") else A
     _check_inexact("A", A)
