@@ -149,11 +149,18 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _diagonal_blocks(x, b):
-    """The diagonal ``b × b`` blocks of ``x (..., n b, n b)``: shape ``(..., n, b, b)``."""
-    n = x.shape[-1] // b
-    x = x.reshape(x.shape[:-2] + (n, b, n, b))
-    return jnp.moveaxis(jnp.diagonal(x, axis1=-4, axis2=-2), -1, -3)
+def _subdiagonal_blocks(A, b):
+    """The ``b × b`` blocks ``(2i+1, 2i)`` of ``A (..., 2nb, 2nb)``: ``(..., n, b, b)``."""
+    n = A.shape[-1] // (2 * b)
+    lead = A.shape[:-2]
+    A = A.reshape(lead + (n, 2, b, n, 2, b))[..., :, 1, :, :, 0, :]
+    eye = jnp.eye(n, dtype=A.dtype).reshape((1,) * len(lead) + (n, 1, n, 1))
+    return jnp.sum(A * eye, axis=-2)  # the diagonal over the block indices, no gather
+
+
+def _tril(shape, k=0):
+    """The lower-triangular mask (below diagonal ``k``), broadcast to ``shape``."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones(shape[-2:], bool), k), shape)
 
 
 @jax.custom_vjp
@@ -169,11 +176,13 @@ def _unit_lower_inverse(A):
     Cp = 1 << max(C - 1, 0).bit_length()
     if Cp != C:
         A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, Cp - C), (0, Cp - C)])
-    inv = jnp.ones(A.shape[:-2] + (Cp, 1, 1), A.dtype)
+    lead = A.shape[:-2]
+    inv = jnp.ones(lead + (Cp, 1, 1), A.dtype)  # the inverses of the 1 × 1 blocks
     b = 1
     while b < Cp:
-        M = _diagonal_blocks(A, 2 * b)[..., b:, :b]
-        X1, X2 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        pairs = inv.reshape(lead + (Cp // (2 * b), 2, b, b))
+        X1, X2 = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        M = _subdiagonal_blocks(A, b)
         top = jnp.concatenate([X1, jnp.zeros_like(X1)], axis=-1)
         bottom = jnp.concatenate([-(X2 @ M @ X1), X2], axis=-1)
         inv = jnp.concatenate([top, bottom], axis=-2)
@@ -189,8 +198,7 @@ def _unit_lower_inverse_fwd(A):
 def _unit_lower_inverse_bwd(inv, d_inv):
     # d(L⁻¹) = -L⁻¹ dL L⁻¹, restricted to the strictly lower triangle of dL.
     dA = -(_mT(inv) @ d_inv @ _mT(inv))
-    C = inv.shape[-1]
-    return (jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0),)
+    return (jnp.where(_tril(dA.shape, -1), dA, 0),)
 
 
 _unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
@@ -205,29 +213,30 @@ def _local(q, k, v, beta, log_decay):
     - ``U``, ``Wk``: the WY factors ``(..., C, dv)``, ``(..., C, dk)``,
     - ``Kd = diag(exp(g[C] - g)) K`` ``(..., C, dk)`` and ``γ[C]`` ``(...)``.
     """
-    C = q.shape[-2]
-    causal = jnp.tril(jnp.ones((C, C), bool))
-    strict = jnp.tril(jnp.ones((C, C), bool), -1)
     KK = k @ _mT(k)
     QK = q @ _mT(k)
+    causal, strict = _tril(QK.shape), _tril(QK.shape, -1)
     if log_decay is None:
-        Gam = causal.astype(q.dtype)
+        A = jnp.where(strict, beta[..., :, None] * KK, 0)
+        P = jnp.where(causal, QK, 0)
         rhs = beta[..., None] * jnp.concatenate([v, k], axis=-1)
         Qg, Kd = q, k
         gam_C = jnp.ones(q.shape[:-2], q.dtype)
     else:
         g = jnp.cumsum(log_decay, axis=-1)
         diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0)
-        Gam = jnp.where(causal, jnp.exp(diff), 0)
+        Gam = jnp.where(causal, jnp.exp(diff), 0)  # Γ[t, s] = exp(g[t] - g[s]) ≤ 1
+        A = jnp.where(strict, beta[..., :, None] * Gam * KK, 0)
+        P = Gam * QK
         gam = jnp.exp(g)
         rhs = jnp.concatenate([beta[..., None] * v, (beta * gam)[..., None] * k], -1)
         Qg = gam[..., None] * q
         Kd = jnp.exp(g[..., -1:] - g)[..., None] * k
         gam_C = gam[..., -1]
-    X = _unit_lower_inverse(jnp.where(strict, beta[..., :, None] * Gam * KK, 0)) @ rhs
+    X = _unit_lower_inverse(A) @ rhs
     dv = v.shape[-1]
     U, Wk = X[..., :dv], X[..., dv:]
-    return Qg, Gam * QK, U, Wk, Kd, gam_C
+    return Qg, P, U, Wk, Kd, gam_C
 
 
 def _prepare(compute, q, k, v, beta, log_decay):
@@ -270,22 +279,23 @@ def _chunk_vjp(S0, xs, dO, G):
     return dS0, local_vjp(d_local)
 
 
-def _split(xs, C):
-    """``(T, ...)`` arrays to ``(n, C, ...)`` full chunks and a ``(T - n C, ...)`` tail."""
-    T = xs[0].shape[0]
-    n = T // C
+def _to_chunks(x, C):
+    """``(T, ...) -> (n, C, ...)``, zero-padded at the end to a whole number of chunks.
 
-    def full(x):
-        return x if n * C == T else x[: n * C]
+    Zero padding is inert: with ``k = β = 0`` and ``log α = 0`` a step leaves the
+    state as it is, so the state after the last chunk is the state at ``T``.
+    """
+    if x is None:
+        return None
+    T = x.shape[0]
+    n = -(-T // C)
+    if n * C != T:
+        x = jnp.concatenate([x, jnp.zeros((n * C - T,) + x.shape[1:], x.dtype)])
+    return x.reshape((n, C) + x.shape[1:])
 
-    main = tuple(None if x is None else full(x).reshape((n, C) + x.shape[1:]) for x in xs)
-    tail = tuple(None if x is None else x[n * C :] for x in xs) if n * C < T else None
-    return main, tail
 
-
-def _join(main, tail):
-    x = main.reshape((-1,) + main.shape[2:])
-    return x if tail is None else jnp.concatenate([x, tail])
+def _from_chunks(x, T):
+    return x.reshape((-1,) + x.shape[2:])[:T]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -294,46 +304,31 @@ def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 
 def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
-    """Chunks in order: a ``lax.scan`` that carries the state and keeps its chunk starts.
+    """Chunks in order: a ``lax.scan`` that carries the state and keeps its chunk starts."""
+    xs = (q, k, v, beta, log_decay)
 
-    A shorter last chunk (``T`` not a multiple of ``C``) runs after the scan.
-    """
-    main, tail = _split((q, k, v, beta, log_decay), C)
-
-    def body(S0, xs):
-        o, S = _chunk(S0, xs)
+    def body(S0, xs_c):
+        o, S = _chunk(S0, xs_c)
         return S, (o.astype(out_dtype), S0)
 
-    S, (o, S0s) = lax.scan(body, h0, main)
-    S_tail0, o_tail = S, None
-    if tail is not None:
-        o_tail, S = _chunk(S, tail)
-        o_tail = o_tail.astype(out_dtype)
-    return (_join(o, o_tail), S), ((q, k, v, beta, log_decay), S0s, S_tail0)
+    S, (o, S0s) = lax.scan(body, h0, tuple(_to_chunks(x, C) for x in xs))
+    return (_from_chunks(o, q.shape[0]), S), (xs, S0s)
 
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
     """Chunks in reverse order, carrying ``dL/dS``; each chunk is recomputed from the
     state saved at its start, so nothing of size ``T × d_k × d_v`` is ever held."""
-    xs, S0s, S_tail0 = residuals
+    xs, S0s = residuals
     do, G = cotangents
-    G = G.astype(S0s.dtype)
-    main, tail = _split(xs, C)
-    do_main, do_tail = _split((do,), C)
-    d_tail = None
-    if tail is not None:
-        G, d_tail = _chunk_vjp(S_tail0, tail, do_tail[0], G)
 
     def body(G, inputs):
         xs_c, S0, dO = inputs
         return _chunk_vjp(S0, xs_c, dO, G)
 
-    G, d_main = lax.scan(body, G, (main, S0s, do_main[0]), reverse=True)
-    grads = tuple(
-        None if x is None else _join(dm, None if d_tail is None else dt)
-        for x, dm, dt in zip(xs, d_main, d_tail or (None,) * 5, strict=True)
-    )
-    return (*grads, G)
+    chunks = (tuple(_to_chunks(x, C) for x in xs), S0s, _to_chunks(do, C))
+    dh0, dxs = lax.scan(body, G.astype(S0s.dtype), chunks, reverse=True)
+    T = xs[0].shape[0]
+    return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
