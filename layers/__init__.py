@@ -1,6 +1,7 @@
 """Equinox sequence-mixer layers built on the ``ssm`` scan core."""
 
 from ._block import Block as Block, GatedMLP as GatedMLP
+from ._deltanet import DeltaNet as DeltaNet, GatedDeltaNet as GatedDeltaNet
 from ._gru import GRU as GRU
 from ._labels import ssm_param_labels as ssm_param_labels, ssm_param_mask as ssm_param_mask
 from ._lru import LRU as LRU
@@ -24,6 +25,8 @@ __all__ = [
     "AbstractMixer",
     "Block",
     "ConvState",
+    "DeltaNet",
+    "GatedDeltaNet",
     "GatedMLP",
     "Mamba",
     "SequenceModel",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._deltanet import DeltaNet, GatedDeltaNet
 from ._gru import GRU
 from ._lru import LRU
 from ._lstm import LSTM
@@ -19,6 +20,8 @@ MIXERS: dict[str, type[AbstractMixer]] = {
     "rglru": RGLRU,
     "gru": GRU,
     "lstm": LSTM,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
 }
 """Sequence-mixer classes by registry name; `MIXERS[name](d_model, ..., key=key)`."""
 

@@ -415,20 +415,20 @@ def delta_rule(
 
 
 def delta_rule_step(
-    state: Shaped[ArrayLike, "..."],
     q: Shaped[ArrayLike, "..."],
     k: Shaped[ArrayLike, "..."],
     v: Shaped[ArrayLike, "..."],
     beta: Shaped[ArrayLike, "..."],
-    log_decay: Shaped[ArrayLike, "..."] | None = None,
+    log_decay: Shaped[ArrayLike, "..."] | None,
+    state: Shaped[ArrayLike, "..."],
 ) -> tuple[Float[Array, "H d_v"], Float[Array, "H d_k d_v"]]:
     """One step of the (gated) delta rule, for generation.
 
     **Arguments:**
 
-    - `state`: the state `S[t-1]`, shape `(H, d_k, d_v)`.
     - `q`, `k`: shape `(H, d_k)`; `v`: shape `(H, d_v)`; `beta`: shape `(H,)`;
       `log_decay`: shape `(H,)` or `None` (no decay), as in `delta_rule`.
+    - `state`: the state `S[t-1]`, shape `(H, d_k, d_v)`.
 
     **Returns:**
 
@@ -436,7 +436,7 @@ def delta_rule_step(
     `v` when they agree) and `S[t]`, float32 (float64 if any input is).
 
     ```python
-    o_t, state = ssm.delta_rule_step(state, q_t, k_t, v_t, beta_t, log_decay_t)
+    o_t, state = ssm.delta_rule_step(q_t, k_t, v_t, beta_t, log_decay_t, state)
     ```
     """
     if state is None:

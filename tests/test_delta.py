@@ -129,7 +129,7 @@ def test_recurrent_and_step_forms(gated, getkey):
         xs = (x["q"], x["k"], x["v"], x["beta"], x["log_decay"])
 
         def body(S, x_t):
-            o_t, S = ssm.delta_rule_step(S, *x_t)
+            o_t, S = ssm.delta_rule_step(*x_t, S)
             return S, o_t
 
         S, o = jax.lax.scan(body, x["h0"], xs)
@@ -236,9 +236,9 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="`chunk_size`"):
         ssm.delta_rule(x["q"], x["k"], x["v"], x["beta"], chunk_size=0)
     with pytest.raises(ValueError, match=r"`state` must have shape \(H, d_k, d_v\)"):
-        ssm.delta_rule_step(x["h0"][0], x["q"][0], x["k"][0], x["v"][0], x["beta"][0])
+        ssm.delta_rule_step(x["q"][0], x["k"][0], x["v"][0], x["beta"][0], None, x["h0"][0])
     with pytest.raises(ValueError, match=r"`q` must have shape \(H, d_k\)"):
-        ssm.delta_rule_step(x["h0"], x["q"], x["k"], x["v"], x["beta"])
+        ssm.delta_rule_step(x["q"], x["k"], x["v"], x["beta"], None, x["h0"])
     o, S = ssm.delta_rule(x["q"][:0], x["k"][:0], x["v"][:0], x["beta"][:0])
     assert o.shape == (0, H, DV) and S.shape == (H, DK, DV) and S.dtype == f32
     assert not np.any(np.asarray(S))
