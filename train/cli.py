@@ -37,7 +37,7 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     from . import loop  # after argument parsing: --help stays fast
 

@@ -1,6 +1,7 @@
 """Typed run configuration: YAML in, frozen dataclasses out.
 
-A config file has the sections `model`, `task`, `optim`, `train` and `logging`, and
+A config file has the sections `model`, `task`, `optim`, `train`, `logging` and
+`distributed`, and
 the top-level keys `name` and `init_from`. Every key is a field of a dataclass below;
 `task` is parsed by the config class of the task it names (`train.data.TASKS`).
 Command-line overrides are dotted keys (`optim.lr=3e-3 model.mixer=lru`), their
@@ -119,7 +120,7 @@ class TrainConfig:
     eval_every: int = _help(
         "evaluate on validation every N steps (0: only at the end)", default=200
     )
-    eval_batch_size: int = _help("batch size of evaluation", default=250)
+    eval_batch_size: int = _help("batch size of evaluation", default=256)
     log_every: int = _help("write training metrics every N steps", default=10)
     checkpoint_every: int = _help(
         "save a checkpoint every N steps (0: only at the end)", default=500
@@ -181,6 +182,34 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Devices and processes (see `train/distributed.py`)."""
+
+    coordinator_address: str | None = _help(
+        "host:port of process 0 for a multi-process run (or JAX_COORDINATOR_ADDRESS)",
+        default=None,
+    )
+    num_processes: int | None = _help(
+        "number of processes (or JAX_NUM_PROCESSES); null or 1: one process",
+        default=None,
+    )
+    process_id: int | None = _help("this process's index (or JAX_PROCESS_ID)", default=None)
+    devices: int = _help(
+        "use the first N devices of a single process (0: all devices)", default=0
+    )
+    fsdp: int = _help(
+        "devices that shard the parameters and optimiser state (1: replicate them)",
+        default=1,
+    )
+
+    def __post_init__(self):
+        _nonnegative(self, "devices")
+        _positive(self, "fsdp")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes: must be >= 1, got {self.num_processes}")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -194,6 +223,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if self.train.batch_size % self.optim.grad_accum:

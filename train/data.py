@@ -398,9 +398,11 @@ class Task(abc.ABC):
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         """The examples at indices `idx` (a 1-D integer array) of `split`."""
 
-    def augment(self, batch: Batch, rng: np.random.Generator) -> Batch:
-        """Training-time augmentation of a batch; the identity unless a task has one."""
-        del rng
+    def augment(self, batch: Batch, rng: np.random.Generator, rows: slice) -> Batch:
+        """Training-time augmentation of rows `rows` of a batch; the identity unless a
+        task has one. Draws are made for the whole batch and sliced, so a process that
+        builds only its rows gets exactly what the whole batch would hold there."""
+        del rng, rows
         return batch
 
     def _check_split(self, split: str) -> str:
@@ -487,16 +489,18 @@ class MNIST1DTask(Task):
         idx = self._indices(split, idx) + self._offset[split]
         return {"inputs": self._x[idx], "targets": self._y[idx]}
 
-    def augment(self, batch: Batch, rng: np.random.Generator) -> Batch:
+    def augment(self, batch: Batch, rng: np.random.Generator, rows: slice) -> Batch:
         """Random circular time shifts and Gaussian noise, as the config asks."""
         x = batch["inputs"]
+        full = rows.stop  # draws for rows [0, rows.stop), then the slice
         shift, noise = self.config.train_shift, float(self.config.train_noise)
         if shift > 0:
-            offsets = rng.integers(-shift, shift + 1, size=x.shape[0])
+            offsets = rng.integers(-shift, shift + 1, size=full)[rows]
             time = (np.arange(x.shape[1])[None, :] - offsets[:, None]) % x.shape[1]
             x = np.take_along_axis(x, time[:, :, None], axis=1)
         if noise > 0.0:
-            x = x + np.float32(noise) * rng.standard_normal(x.shape, dtype=np.float32)
+            shape = (full,) + x.shape[1:]
+            x = x + np.float32(noise) * rng.standard_normal(shape, dtype=np.float32)[rows]
         return {**batch, "inputs": x}
 
 
@@ -887,7 +891,9 @@ def train_indices(num_examples: int, seed: int, step: int, batch_size: int) -> n
     return idx
 
 
-def train_batch(task: Task, seed: int, step: int, batch_size: int) -> Batch:
+def train_batch(
+    task: Task, seed: int, step: int, batch_size: int, rows: slice | None = None
+) -> Batch:
     """Training batch number `step`, a pure function of `(seed, step)` for a task.
 
     **Arguments:**
@@ -895,16 +901,24 @@ def train_batch(task: Task, seed: int, step: int, batch_size: int) -> Batch:
     - `task`: the task.
     - `seed`: the data-order seed (separate from the task's generator seed).
     - `step`: the batch number, from 0.
-    - `batch_size`: examples per batch.
+    - `batch_size`: examples per batch (the global batch).
+    - `rows`: only these rows of the batch (a process's share in a multi-process run);
+      they equal the same rows of the whole batch.
 
     **Returns:**
 
-    `task.examples("train", train_indices(...))` after the task's training
+    `task.examples("train", train_indices(...)[rows])` after the task's training
     augmentation (drawn from `(seed, step)`).
     """
-    idx = train_indices(task.size("train"), seed, step, batch_size)
+    rows = slice(0, batch_size) if rows is None else rows
+    if not 0 <= (rows.start or 0) <= rows.stop <= batch_size or rows.step not in (None, 1):
+        raise ValueError(
+            f"rows must be a contiguous slice of range({batch_size}), got {rows}"
+        )
+    rows = slice(rows.start or 0, rows.stop)
+    idx = train_indices(task.size("train"), seed, step, batch_size)[rows]
     batch = task.examples("train", idx)
-    return task.augment(batch, np.random.default_rng([seed, 1, step]))
+    return task.augment(batch, np.random.default_rng([seed, 1, step]), rows)
 
 
 def eval_batches(

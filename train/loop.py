@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.random as jr
 
-from . import config as config_lib, data as data_lib
+from . import config as config_lib, data as data_lib, distributed
 from .checkpoint import Checkpointer, CheckpointError
 from .config import Config, ConfigError
 from .finetune import load_matching
@@ -24,7 +24,6 @@ from .tracking import JsonlTracker, MultiTracker, WandbTracker, truncate_jsonl, 
 from .trainer import (
     TrainState,
     build_model,
-    device_batch,
     evaluate,
     init_state,
     make_eval_step,
@@ -120,6 +119,8 @@ class _Progress:
 
 
 def _trackers(config: Config, run_dir: Path, say) -> MultiTracker:
+    if not distributed.is_main():
+        return MultiTracker([])
     trackers = [JsonlTracker(run_dir / "metrics.jsonl")]
     mode = wandb_mode(config.logging.wandb.mode)
     if mode != "disabled":
@@ -161,6 +162,7 @@ def run(
     **Raises:** `ConfigError` for a bad config, `TrainingError` when training cannot
     go on, `Interrupted` after saving on SIGINT/SIGTERM.
     """
+    distributed.initialize(config.distributed)  # before anything touches a device
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     ckpt_dir = run_dir / "checkpoints"
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -171,20 +173,27 @@ def run(
     tc = config.train
 
     task = data_lib.build_task(config.task)  # errors in the data config surface here
+    layout = distributed.make_layout(
+        config.distributed,
+        {"train.batch_size": tc.batch_size, "train.eval_batch_size": tc.eval_batch_size},
+    )
+    main = distributed.is_main()
     k_model, k_state = jr.split(jr.key(tc.seed))
     model = build_model(config, task, k_model)
     params, static = eqx.partition(model, eqx.is_array)
     optimizer, schedule = make_optimizer(config, params)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(config, run_dir / "config.yaml")
-    progress = _Progress(tc.progress, tc.steps, 0)
-    say = say or progress.write
+    if main:
+        config_lib.dump(config, run_dir / "config.yaml")
+    progress = _Progress(tc.progress and main, tc.steps, 0)
+    say = (say or progress.write) if main else (lambda text: None)
 
     init_report = None
     if config.init_from and not resume:
         params, init_report = load_matching(params, config.init_from, report=say)
-        (run_dir / "init_from.json").write_text(json.dumps(init_report, indent=1))
-    state = init_state(config, params, optimizer, k_state)
+        if main:
+            (run_dir / "init_from.json").write_text(json.dumps(init_report, indent=1))
+    state = layout.put_state(init_state(config, params, optimizer, k_state))
     book = _Book()
     ckpt = Checkpointer(
         ckpt_dir,
@@ -203,11 +212,31 @@ def run(
             state, meta = restored
             book = _Book(**meta.get("book", {}))
             say(f"resumed {run_dir} at step {int(state.step)}")
-        truncate_jsonl(run_dir / "metrics.jsonl", int(state.step))
+        if main:
+            truncate_jsonl(run_dir / "metrics.jsonl", int(state.step))
 
     tracker = _trackers(config, run_dir, say)
     tracker.log_config(config_lib.to_dict(config))
-    train_step = make_train_step(config, static, optimizer, task.kind)
+    train_step = make_train_step(
+        config,
+        static,
+        optimizer,
+        task.kind,
+        layout.state_shardings(state),
+        layout.replicated,
+    )
+    rows = layout.local_rows(tc.batch_size)
+    eval_rows = layout.local_rows(tc.eval_batch_size)
+
+    def next_batch(at: int):
+        local = data_lib.train_batch(task, tc.seed, at, tc.batch_size, rows=rows)
+        return layout.put_batch(local, tc.batch_size)
+
+    def split_batches(split: str):
+        for batch in data_lib.eval_batches(task, split, tc.eval_batch_size):
+            local = {k: v[eval_rows] for k, v in batch.items()}
+            yield layout.put_batch(local, tc.eval_batch_size)
+
     eval_step = make_eval_step(config, static, task.kind)
     tokens = task.seq_len if task.kind == "lm" else None
     step = int(state.step)
@@ -231,12 +260,7 @@ def run(
     def validate(s: TrainState) -> dict:
         if last_eval.get("step") == step:
             return last_eval["values"]
-        values = evaluate(
-            eval_step,
-            eval_params(s),
-            data_lib.eval_batches(task, "val", tc.eval_batch_size),
-            task.kind,
-        )
+        values = evaluate(eval_step, eval_params(s), split_batches("val"), task.kind)
         tracker.log({"split": "val", **values}, step)
         book.last_val = values
         if tc.best_metric not in values:
@@ -252,7 +276,7 @@ def run(
         save(s, {tc.best_metric: value})
         last_eval.update(step=step, values=values)
         say(f"step {step}: val {_format(values)}")
-        if config.logging.plot:
+        if config.logging.plot and main:
             plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         return values
 
@@ -260,11 +284,11 @@ def run(
     started = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
     with _catch_signals() as caught:
-        batch = data_lib.train_batch(task, tc.seed, step, tc.batch_size)
+        batch = next_batch(step)
         while step < tc.steps:
-            state, metrics = train_step(state, device_batch(batch))
+            state, metrics = train_step(state, batch)
             if step + 1 < tc.steps:  # build the next batch while the step runs
-                batch = data_lib.train_batch(task, tc.seed, step + 1, tc.batch_size)
+                batch = next_batch(step + 1)
             metrics = jax.device_get(metrics)
             if not bool(metrics["finite"]):
                 if tc.on_nonfinite == "stop":
@@ -329,10 +353,7 @@ def run(
     if tc.eval_with_best and book.best_step is not None and book.best_step != step:
         chosen, _ = ckpt.restore(book.best_step, state)
         final_val = evaluate(
-            eval_step,
-            eval_params(chosen),
-            data_lib.eval_batches(task, "val", tc.eval_batch_size),
-            task.kind,
+            eval_step, eval_params(chosen), split_batches("val"), task.kind
         )
     summary = {
         "train": book.last_train,
@@ -343,24 +364,20 @@ def run(
         "train_time_s": time.perf_counter() - started,
     }
     if "test" in task.splits:
-        test = evaluate(
-            eval_step,
-            eval_params(chosen),
-            data_lib.eval_batches(task, "test", tc.eval_batch_size),
-            task.kind,
-        )
+        test = evaluate(eval_step, eval_params(chosen), split_batches("test"), task.kind)
         tracker.log({"split": "test", **test}, step)
         summary["test"] = test
         say(f"test {_format(test)}")
     if init_report is not None:
         summary["init_from"] = init_report["source"]
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    if main:
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run_dir / "summary.json")
     tracker.log_summary(summary)
     tracker.finish()
     ckpt.close()
     progress.close()
-    if config.logging.plot:
+    if config.logging.plot and main:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return summary

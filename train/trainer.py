@@ -214,7 +214,9 @@ def _sums(static, params, batch, key, kind: str, compute_dtype):
     }
 
 
-def make_train_step(config: Config, static, optimizer, kind: str):
+def make_train_step(
+    config: Config, static, optimizer, kind: str, state_sharding=None, metrics_sharding=None
+):
     """`step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
     Gradient accumulation splits the batch into `optim.grad_accum` micro-batches whose
@@ -283,7 +285,9 @@ def make_train_step(config: Config, static, optimizer, kind: str):
         }
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, metrics_sharding))
 
 
 def _count(batch, kind):
@@ -307,7 +311,9 @@ def evaluate(eval_step, params, batches, kind: str) -> dict[str, float]:
     """Loss and accuracy over a whole split (exact sums over the examples)."""
     total = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in batches:
-        sums = jax.device_get(eval_step(params, device_batch(batch)))
+        if isinstance(next(iter(batch.values())), np.ndarray):
+            batch = device_batch(batch)
+        sums = jax.device_get(eval_step(params, batch))
         for k in total:
             total[k] += float(sums[k])
     count = max(total["count"], 1.0)
