@@ -197,8 +197,9 @@ def _check_sharded(name, x, mesh_axis, mesh):
         return jax.sharding.reshard(x, P(mesh_axis, *spec[1:]))
     raise ValueError(
         f"`{name}` of type {jax.typeof(x).str_short()} must be sharded along its time "
-        f"axis (axis 0) over mesh axis {mesh_axis!r} and on nothing else, got spec "
-        f"{spec}; reshard it, e.g. `jax.sharding.reshard({name}, P({mesh_axis!r}))`."
+        f"axis (axis 0) over mesh axis {mesh_axis!r} (and over no other axis there), "
+        f"got spec {spec}; reshard it, e.g. "
+        f"`jax.sharding.reshard({name}, P({mesh_axis!r}))`."
     )
 
 
