@@ -91,18 +91,19 @@ def _put(x, mesh, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
-# (devices, T, state shape, shape of a, dtype of a, dtype of b, reverse, h0, resets)
+# (devices, T, state shape, shape of a, dtype of a, dtype of b, reverse, h0, resets,
+#  local method)
 LINEAR_CASES = [
-    (4, 4 * 37, (3,), "full", F64, F64, False, True, False),
-    (4, 4 * 37, (2, 3), "step", C128, C128, True, True, True),
-    (2, 2 * 37, (3,), "inv", F64, F64, True, False, True),
-    (4, 4 * 16, (4, 2), "key", F64, C128, False, False, True),
+    (4, 4 * 37, (3,), "full", F64, F64, False, True, False, "auto"),
+    (4, 4 * 37, (2, 3), "step", C128, C128, True, True, True, "sequential"),
+    (2, 2 * 37, (3,), "inv", F64, F64, True, False, True, "associative"),
+    (4, 4 * 16, (4, 2), "key", F64, C128, False, False, True, "chunked"),
 ]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 def test_linear_scan_mesh_axis(case, rng):
-    n, T, S, a_kind, a_dtype, b_dtype, reverse, with_h0, with_resets = case
+    n, T, S, a_kind, a_dtype, b_dtype, reverse, with_h0, with_resets, method = case
     mesh = _mesh(n)
     a = decay(rng, _a_shape(a_kind, T, S), a_dtype)
     b = normal(rng, (T,) + S, b_dtype)
@@ -113,7 +114,16 @@ def test_linear_scan_mesh_axis(case, rng):
     diff = (a, b) + ((h0,) if with_h0 else ())
 
     def scan(mesh_axis, a, b, h0=None, *, r):
-        return ssm.linear_scan(a, b, h0, reverse=reverse, resets=r, mesh_axis=mesh_axis)
+        return ssm.linear_scan(
+            a,
+            b,
+            h0,
+            reverse=reverse,
+            resets=r,
+            mesh_axis=mesh_axis,
+            method=method,
+            chunk_size=5 if method == "chunked" else None,
+        )
 
     h_ref, g_ref = jax.jit(
         lambda diff, ct: _value_and_vjp(lambda *d: scan(None, *d, r=r), diff, ct)
