@@ -41,7 +41,7 @@ from ._scan import linear_scan
 _METHODS = ("chunked", "recurrent")
 # Chunks are processed in groups of about this many time steps (a `lax.map` over
 # groups), which bounds the memory of the within-chunk products whatever the length.
-_GROUP_STEPS = 2048
+_GROUP_STEPS = 256
 
 
 # --------------------------------------------------------------------------- checks
@@ -130,17 +130,16 @@ def _cumsum(g):
 
 
 def _to_chunks(x, C):
-    """`(T, H, *d) -> (N, H, C, *d)`, zero-padded at the end."""
+    """`(T, H, d) -> (N, C, H, d)`, zero-padded at the end."""
     T = x.shape[0]
     N = -(-T // C)
     if N * C != T:
         x = jnp.pad(x, [(0, N * C - T)] + [(0, 0)] * (x.ndim - 1))
-    return jnp.moveaxis(jnp.reshape(x, (N, C) + tuple(x.shape[1:])), 1, 2)
+    return jnp.reshape(x, (N, C) + tuple(x.shape[1:]))
 
 
 def _from_chunks(x, T):
-    """`(N, H, C, *d) -> (T, H, *d)`, dropping the padding."""
-    x = jnp.moveaxis(x, 2, 1)
+    """`(N, C, H, d) -> (T, H, d)`, dropping the padding."""
     return jnp.reshape(x, (-1,) + tuple(x.shape[2:]))[:T]
 
 
@@ -308,12 +307,66 @@ def _decays(g):
 
 
 def _over_groups(fn, xs, C):
-    """`fn` over the leading (chunk) axis, in groups of about `_GROUP_STEPS` steps."""
+    """`fn` over the leading (chunk) axis, in groups of about `_GROUP_STEPS` steps: a
+    group's inputs and products stay in cache, and memory does not grow with `T`."""
     N = jax.tree.leaves(xs)[0].shape[0]
     group = max(1, _GROUP_STEPS // C)
     if N <= group:
         return fn(*xs)
     return lax.map(lambda x: fn(*x), xs, batch_size=group)
+
+
+def _heads_first(x):
+    """`(..., C, H, d) <-> (..., H, C, d)`."""
+    return jnp.swapaxes(x, -3, -2)
+
+
+def _summary(k, v, g):
+    """A chunk's total decay `(..., H, K, 1)` and its input to the state."""
+    k, v, g = (_heads_first(x) for x in (k, v, g))
+    _, _, k_decay, total = _decays(g)
+    return _mT(total), _mT(k * k_decay) @ v
+
+
+def _outputs(q, k, v, g, s0):
+    """A chunk's outputs from its start state `s0` `(..., H, dk, dv)`."""
+    q, k, v, g = (_heads_first(x) for x in (q, k, v, g))
+    b, q_decay, _, _ = _decays(g)
+    intra = (_intra_scalar if g.shape[-1] == 1 else _intra_per_key)(q, k, v, b)
+    return _heads_first(intra + (q * q_decay) @ s0)
+
+
+def _state_cotangent(q, g, do):
+    """A chunk's total decay and `(q exp(b))^T do`, the cotangent its outputs send to
+    its start state."""
+    q, g, do = (_heads_first(x) for x in (q, g, do))
+    _, q_decay, _, total = _decays(g)
+    return _mT(total), _mT(q * q_decay) @ do
+
+
+def _local_bwd(q, k, v, g, s0, do, G):
+    """Cotangents of a chunk's inputs, given those of its outputs (`do`) and of its end
+    state (`G`), from its start state `s0`."""
+    q, k, v, g, do = (_heads_first(x) for x in (q, k, v, g, do))
+    K = g.shape[-1]
+    b, q_decay, k_decay, total = _decays(g)
+    dq, dk, dv, db = (_intra_scalar_bwd if K == 1 else _intra_per_key_bwd)(q, k, v, b, do)
+    # outputs: + (q exp(b)) s0
+    dq_bar = do @ _mT(s0)
+    dq = dq + dq_bar * q_decay
+    db = db + _to_k(dq_bar * q * q_decay, K)
+    # end state: exp(b_last) s0 + (k exp(b_last - b))^T v
+    k_bar = k * k_decay
+    dk_bar = v @ _mT(G)
+    dk = dk + dk_bar * k_decay
+    dv = dv + k_bar @ G
+    t = _to_k(dk_bar * k_bar, K)
+    d_last = jnp.sum(t, axis=-2, keepdims=True)
+    d_last = d_last + _to_k(_mT(jnp.sum(s0 * G, axis=-1, keepdims=True)), K) * total
+    db = db - t
+    db = jnp.concatenate([db[..., :-1, :], db[..., -1:, :] + d_last], axis=-2)
+    dg = _cumsum(db[..., ::-1, :])[..., ::-1, :]  # b = cumsum(g)
+    return tuple(_heads_first(x) for x in (dq, dk, dv, dg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -324,59 +377,28 @@ def _gla_chunked(q, k, v, g, h0, C):
 def _gla_chunked_fwd(q, k, v, g, h0, C):
     T = q.shape[0]
     qc, kc, vc, gc = (_to_chunks(x, C) for x in (q, k, v, g))
-    per_key = g.shape[-1] != 1
-    _, _, k_decay, total = _decays(gc)
-    u = _mT(kc * k_decay) @ vc  # each chunk's input to the state
-    h = linear_scan(_mT(total), u, h0)  # the state at the end of each chunk
+    total, u = _over_groups(_summary, (kc, vc, gc), C)
+    h = linear_scan(total, u, h0)  # the state at the end of each chunk
     s_start = jnp.concatenate([h0[None], h[:-1]])
-
-    def outputs(q, k, v, g, s0):
-        b, q_decay, _, _ = _decays(g)
-        intra = (_intra_per_key if per_key else _intra_scalar)(q, k, v, b)
-        return intra + (q * q_decay) @ s0
-
-    o = _over_groups(outputs, (qc, kc, vc, gc, s_start), C)
+    o = _over_groups(_outputs, (qc, kc, vc, gc, s_start), C)
     return (_from_chunks(o, T), h[-1]), (q, k, v, g, s_start)
 
 
 def _gla_chunked_bwd(C, res, cts):
     q, k, v, g, s_start = res
     do, d_final = cts
-    T, K = q.shape[0], g.shape[-1]
+    T = q.shape[0]
     dtype = s_start.dtype
     qc, kc, vc, gc = (_to_chunks(x, C) for x in (q, k, v, g))
     doc = _to_chunks(do.astype(dtype), C)
-    _, q_decay, _, total = _decays(gc)
+    total, x = _over_groups(_state_cotangent, (qc, gc, doc), C)
     # Cotangents of the chunk-end states: G[N-1] = d_final,
-    # G[n] = total[n+1] * G[n+1] + x[n+1], x[n] = (q exp(b))_n^T do_n.
-    x = _mT(qc * q_decay) @ doc
-    a_rev = jnp.concatenate([_mT(total[1:]), jnp.ones_like(_mT(total[:1]))])
+    # G[n] = total[n+1] * G[n+1] + x[n+1].
+    a_rev = jnp.concatenate([total[1:], jnp.ones_like(total[:1])])
     x_rev = jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
     G = linear_scan(a_rev, x_rev, d_final.astype(dtype), reverse=True)
-    dh0 = _mT(total[0]) * G[0] + x[0]
-
-    def local(q, k, v, g, s0, do, G):
-        b, q_decay, k_decay, total = _decays(g)
-        intra_bwd = _intra_per_key_bwd if K != 1 else _intra_scalar_bwd
-        dq, dk, dv, db = intra_bwd(q, k, v, b, do)
-        # o += (q exp(b)) s0
-        dq_bar = do @ _mT(s0)
-        dq = dq + dq_bar * q_decay
-        db = db + _to_k(dq_bar * q * q_decay, K)
-        # state: exp(b_last) s0 + (k exp(b_last - b))^T v
-        k_bar = k * k_decay
-        dk_bar = v @ _mT(G)
-        dk = dk + dk_bar * k_decay
-        dv = dv + k_bar @ G
-        t = _to_k(dk_bar * k_bar, K)
-        d_last = jnp.sum(t, axis=-2, keepdims=True)
-        d_last = d_last + _to_k(_mT(jnp.sum(s0 * G, axis=-1, keepdims=True)), K) * total
-        db = db - t
-        db = jnp.concatenate([db[..., :-1, :], db[..., -1:, :] + d_last], axis=-2)
-        dg = _cumsum(db[..., ::-1, :])[..., ::-1, :]
-        return dq, dk, dv, dg
-
-    grads = _over_groups(local, (qc, kc, vc, gc, s_start, doc, G), C)
+    dh0 = total[0] * G[0] + x[0]
+    grads = _over_groups(_local_bwd, (qc, kc, vc, gc, s_start, doc, G), C)
     dq, dk, dv, dg = (_from_chunks(x, T) for x in grads)
     return dq, dk, dv, dg, dh0
 
