@@ -162,7 +162,10 @@ def _find_mesh(mesh_axis, arrays):
     if not mesh.empty and mesh_axis in mesh.axis_names:
         return mesh
     for x in arrays:
-        sharding = getattr(jax.typeof(x), "sharding", None)
+        try:
+            sharding = getattr(jax.typeof(x), "sharding", None)
+        except TypeError:  # not an array; `linear_scan` says so below
+            continue
         m = getattr(sharding, "mesh", None)
         if m is not None and not m.empty and mesh_axis in m.axis_names:
             return m
