@@ -14,7 +14,14 @@ from jaxtyping import Array, Complex, Float, PRNGKeyArray
 import ssm
 
 from ._init import as_complex, complex_normal
-from ._mixer import AbstractMixer, check_sequence, check_token, complex_dtype, real_dtype
+from ._mixer import (
+    AbstractMixer,
+    check_sequence,
+    check_token,
+    complex_dtype,
+    real_dtype,
+    time_axis,
+)
 
 
 class LRU(AbstractMixer):
@@ -35,6 +42,7 @@ class LRU(AbstractMixer):
 
     d_model: int = eqx.field(static=True)
     state_size: int = eqx.field(static=True)
+    seq_axis: str | None = eqx.field(static=True)
     nu_log: Float[Array, " state"]
     theta_log: Float[Array, " state"]
     gamma_log: Float[Array, " state"]
@@ -51,6 +59,7 @@ class LRU(AbstractMixer):
         r_min: float = 0.0,
         r_max: float = 1.0,
         max_phase: float = 2 * np.pi,
+        seq_axis: str | None = None,
         *,
         key: PRNGKeyArray,
     ):
@@ -60,6 +69,8 @@ class LRU(AbstractMixer):
         - `state_size`: the number `N` of complex state dimensions.
         - `r_min`, `r_max`: the ring the eigenvalues' moduli are drawn in.
         - `max_phase`: the largest initial phase.
+        - `seq_axis`: a mesh axis to split the scan over time across (sequence
+          parallelism) when run under a mesh that has it; see `ssm.linear_scan`.
         - `key`: a `jax.random.PRNGKey`.
         """
         if not 0.0 <= r_min < r_max <= 1.0:
@@ -68,7 +79,7 @@ class LRU(AbstractMixer):
         u1 = jr.uniform(k1, (state_size,), jnp.float32)
         u2 = jr.uniform(k2, (state_size,), jnp.float32, 1e-6, 1.0)
         nu = -0.5 * jnp.log(u1 * (r_max**2 - r_min**2) + r_min**2)
-        self.d_model, self.state_size = d_model, state_size
+        self.d_model, self.state_size, self.seq_axis = d_model, state_size, seq_axis
         self.nu_log = jnp.log(nu)
         self.theta_log = jnp.log(max_phase * u2)
         self.gamma_log = 0.5 * jnp.log(-jnp.expm1(-2 * nu))
@@ -112,7 +123,12 @@ class LRU(AbstractMixer):
         rdt = real_dtype(x.dtype)
         lam, gB, C = self._params(rdt)
         u = x.astype(rdt)
-        h = ssm.linear_scan(lam, u.astype(gB.dtype) @ gB.T, state.astype(lam.dtype))
+        h = ssm.linear_scan(
+            lam,
+            u.astype(gB.dtype) @ gB.T,
+            state.astype(lam.dtype),
+            mesh_axis=time_axis(self.seq_axis),
+        )
         y = (h @ C.T).real + self.D.astype(rdt)[None] * u
         return y.astype(x.dtype), h[-1].astype(state.dtype)
 

@@ -67,6 +67,18 @@ class ConvState(NamedTuple):
     ssm: Array
 
 
+def time_axis(name: str | None) -> str | None:
+    """`name` if the mesh in context (`jax.set_mesh`) has an axis of that name, else None.
+
+    A layer built with `seq_axis="seq"` splits its scan over time across that mesh axis
+    (`ssm.linear_scan(..., mesh_axis=...)`) when it runs under such a mesh, and runs an
+    ordinary scan anywhere else (a single device, generation).
+    """
+    if name is None:
+        return None
+    return name if name in jax.sharding.get_abstract_mesh().axis_names else None
+
+
 def check_sequence(x: Any, d_model: int, name: str) -> None:
     """Raise a helpful error unless `x` is one sequence of shape `(seq, d_model)`."""
     shape = tuple(jnp.shape(x))

@@ -21,6 +21,7 @@ from ._mixer import (
     check_token,
     linear,
     real_dtype,
+    time_axis,
 )
 
 
@@ -51,6 +52,7 @@ class RGLRU(AbstractMixer):
     d_conv: int = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
     c: float = eqx.field(static=True)
+    seq_axis: str | None = eqx.field(static=True)
     gate_proj: eqx.nn.Linear
     in_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv d_rnn"]
@@ -73,6 +75,7 @@ class RGLRU(AbstractMixer):
         c: float = 8.0,
         a_min: float = 0.9,
         a_max: float = 0.999,
+        seq_axis: str | None = None,
         *,
         key: PRNGKeyArray,
     ):
@@ -84,6 +87,8 @@ class RGLRU(AbstractMixer):
         - `num_heads`: the number of blocks of the block-diagonal gate weights.
         - `c`: the fixed scale of the recurrence gate's exponent.
         - `a_min`, `a_max`: the range of `σ(Λ)^c` at initialisation.
+        - `seq_axis`: a mesh axis to split the scan over time across (sequence
+          parallelism) when run under a mesh that has it; see `ssm.linear_scan`.
         - `key`: a `jax.random.PRNGKey`.
         """
         d_rnn = -(-4 * d_model // 3) if d_rnn is None else d_rnn
@@ -92,7 +97,7 @@ class RGLRU(AbstractMixer):
         k_g, k_in, k_conv, k_cb, k_a, k_x, k_lam, k_out = jr.split(key, 8)
         dh = d_rnn // num_heads
         self.d_model, self.d_rnn, self.d_conv = d_model, d_rnn, d_conv
-        self.num_heads, self.c = num_heads, float(c)
+        self.num_heads, self.c, self.seq_axis = num_heads, float(c), seq_axis
         self.gate_proj = eqx.nn.Linear(d_model, d_rnn, dtype=jnp.float32, key=k_g)
         self.in_proj = eqx.nn.Linear(d_model, d_rnn, dtype=jnp.float32, key=k_in)
         bound = 1 / np.sqrt(d_conv)
@@ -156,7 +161,12 @@ class RGLRU(AbstractMixer):
         check_sequence(u, self.d_model, "RGLRU")
         gate, x, conv_state = self._pre(u, state.conv)
         log_a, b = self._gates(x)
-        h = ssm.linear_scan(jnp.exp(log_a), b, state.ssm.astype(b.dtype))
+        h = ssm.linear_scan(
+            jnp.exp(log_a),
+            b,
+            state.ssm.astype(b.dtype),
+            mesh_axis=time_axis(self.seq_axis),
+        )
         y = linear(self.out_proj, gate * h.astype(u.dtype))
         return y, ConvState(conv_state, h[-1].astype(state.ssm.dtype))
 

@@ -81,8 +81,12 @@ def test_layout_errors():
     config = with_overrides(distributed={"fsdp": 3})
     with pytest.raises(train.ConfigError, match="distributed.fsdp"):
         distributed.make_layout(config.distributed, {})
-    with pytest.raises(train.ConfigError, match="train.eval_batch_size: must be a multiple"):
-        distributed.make_layout(with_overrides().distributed, {"train.eval_batch_size": 250})
+    with pytest.raises(
+        train.ConfigError, match="train.eval_batch_size: must be a multiple"
+    ):
+        distributed.make_layout(
+            with_overrides().distributed, {"train.eval_batch_size": 250}
+        )
 
 
 def free_port() -> int:
@@ -113,7 +117,14 @@ def test_two_processes_match_one(single_device, tmp_path):
         log = open(tmp_path / f"p{pid}.log", "w")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "train", str(cfg), "--run-dir", str(tmp_path / "mp")],
+                [
+                    sys.executable,
+                    "-m",
+                    "train",
+                    str(cfg),
+                    "--run-dir",
+                    str(tmp_path / "mp"),
+                ],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -130,3 +141,22 @@ def test_two_processes_match_one(single_device, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "mp"), losses(single_device), rtol=2e-5)
     assert "test loss" in (tmp_path / "p0.log").read_text()  # process 0 reports
     assert "test loss" not in (tmp_path / "p1.log").read_text()  # the others stay quiet
+
+
+def test_sequence_parallel_matches_one_device(single_device, tmp_path):
+    config = with_overrides(distributed={"seq": 2})
+    layout = distributed.make_layout(config.distributed, {"b": 16}, 40)
+    assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 1, "seq": 2}
+    task = train.build_task(config.task)
+    model = train.build_model(config, task, jax.random.key(0))
+    x = np.zeros((40, 1), np.float32)
+    with layout.context():  # under the mesh, the LRU's scan is split over `seq`
+        assert "shard_map" in str(jax.make_jaxpr(model)(x))
+    assert "shard_map" not in str(jax.make_jaxpr(model)(x))  # and not elsewhere
+    train.run(config, tmp_path / "seq")
+    np.testing.assert_allclose(losses(tmp_path / "seq"), losses(single_device), rtol=2e-5)
+    with pytest.raises(train.ConfigError, match="distributed.seq: sequence parallelism"):
+        bad = with_overrides(distributed={"seq": 2}, model={"mixer": "mamba"})
+        train.build_model(bad, task, jax.random.key(0))
+    with pytest.raises(train.ConfigError, match="must divide the sequence length 30"):
+        distributed.make_layout(with_overrides(distributed={"seq": 4}).distributed, {}, 30)

@@ -201,10 +201,15 @@ class DistributedConfig:
         "devices that shard the parameters and optimiser state (1: replicate them)",
         default=1,
     )
+    seq: int = _help(
+        "devices that split each sequence along time (sequence parallelism; the lru "
+        "and rglru mixers; one process)",
+        default=1,
+    )
 
     def __post_init__(self):
         _nonnegative(self, "devices")
-        _positive(self, "fsdp")
+        _positive(self, "fsdp", "seq")
         if self.num_processes is not None and self.num_processes < 1:
             raise ValueError(f"num_processes: must be >= 1, got {self.num_processes}")
 

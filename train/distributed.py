@@ -63,14 +63,32 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+SEQ_MIXERS = ("lru", "rglru")
+"""Mixers whose recurrence is one `ssm.linear_scan` over the whole sequence, which
+`distributed.seq > 1` splits over devices (`seq_axis` of the layer)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     mesh: jax.sharding.Mesh
     fsdp: int
+    seq: int = 1
 
     @property
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(("data", "fsdp")))
+
+    def sharding_of(self, ndim: int) -> NamedSharding:
+        """Batch arrays: rows over `data` x `fsdp`, time (axis 1) over `seq`."""
+        if ndim >= 2 and self.seq > 1:
+            return NamedSharding(self.mesh, P(("data", "fsdp"), "seq"))
+        return self.batch_sharding
+
+    def context(self):
+        """The mesh in context while tracing, so layers find the `seq` axis."""
+        import contextlib
+
+        return jax.set_mesh(self.mesh) if self.seq > 1 else contextlib.nullcontext()
 
     @property
     def replicated(self) -> NamedSharding:
@@ -101,27 +119,28 @@ class Layout:
     def local_rows(self, batch_size: int) -> slice:
         """The rows of a global batch that this process's devices hold."""
         indices = self.batch_sharding.addressable_devices_indices_map((batch_size,))
-        starts = [idx[0].start or 0 for idx in indices.values()]
-        stops = [
-            batch_size if idx[0].stop is None else idx[0].stop for idx in indices.values()
-        ]
-        lo, hi = min(starts), max(stops)
-        if hi - lo != sum(b - a for a, b in zip(starts, stops, strict=True)):
+        spans = {
+            (idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop)
+            for idx in indices.values()
+        }  # a set: devices that split time hold the same rows
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        if hi - lo != sum(b - a for a, b in spans):
             raise RuntimeError("this process's batch rows are not contiguous")
         return slice(lo, hi)
 
     def put_batch(self, local: dict[str, np.ndarray], batch_size: int) -> dict:
         """Assemble global arrays from this process's rows of a batch."""
-        sharding = self.batch_sharding
         return {
             k: jax.make_array_from_process_local_data(
-                sharding, v, (batch_size,) + v.shape[1:]
+                self.sharding_of(v.ndim), v, (batch_size,) + v.shape[1:]
             )
             for k, v in local.items()
         }
 
 
-def make_layout(dc: DistributedConfig, batch_sizes: dict[str, int]) -> Layout:
+def make_layout(
+    dc: DistributedConfig, batch_sizes: dict[str, int], seq_len: int | None = None
+) -> Layout:
     """The mesh over all devices (or the first `distributed.devices` of them)."""
     devices = jax.devices()
     if dc.devices:
@@ -133,17 +152,29 @@ def make_layout(dc: DistributedConfig, batch_sizes: dict[str, int]) -> Layout:
             )
         devices = devices[: dc.devices]
     n = len(devices)
-    if n % dc.fsdp:
-        raise ConfigError(f"distributed.fsdp: must divide the {n} devices, got {dc.fsdp}")
-    for key, size in batch_sizes.items():
-        if size % n:
+    if n % (dc.fsdp * dc.seq):
+        raise ConfigError(
+            f"distributed.fsdp x distributed.seq: must divide the {n} devices, got "
+            f"{dc.fsdp} x {dc.seq}"
+        )
+    if dc.seq > 1:
+        if jax.process_count() > 1:
+            raise ConfigError("distributed.seq: sequence parallelism runs in one process")
+        if seq_len is not None and seq_len % dc.seq:
             raise ConfigError(
-                f"{key}: must be a multiple of the number of devices ({n}), got {size}"
+                f"distributed.seq: must divide the sequence length {seq_len}, got {dc.seq}"
+            )
+    rows = n // dc.seq
+    for key, size in batch_sizes.items():
+        if size % rows:
+            raise ConfigError(
+                f"{key}: must be a multiple of the {rows} devices that split the batch, "
+                f"got {size}"
             )
     mesh = jax.make_mesh(
-        (n // dc.fsdp, dc.fsdp),
-        ("data", "fsdp"),
-        axis_types=(jax.sharding.AxisType.Auto,) * 2,
+        (n // (dc.fsdp * dc.seq), dc.fsdp, dc.seq),
+        ("data", "fsdp", "seq"),
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
         devices=devices,
     )
-    return Layout(mesh, dc.fsdp)
+    return Layout(mesh, dc.fsdp, dc.seq)

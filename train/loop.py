@@ -176,6 +176,7 @@ def run(
     layout = distributed.make_layout(
         config.distributed,
         {"train.batch_size": tc.batch_size, "train.eval_batch_size": tc.eval_batch_size},
+        task.seq_len,
     )
     main = distributed.is_main()
     k_model, k_state = jr.split(jr.key(tc.seed))
@@ -237,7 +238,12 @@ def run(
             local = {k: v[eval_rows] for k, v in batch.items()}
             yield layout.put_batch(local, tc.eval_batch_size)
 
-    eval_step = make_eval_step(config, static, task.kind)
+    eval_on_mesh = make_eval_step(config, static, task.kind)
+
+    def eval_step(params, batch):
+        with layout.context():
+            return eval_on_mesh(params, batch)
+
     tokens = task.seq_len if task.kind == "lm" else None
     step = int(state.step)
     progress.update(step)
@@ -286,7 +292,8 @@ def run(
     with _catch_signals() as caught:
         batch = next_batch(step)
         while step < tc.steps:
-            state, metrics = train_step(state, batch)
+            with layout.context():
+                state, metrics = train_step(state, batch)
             if step + 1 < tc.steps:  # build the next batch while the step runs
                 batch = next_batch(step + 1)
             metrics = jax.device_get(metrics)

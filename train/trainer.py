@@ -57,6 +57,16 @@ def pooling_of(config: Config, task) -> str | None:
 def build_model(config: Config, task, key) -> layers.SequenceModel:
     """The `layers.SequenceModel` a config describes, sized for `task`."""
     m = config.model
+    mixer_kwargs = dict(m.mixer_kwargs)
+    if config.distributed.seq > 1:
+        from .distributed import SEQ_MIXERS
+
+        if m.mixer not in SEQ_MIXERS:
+            raise ConfigError(
+                f"distributed.seq: sequence parallelism needs a mixer in {SEQ_MIXERS}, "
+                f"got model.mixer={m.mixer!r}"
+            )
+        mixer_kwargs["seq_axis"] = "seq"
     try:
         return layers.SequenceModel(
             m.mixer,
@@ -66,7 +76,7 @@ def build_model(config: Config, task, key) -> layers.SequenceModel:
             vocab_size=task.vocab_size,
             d_input=task.d_input,
             pooling=pooling_of(config, task),
-            mixer_kwargs=m.mixer_kwargs,
+            mixer_kwargs=mixer_kwargs,
             mlp_ratio=m.mlp_ratio,
             dropout=m.dropout,
             remat=m.remat,
