@@ -17,34 +17,38 @@ triangular system (the UT transform)
     (I + A) W = diag(β) V - diag(β γ) K S0,    A[t, s] = β[t] Γ[t, s] k[t]·k[s]  (s < t)
 
 so ``W = U - Wk S0`` with the WY factors ``U = (I + A)⁻¹ diag(β) V`` and
-``Wk = (I + A)⁻¹ diag(β γ) K``, one triangular solve per chunk. Then
+``Wk = (I + A)⁻¹ diag(β γ) K``: one unit-lower-triangular inverse per chunk. Then
 
-    O      = diag(γ) Q S0 + (Γ ⊙ QKᵀ ⊙ causal) W
-    S_end  = γ[C] S0 + K̃ᵀ W,   K̃ = diag(exp(g[C] - g)) K,
+    O      = diag(γ) Q S0 + P W,      P = Γ ⊙ QKᵀ (causal)
+    S_end  = γ[C] S0 + K̃ᵀ W,          K̃ = diag(exp(g[C] - g)) K,
 
 which is the matrix recurrence ``S_end = (γ[C] I - K̃ᵀ Wk) S0 + K̃ᵀ U`` across
 chunks. It is applied chunk after chunk by a ``lax.scan`` that carries ``S`` (the
-equivalent of ``matrix_scan`` over those transitions, without ever forming the
+equivalent of ``matrix_scan`` over those transitions, without forming the
 ``d_k × d_k`` matrices: ``W = U - Wk S0`` costs the same), so one chunk of work is
-live at a time. Inside a chunk everything is matrix products; the inverse of the
-unit-lower-triangular ``I + A`` is formed by blockwise doubling (``log₂ C`` levels of
-batched products) rather than a triangular solve, which is far slower on CPU.
+live at a time. Inside a chunk everything is matrix products; the inverse of
+``I + A`` is formed by blockwise doubling (``log₂ C`` levels of batched products,
+forward substitution reordered) rather than a triangular solve, which is far slower
+on CPU.
 
-The derivative (``jax.custom_vjp``) keeps the inputs and the ``T / C`` chunk-start
-states. Backwards, a reverse ``lax.scan`` carries ``dL/dS``; each chunk recomputes
-its local factors from the inputs (differentiated by JAX: everything there is of size
-``C × C`` or ``C × d`` per head) and backpropagates the bilinear state part by hand,
+The derivative (``jax.custom_vjp``) keeps only the inputs and the ``T / C``
+chunk-start states. Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each
+chunk recomputes its factors from its inputs and start state and runs its whole
+derivative, written by hand: the state part
 
-    dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,    dW = Pᵀ dO + K̃ G,   G = dL/dS_end.
+    dW = Pᵀ dO + K̃ G,     dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,
 
-No array of size ``T × d_k × d_v`` exists in either pass. States and accumulations
-are float32 (float64 if an input is) whatever the input dtype; gates enter only as
-differences of cumulative log gates inside a chunk, so every exponential is ≤ 1.
+the UT transform (``X = (I + A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX``, ``dA = -dR Xᵀ``),
+the products, and the gates back through their cumulative sum. No array of size
+``T × d_k × d_v`` exists in either pass. States and accumulations are float32
+(float64 if an input is) whatever the input dtype; gates enter only as differences
+of cumulative log gates inside a chunk, so every exponential is ≤ 1.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -149,74 +153,70 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _subdiagonal_blocks(A, b):
-    """The ``b × b`` blocks ``(2i+1, 2i)`` of ``A (..., 2nb, 2nb)``: ``(..., n, b, b)``."""
-    n = A.shape[-1] // (2 * b)
-    lead = A.shape[:-2]
-    A = A.reshape(lead + (n, 2, b, n, 2, b))[..., :, 1, :, :, 0, :]
-    eye = jnp.eye(n, dtype=A.dtype).reshape((1,) * len(lead) + (n, 1, n, 1))
-    return jnp.sum(A * eye, axis=-2)  # the diagonal over the block indices, no gather
-
-
 def _tril(shape, k=0):
     """The lower-triangular mask (below diagonal ``k``), broadcast to ``shape``."""
     return jnp.broadcast_to(jnp.tril(jnp.ones(shape[-2:], bool), k), shape)
 
 
-@jax.custom_vjp
 def _unit_lower_inverse(A):
     """``(I + A)⁻¹`` for strictly lower-triangular ``A (..., C, C)``, in matrix products.
 
     Blockwise doubling: the inverse of a unit-lower-triangular ``[[L₁, 0], [M, L₂]]``
-    is ``[[L₁⁻¹, 0], [-L₂⁻¹ M L₁⁻¹, L₂⁻¹]]``, applied to blocks of size 1, 2, 4, ...
-    (``log₂ C`` levels of batched products; exact forward substitution, reordered).
-    Batched triangular solves are far slower on CPU, and this keeps to matmuls.
+    is ``[[L₁⁻¹, 0], [-L₂⁻¹ M L₁⁻¹, L₂⁻¹]]``, applied to diagonal blocks of size 1, 2,
+    4, ... (``log₂ C`` levels of batched products; forward substitution, reordered,
+    so as stable). Batched triangular solves are far slower on CPU.
     """
     C = A.shape[-1]
     Cp = 1 << max(C - 1, 0).bit_length()
     if Cp != C:
         A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, Cp - C), (0, Cp - C)])
     lead = A.shape[:-2]
-    inv = jnp.ones(lead + (Cp, 1, 1), A.dtype)  # the inverses of the 1 × 1 blocks
-    b = 1
+    # Top down: the sub-diagonal blocks M of every level, from the diagonal blocks.
+    below, diagonal, b = {}, A[..., None, :, :], Cp // 2
+    while b >= 1:
+        n = diagonal.shape[-3]
+        below[b] = diagonal[..., b:, :b]  # (..., n, b, b)
+        quarters = diagonal.reshape(lead + (n, 2, b, 2, b))
+        diagonal = jnp.stack([quarters[..., 0, :, 0, :], quarters[..., 1, :, 1, :]], -3)
+        diagonal = diagonal.reshape(lead + (2 * n, b, b))
+        b //= 2
+    # Bottom up: the inverses of the diagonal blocks, doubling their size each level.
+    inv, b = jnp.ones(lead + (Cp, 1, 1), A.dtype), 1
     while b < Cp:
         pairs = inv.reshape(lead + (Cp // (2 * b), 2, b, b))
         X1, X2 = pairs[..., 0, :, :], pairs[..., 1, :, :]
-        M = _subdiagonal_blocks(A, b)
         top = jnp.concatenate([X1, jnp.zeros_like(X1)], axis=-1)
-        bottom = jnp.concatenate([-(X2 @ M @ X1), X2], axis=-1)
+        bottom = jnp.concatenate([-(X2 @ below[b] @ X1), X2], axis=-1)
         inv = jnp.concatenate([top, bottom], axis=-2)
         b *= 2
     return inv[..., 0, :C, :C]
 
 
-def _unit_lower_inverse_fwd(A):
-    inv = _unit_lower_inverse(A)
-    return inv, inv
+class _Factors(NamedTuple):
+    """The chunk-local factors (everything that does not depend on the chunk's state)
+    and the intermediates the backward pass reuses; shapes per head."""
+
+    Qg: Array  # diag(γ) Q, (C, dk)
+    P: Array  # Γ ⊙ QKᵀ, causal, (C, C)
+    X: Array  # the WY factors [U | Wk] = (I + A)⁻¹ [diag(β) V | diag(βγ) K], (C, dv + dk)
+    Kd: Array  # diag(exp(g[C] - g)) K, (C, dk)
+    gam_C: Array  # γ[C], ()
+    inverse: Array  # (I + A)⁻¹, (C, C)
+    KK: Array
+    QK: Array
+    Gam: Array | None  # Γ[t, s] = exp(g[t] - g[s]) for s ≤ t (None without gates)
+    gam: Array | None  # γ = exp(g)
+    e: Array | None  # exp(g[C] - g)
 
 
-def _unit_lower_inverse_bwd(inv, d_inv):
-    # d(L⁻¹) = -L⁻¹ dL L⁻¹, restricted to the strictly lower triangle of dL.
-    dA = -(_mT(inv) @ d_inv @ _mT(inv))
-    return (jnp.where(_tril(dA.shape, -1), dA, 0),)
-
-
-_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
-
-
-def _local(q, k, v, beta, log_decay):
-    """The chunk-local factors: everything that does not depend on the chunk's state.
-
-    Inputs ``(..., C, d)`` (``beta``, ``log_decay``: ``(..., C)``). Returns
-
-    - ``Qg = diag(γ) Q`` ``(..., C, dk)``, ``P = Γ ⊙ QKᵀ`` causal ``(..., C, C)``,
-    - ``U``, ``Wk``: the WY factors ``(..., C, dv)``, ``(..., C, dk)``,
-    - ``Kd = diag(exp(g[C] - g)) K`` ``(..., C, dk)`` and ``γ[C]`` ``(...)``.
-    """
+def _factors(q, k, v, beta, log_decay) -> _Factors:
+    """The factors of one chunk, heads first: ``q, k (..., C, dk)``, ``v (..., C, dv)``,
+    ``beta, log_decay (..., C)``."""
     KK = k @ _mT(k)
     QK = q @ _mT(k)
     causal, strict = _tril(QK.shape), _tril(QK.shape, -1)
     if log_decay is None:
+        Gam = gam = e = None
         A = jnp.where(strict, beta[..., :, None] * KK, 0)
         P = jnp.where(causal, QK, 0)
         rhs = beta[..., None] * jnp.concatenate([v, k], axis=-1)
@@ -225,18 +225,17 @@ def _local(q, k, v, beta, log_decay):
     else:
         g = jnp.cumsum(log_decay, axis=-1)
         diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0)
-        Gam = jnp.where(causal, jnp.exp(diff), 0)  # Γ[t, s] = exp(g[t] - g[s]) ≤ 1
+        Gam = jnp.where(causal, jnp.exp(diff), 0)  # every exponent ≤ 0
         A = jnp.where(strict, beta[..., :, None] * Gam * KK, 0)
         P = Gam * QK
         gam = jnp.exp(g)
+        e = jnp.exp(g[..., -1:] - g)
         rhs = jnp.concatenate([beta[..., None] * v, (beta * gam)[..., None] * k], -1)
         Qg = gam[..., None] * q
-        Kd = jnp.exp(g[..., -1:] - g)[..., None] * k
+        Kd = e[..., None] * k
         gam_C = gam[..., -1]
-    X = _unit_lower_inverse(A) @ rhs
-    dv = v.shape[-1]
-    U, Wk = X[..., :dv], X[..., dv:]
-    return Qg, P, U, Wk, Kd, gam_C
+    inverse = _unit_lower_inverse(A)
+    return _Factors(Qg, P, inverse @ rhs, Kd, gam_C, inverse, KK, QK, Gam, gam, e)
 
 
 def _prepare(compute, q, k, v, beta, log_decay):
@@ -248,35 +247,76 @@ def _prepare(compute, q, k, v, beta, log_decay):
 
 
 def _chunk(S0, xs):
-    """One chunk from its start state ``S0 (H, dk, dv)``: ``(O (C, H, dv), S_end)``."""
-    Qg, P, U, Wk, Kd, gam_C = _local(*_prepare(S0.dtype, *xs))
+    """One chunk from its start state ``S0 (H, dk, dv)``: ``o (C, H, dv)`` and the state
+    at its end."""
+    f = _factors(*_prepare(S0.dtype, *xs))
+    dv = S0.shape[-1]
+    U, Wk = f.X[..., :dv], f.X[..., dv:]
     W = U - Wk @ S0
-    out = Qg @ S0 + P @ W
-    S = gam_C[:, None, None] * S0 + _mT(Kd) @ W
+    out = f.Qg @ S0 + f.P @ W
+    S = f.gam_C[:, None, None] * S0 + _mT(f.Kd) @ W
     return jnp.swapaxes(out, 0, 1), S
 
 
 def _chunk_vjp(S0, xs, dO, G):
-    """The cotangents ``(dS0, dxs)`` of one chunk, given those of its ``O`` and ``S_end``.
+    """The cotangents ``(dS0, dxs)`` of one chunk, given those of its outputs ``dO`` and
+    of the state at its end ``G``: the chunk's whole derivative, written by hand.
 
-    The chunk-local factors are differentiated by JAX; the bilinear state part
-    (``W = U - Wk S0``, ``O = Qg S0 + P W``, ``S_end = γ[C] S0 + Kdᵀ W``) by hand.
+    State part (``W = U - Wk S0``, ``O = Qg S0 + P W``, ``S_end = γ[C] S0 + Kdᵀ W``),
+    then the UT transform (``X = (I + A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX`` and
+    ``dA = -dR Xᵀ``, strictly lower), then the products, gates and the cumulative sum
+    of the log gates back to the inputs.
     """
-    local = lambda *xs: _local(*_prepare(S0.dtype, *xs))  # noqa: E731
-    (Qg, P, U, Wk, Kd, gam_C), local_vjp = jax.vjp(local, *xs)
+    q, k, v, beta, log_decay = _prepare(S0.dtype, *xs)
+    f = _factors(q, k, v, beta, log_decay)
+    dv = v.shape[-1]
+    U, Wk = f.X[..., :dv], f.X[..., dv:]
     dO = jnp.swapaxes(dO.astype(S0.dtype), 0, 1)
     W = U - Wk @ S0
-    dW = _mT(P) @ dO + Kd @ G
-    dS0 = _mT(Qg) @ dO + gam_C[:, None, None] * G - _mT(Wk) @ dW
-    d_local = (
-        dO @ _mT(S0),  # Qg
-        dO @ _mT(W),  # P
-        dW,  # U
-        -dW @ _mT(S0),  # Wk
-        W @ _mT(G),  # Kd
-        jnp.sum(S0 * G, axis=(-2, -1)),  # γ[C]
+    dW = _mT(f.P) @ dO + f.Kd @ G
+    dS0 = _mT(f.Qg) @ dO + f.gam_C[:, None, None] * G - _mT(Wk) @ dW
+    dP = dO @ _mT(W)
+    dQg = dO @ _mT(S0)
+    dKd = W @ _mT(G)
+    dR = _mT(f.inverse) @ jnp.concatenate([dW, -dW @ _mT(S0)], axis=-1)
+    dA = -jnp.where(_tril(dP.shape, -1), dR @ _mT(f.X), 0)
+    dR_v, dR_k = dR[..., :dv], dR[..., dv:]
+    if log_decay is None:
+        dKK = beta[..., :, None] * dA
+        dQK = jnp.where(_tril(dP.shape), dP, 0)
+        dbeta = jnp.sum(dA * f.KK, -1)
+        dq = dQK @ k + dQg
+        dk = dR_k * beta[..., None] + dKd
+        dbeta = dbeta + jnp.sum(dR_k * k, -1)
+        dlog_decay = None
+    else:
+        Gam, gam, e = f.Gam, f.gam, f.e
+        dAG = dA * Gam
+        dKK = beta[..., :, None] * dAG
+        dQK = dP * Gam
+        dk_rk = jnp.sum(dR_k * k, -1)
+        dbeta = jnp.sum(dAG * f.KK, -1) + dk_rk * gam
+        dq = dQK @ k + dQg * gam[..., None]
+        dk = dR_k * (beta * gam)[..., None] + dKd * e[..., None]
+        # the gates: γ = exp(g), e = exp(g[C] - g), Γ = exp(g[t] - g[s]), g = cumsum
+        dgam = beta * dk_rk + jnp.sum(dQg * q, -1)
+        dgam = dgam.at[..., -1].add(jnp.sum(S0 * G, axis=(-2, -1)))
+        de = jnp.sum(dKd * k, -1) * e
+        dG = (beta[..., :, None] * dA * f.KK + dP * f.QK) * Gam
+        dg = dgam * gam - de + jnp.sum(dG, -1) - jnp.sum(dG, -2)
+        dg = dg.at[..., -1].add(jnp.sum(de, -1))
+        dlog_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, -1), -1), -1)
+    dk = dk + _mT(dQK) @ q + (dKK + _mT(dKK)) @ k
+    dv_ = dR_v * beta[..., None]
+    dbeta = dbeta + jnp.sum(dR_v * v, -1)
+    grads = (dq, dk, dv_, dbeta, dlog_decay)
+    dxs = tuple(
+        None
+        if g is None
+        else (jnp.swapaxes(g, 0, 1) if g.ndim == 3 else g.T).astype(x.dtype)
+        for g, x in zip(grads, xs, strict=True)
     )
-    return dS0, local_vjp(d_local)
+    return dS0, dxs
 
 
 def _to_chunks(x, C):
@@ -316,8 +356,9 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
-    """Chunks in reverse order, carrying ``dL/dS``; each chunk is recomputed from the
-    state saved at its start, so nothing of size ``T × d_k × d_v`` is ever held."""
+    """Chunks in reverse order, carrying ``dL/dS``; each chunk's factors are recomputed
+    from its inputs and its saved start state, so nothing of size ``T × d_k × d_v`` is
+    ever held."""
     xs, S0s = residuals
     do, G = cotangents
 
