@@ -206,22 +206,17 @@ def test_memory_is_not_the_state_history(name):
 
 
 def test_sizes_init_and_labels(getkey):
-    @eqx.filter_jit
-    def build(key):
-        k1, k2 = jr.split(key)
-        gated = layers.GatedDeltaNet(16, num_heads=4, dt_min=0.002, dt_max=0.05, key=k1)
-        return gated, layers.DeltaNet(12, num_heads=3, key=k2)
-
-    m, d = build(getkey())
-    assert (m.head_dim, m.head_dim_v) == (4, 8)
+    d, m = make("deltanet"), make("gated_deltanet")
+    assert (d.head_dim, d.head_dim_v, d.g_proj) == (4, 4, None)  # d_model / heads
+    assert (m.head_dim, m.head_dim_v) == (3, 6)  # expand_v = 2
+    assert m.g_proj is not None and m.qkv_proj.weight.shape == (2 * (3 + 3 + 6), D_MODEL)
     A = np.exp(np.asarray(m.A_log))
     assert np.all((A >= 1 - 1e-5) & (A <= 16 + 1e-4))
     dt = np.asarray(jax.nn.softplus(m.dt_bias))
-    assert np.all((dt >= 0.002 * 0.999) & (dt <= 0.05 * 1.001))
+    assert np.all((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001))
     labels = layers.ssm_param_labels(m)
     assert labels.A_log == labels.dt_bias == "ssm"
     assert labels.qkv_proj.weight == labels.a_proj.weight == "other"
-    assert (d.head_dim, d.head_dim_v, d.g_proj) == (4, 4, None)
     assert layers.MIXERS["deltanet"] is layers.DeltaNet
     assert layers.MIXERS["gated_deltanet"] is layers.GatedDeltaNet
     with pytest.raises(ValueError, match="head_dim"):
