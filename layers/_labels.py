@@ -43,9 +43,10 @@ def ssm_param_labels(tree: PyTree) -> PyTree[str]:
     plugs into `optax.multi_transform`:
 
     ```python
+    labels = layers.ssm_param_labels(eqx.filter(model, eqx.is_array))
     opt = optax.multi_transform(
         {"ssm": optax.adam(1e-3), "other": optax.adamw(4e-3, weight_decay=0.05)},
-        layers.ssm_param_labels(eqx.filter(model, eqx.is_array)),
+        lambda _: labels,  # a Module-shaped tree is callable: wrap it
     )
     ```
 

@@ -489,3 +489,28 @@ def test_bytes_lm_default_config_in_repo(monkeypatch):
     assert not any(f.startswith(".venv") for f in task.files)
     b = train_batch(task, seed=0, step=0, batch_size=4)
     assert b["inputs"].shape == (4, 256)
+
+
+def test_mnist1d_scale_and_shear_and_process_rows():
+    plain = data.build_task(data.MNIST1DConfig())
+    config = data.MNIST1DConfig(train_scale=0.2, train_shear=0.5, train_noise=0.05)
+    aug = data.build_task(config)
+    full = data.train_batch(aug, 3, 7, 16)
+    base = data.train_batch(plain, 3, 7, 16)["inputs"]
+    np.testing.assert_array_equal(
+        full["targets"], data.train_batch(plain, 3, 7, 16)["targets"]
+    )
+    # The difference is noise plus a per-example scale and linear ramp: fit them back.
+    t = np.linspace(-0.5, 0.5, base.shape[1])
+    for i in range(16):
+        design = np.stack([base[i, :, 0], t], axis=1)
+        (scale, ramp), *_ = np.linalg.lstsq(design, full["inputs"][i, :, 0], rcond=None)
+        assert 0.8 - 0.05 <= scale <= 1.2 + 0.05 and abs(ramp) <= 0.5 + 0.1
+    assert np.std(full["inputs"] - base) > 0.01
+    # A process's rows equal the same rows of the whole batch (data parallelism).
+    for rows in (slice(0, 4), slice(4, 12), slice(12, 16)):
+        part = data.train_batch(aug, 3, 7, 16, rows=rows)
+        for key in full:
+            np.testing.assert_array_equal(part[key], full[key][rows])
+    with pytest.raises(ValueError, match="train_shear"):
+        data.MNIST1DConfig(train_shear=-1.0)

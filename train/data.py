@@ -132,6 +132,17 @@ class MNIST1DConfig:
         "(training batches only; 0 disables)",
         default=0.0,
     )
+    train_scale: float = _help(
+        "augmentation: multiply each training sequence by 1 + a, a ~ U(-train_scale, "
+        "train_scale) (training batches only; 0 disables)",
+        default=0.0,
+    )
+    train_shear: float = _help(
+        "augmentation: add c * t to each training sequence, c ~ U(-train_shear, "
+        "train_shear), t = linspace(-0.5, 0.5, seq_len): a random linear ramp "
+        "(training batches only; 0 disables)",
+        default=0.0,
+    )
 
     def __post_init__(self):
         _check_name(self)
@@ -163,6 +174,15 @@ class MNIST1DConfig:
             "train_noise",
             f"must be >= 0, got {self.train_noise}",
         )
+        for key in ("train_scale", "train_shear"):
+            value = getattr(self, key)
+            _require(
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and value >= 0,
+                key,
+                f"must be a number >= 0, got {value!r}",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,11 +418,14 @@ class Task(abc.ABC):
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         """The examples at indices `idx` (a 1-D integer array) of `split`."""
 
-    def augment(self, batch: Batch, rng: np.random.Generator, rows: slice) -> Batch:
-        """Training-time augmentation of rows `rows` of a batch; the identity unless a
-        task has one. Draws are made for the whole batch and sliced, so a process that
-        builds only its rows gets exactly what the whole batch would hold there."""
-        del rng, rows
+    def augment(
+        self, batch: Batch, rng: np.random.Generator, rows: slice, batch_size: int
+    ) -> Batch:
+        """Training-time augmentation of rows `rows` of a batch of `batch_size`; the
+        identity unless a task has one. Draws are made for the whole batch and sliced,
+        so a process that builds only its rows gets exactly what the whole batch would
+        hold there."""
+        del rng, rows, batch_size
         return batch
 
     def _check_split(self, split: str) -> str:
@@ -489,10 +512,13 @@ class MNIST1DTask(Task):
         idx = self._indices(split, idx) + self._offset[split]
         return {"inputs": self._x[idx], "targets": self._y[idx]}
 
-    def augment(self, batch: Batch, rng: np.random.Generator, rows: slice) -> Batch:
-        """Random circular time shifts and Gaussian noise, as the config asks."""
+    def augment(
+        self, batch: Batch, rng: np.random.Generator, rows: slice, batch_size: int
+    ) -> Batch:
+        """Random circular time shifts, Gaussian noise, scaling and linear ramps (in
+        that order), as the config asks."""
         x = batch["inputs"]
-        full = rows.stop  # draws for rows [0, rows.stop), then the slice
+        full = batch_size  # draws for the whole batch, then this share's rows
         shift, noise = self.config.train_shift, float(self.config.train_noise)
         if shift > 0:
             offsets = rng.integers(-shift, shift + 1, size=full)[rows]
@@ -501,7 +527,15 @@ class MNIST1DTask(Task):
         if noise > 0.0:
             shape = (full,) + x.shape[1:]
             x = x + np.float32(noise) * rng.standard_normal(shape, dtype=np.float32)[rows]
-        return {**batch, "inputs": x}
+        scale, shear = float(self.config.train_scale), float(self.config.train_shear)
+        if scale > 0.0:
+            a = rng.uniform(-scale, scale, size=full)[rows].astype(np.float32)
+            x = x * (1 + a)[:, None, None]
+        if shear > 0.0:
+            c = rng.uniform(-shear, shear, size=full)[rows].astype(np.float32)
+            t = np.linspace(-0.5, 0.5, x.shape[1], dtype=np.float32)
+            x = x + c[:, None, None] * t[None, :, None]
+        return {**batch, "inputs": x.astype(np.float32)}
 
 
 # Synthetic tasks ------------------------------------------------------------------
@@ -918,7 +952,7 @@ def train_batch(
     rows = slice(rows.start or 0, rows.stop)
     idx = train_indices(task.size("train"), seed, step, batch_size)[rows]
     batch = task.examples("train", idx)
-    return task.augment(batch, np.random.default_rng([seed, 1, step]), rows)
+    return task.augment(batch, np.random.default_rng([seed, 1, step]), rows, batch_size)
 
 
 def eval_batches(
