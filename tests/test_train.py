@@ -357,3 +357,17 @@ def test_wandb_modes(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("auto") == "online"
     assert wandb_mode("disabled") == "disabled"
+
+
+def test_shipped_configs_are_valid(monkeypatch):
+    monkeypatch.chdir(ROOT)  # lm_bytes reads files relative to the working directory
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    names = {p.stem for p in paths}
+    assert {"mnist1d", "selective_copying", "mqar", "induction_heads", "lm_bytes"} <= names
+    for path in paths:
+        config = train.config.load(path)
+        if config.init_from is not None:  # the fine-tuning example names a run to come
+            continue
+        task = train.build_task(config.task)
+        model = train.build_model(config, task, jr.key(0))
+        assert model.head.out_features == task.n_outputs, path.name
