@@ -7,6 +7,8 @@ differentiated by JAX's autodiff (which stores every per-step carry and residual
 
     python scripts/bench_layers.py            # T in {1024, 4096}, d_model 128, batch 8
     python scripts/bench_layers.py --quick    # small sizes, a smoke test
+    python scripts/bench_layers.py --mixers deltanet,gated_deltanet   # + memory table
+    python scripts/bench_layers.py --delta-operators   # ssm.delta_rule vs recurrence
 
 Prints markdown tables: time (median of `--runs` runs after a warm-up) and temp
 memory (`compile().memory_analysis().temp_size_in_bytes`), and the Mamba memory
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import layers
+import ssm
 
 
 def naive(mixer):
@@ -75,7 +78,16 @@ def main():
     parser.add_argument(
         "--memory-only", action="store_true", help="only the Mamba memory tables"
     )
+    parser.add_argument(
+        "--delta-operators",
+        action="store_true",
+        help="only the delta-rule operators (ssm.delta_rule) against their recurrence",
+    )
     args = parser.parse_args()
+    if args.delta_operators:
+        quick = ((128, 256), args.runs or 3)
+        delta_operators(*(quick if args.quick else ((1024, 4096, 8192), args.runs or 5)))
+        return
     if args.quick:
         lengths, d_model, batch, runs = (128, 256), 32, 2, args.runs or 3
     else:
@@ -106,6 +118,9 @@ def main():
             )
     if "mamba" in mixers:
         mamba_memory(lengths[-1], d_model)
+    delta = [name for name in mixers if name in ("deltanet", "gated_deltanet")]
+    if delta:
+        delta_layer_memory(delta, lengths[-1], d_model)
 
 
 def temp_of(mixer, shape):
@@ -148,6 +163,80 @@ def mamba_memory(T, d_model):
             f"{slope / per_step:.2f} |",
             flush=True,
         )
+
+
+# ------------------------------------------------ the delta-rule family (DeltaNet, GDN)
+
+
+def _delta_inputs(T, H, d, gated):
+    kq, kk, kv, kb, kg = jr.split(jr.key(2), 5)
+    k = jr.normal(kk, (T, H, d), jnp.float32)
+    log_decay = -jax.nn.softplus(jr.normal(kg, (T, H), jnp.float32) - 3) if gated else None
+    return dict(
+        q=jr.normal(kq, (T, H, d), jnp.float32),
+        k=k / jnp.linalg.norm(k, axis=-1, keepdims=True),
+        v=jr.normal(kv, (T, H, d), jnp.float32),
+        beta=jax.nn.sigmoid(jr.normal(kb, (T, H), jnp.float32)),
+        log_decay=log_decay,
+        h0=jnp.zeros((H, d, d), jnp.float32),
+    )
+
+
+def _delta_measure(method, chunk_size, inputs, runs):
+    """fwd+bwd of `sum(o**2) + sum(S**2)`, gradient to every input (and `h0`)."""
+
+    def loss(x):
+        o, S = ssm.delta_rule(**x, chunk_size=chunk_size, method=method)
+        return jnp.sum(o**2) + jnp.sum(S**2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(inputs).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(inputs))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(inputs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), temp
+
+
+def delta_operators(lengths, runs, H=4, d=64, chunk_sizes=(64, 32)):
+    """`ssm.delta_rule` (chunked) against its recurrence in a `lax.scan` + autodiff."""
+    print(
+        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
+        f"d_k = d_v = {d}, one sequence, median of {runs} runs, float32\n"
+    )
+    print(
+        "| operator | T | chunk | chunked fwd+bwd (ms) | naive fwd+bwd (ms) | speed-up "
+        "| chunked temp (MiB) | naive temp (MiB) | temp ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for gated in (False, True):
+        name = "gated delta rule" if gated else "delta rule"
+        for T in lengths:
+            inputs = _delta_inputs(T, H, d, gated)
+            t_naive, m_naive = _delta_measure("recurrent", 64, inputs, runs)
+            for C in chunk_sizes:
+                t, m = _delta_measure("chunked", C, inputs, runs)
+                print(
+                    f"| {name} | {T} | {C} | {1e3 * t:.1f} | {1e3 * t_naive:.1f} | "
+                    f"{t_naive / t:.1f}x | {mib(m)} | {mib(m_naive)} | "
+                    f"1/{m_naive / m:.0f} |",
+                    flush=True,
+                )
+
+
+def delta_layer_memory(names, T, d_model):
+    """Delta-rule layers: fwd+bwd temp memory against the `T × H × d_k × d_v` states."""
+    print(f"\nOne sequence, T={T}, d_model={d_model}, default sizes:\n")
+    print("| layer | heads × d_k × d_v | fwd+bwd temp (MiB) | T × state (MiB) | ratio |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        m = layers.MIXERS[name](d_model, key=jr.key(0))
+        temp = temp_of(m, (1, T, d_model))
+        state = T * m.num_heads * m.head_dim * m.head_dim_v * 4
+        sizes = f"{m.num_heads} × {m.head_dim} × {m.head_dim_v}"
+        print(f"| {name} | {sizes} | {mib(temp)} | {mib(state)} | {temp / state:.2f} |")
 
 
 if __name__ == "__main__":
