@@ -73,7 +73,7 @@ class AbstractDeltaRuleMixer(AbstractMixer):
     head_dim: eqx.AbstractVar[int]
     head_dim_v: eqx.AbstractVar[int]
     d_conv: eqx.AbstractVar[int]
-    chunk_size: eqx.AbstractVar[int]
+    chunk_size: eqx.AbstractVar[int | None]
     allow_neg_eigval: eqx.AbstractVar[bool]
     qkv_proj: eqx.AbstractVar[eqx.nn.Linear]
     conv_weight: eqx.AbstractVar[Float[Array, "d_conv channels"]]
@@ -221,7 +221,7 @@ class DeltaNet(AbstractDeltaRuleMixer):
     head_dim: int = eqx.field(static=True)
     head_dim_v: int = eqx.field(static=True)
     d_conv: int = eqx.field(static=True)
-    chunk_size: int = eqx.field(static=True)
+    chunk_size: int | None = eqx.field(static=True)
     allow_neg_eigval: bool = eqx.field(static=True)
     qkv_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv channels"]
@@ -239,7 +239,7 @@ class DeltaNet(AbstractDeltaRuleMixer):
         d_conv: int = 4,
         use_gate: bool = False,
         allow_neg_eigval: bool = False,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         *,
         key: PRNGKeyArray,
     ):
@@ -255,7 +255,8 @@ class DeltaNet(AbstractDeltaRuleMixer):
         - `allow_neg_eigval`: `β = 2σ(·)` in `(0, 2)`, so that `I - β k kᵀ` can have a
           negative eigenvalue (Grazzi et al. 2025, "Unlocking State-Tracking in
           Linear RNNs Through Negative Eigenvalues").
-        - `chunk_size`: the chunk length of the chunked (training) form.
+        - `chunk_size`: the chunk length of the chunked (training) form; `None` for
+          `ssm.delta_rule`'s default (64, or 32 on CPU).
         - `key`: a `jax.random.PRNGKey`.
         """
         keys = jr.split(key, 5)
@@ -310,7 +311,7 @@ class GatedDeltaNet(AbstractDeltaRuleMixer):
     head_dim: int = eqx.field(static=True)
     head_dim_v: int = eqx.field(static=True)
     d_conv: int = eqx.field(static=True)
-    chunk_size: int = eqx.field(static=True)
+    chunk_size: int | None = eqx.field(static=True)
     allow_neg_eigval: bool = eqx.field(static=True)
     qkv_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv channels"]
@@ -336,7 +337,7 @@ class GatedDeltaNet(AbstractDeltaRuleMixer):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_floor: float = 1e-4,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         *,
         key: PRNGKeyArray,
     ):
@@ -352,7 +353,8 @@ class GatedDeltaNet(AbstractDeltaRuleMixer):
         - `allow_neg_eigval`: `β = 2σ(·)` in `(0, 2)` (see `DeltaNet`).
         - `dt_min`, `dt_max`, `dt_floor`: the initial range (and floor) of
           `softplus(dt_bias)`.
-        - `chunk_size`: the chunk length of the chunked (training) form.
+        - `chunk_size`: the chunk length of the chunked (training) form; `None` for
+          `ssm.delta_rule`'s default (64, or 32 on CPU).
         - `key`: a `jax.random.PRNGKey`.
         """
         *keys, k_a, k_A, k_dt = jr.split(key, 8)

@@ -227,16 +227,23 @@ def delta_operators(lengths, runs, H=4, d=64, chunk_sizes=(64, 32)):
 
 
 def delta_layer_memory(names, T, d_model):
-    """Delta-rule layers: fwd+bwd temp memory against the `T × H × d_k × d_v` states."""
-    print(f"\nOne sequence, T={T}, d_model={d_model}, default sizes:\n")
-    print("| layer | heads × d_k × d_v | fwd+bwd temp (MiB) | T × state (MiB) | ratio |")
+    """Delta-rule layers: fwd+bwd temp memory against the `T × H × d_k × d_v` states.
+
+    Growing the head size grows the activations linearly and the state quadratically:
+    a layer that kept its state history would keep up with the last column."""
+    print(f"\nOne sequence, T={T}, d_model={d_model}, 4 heads:\n")
+    print("| layer | H × d_k × d_v | fwd+bwd temp (MiB) | T × state (MiB) | ratio |")
     print("|---|---|---|---|---|")
     for name in names:
-        m = layers.MIXERS[name](d_model, key=jr.key(0))
-        temp = temp_of(m, (1, T, d_model))
-        state = T * m.num_heads * m.head_dim * m.head_dim_v * 4
-        sizes = f"{m.num_heads} × {m.head_dim} × {m.head_dim_v}"
-        print(f"| {name} | {sizes} | {mib(temp)} | {mib(state)} | {temp / state:.2f} |")
+        for head_dim in (None, 64, 128):
+            m = layers.MIXERS[name](d_model, head_dim=head_dim, key=jr.key(0))
+            temp = temp_of(m, (1, T, d_model))
+            state = T * m.num_heads * m.head_dim * m.head_dim_v * 4
+            sizes = f"{m.num_heads} × {m.head_dim} × {m.head_dim_v}"
+            print(
+                f"| {name} | {sizes} | {mib(temp)} | {mib(state)} | {temp / state:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
