@@ -12,10 +12,11 @@ The chunked form splits time into chunks of ``C`` steps. Within a chunk it uses 
 matrix products on decays ``exp(b[i] - b[j])``, ``b`` the cumulative log decay inside
 the chunk, masked to ``j <= i`` *before* the exponential (so every exponent is <= 0 and
 nothing overflows); across chunks it hands the state on through ``ssm.linear_scan``
-with the chunk's total decay. Per-key decays need one more level: inside a chunk the
-``(i, j)`` pairs in different sub-chunks of ``c`` steps are split at a sub-chunk
-boundary (both factors of ``exp(b[i] - ref) exp(ref - b[j])`` are <= 1), and only the
-``c x c`` diagonal blocks are formed element by element (Yang et al. 2024, section 4).
+with the chunk's total decay. Per-key decays cannot be factored into one product of
+rescaled queries and keys without overflow, so the chunk is halved recursively: the
+pairs that straddle the middle of a block use ``exp(b[i] - r) exp(r - b[j])`` with ``r``
+the cumulative decay at the middle, both factors <= 1 (a variant of the secondary
+chunking of Yang et al. 2024, section 4, with ``log2 C`` levels of one product each).
 
 The derivative is hand-written (``jax.custom_vjp``): the forward pass keeps the inputs
 and the ``T / C`` chunk-start states; the backward pass runs the adjoint recurrence of
