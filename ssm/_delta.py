@@ -310,10 +310,8 @@ def _chunk_vjp(S0, xs, dO, G):
     dv_ = dR_v * beta[..., None]
     dbeta = dbeta + jnp.sum(dR_v * v, -1)
     grads = (dq, dk, dv_, dbeta, dlog_decay)
-    dxs = tuple(
-        None
-        if g is None
-        else (jnp.swapaxes(g, 0, 1) if g.ndim == 3 else g.T).astype(x.dtype)
+    dxs = tuple(  # back to the inputs' layout (C, H, ...) and dtypes
+        None if g is None else jnp.swapaxes(g, 0, 1).astype(x.dtype)
         for g, x in zip(grads, xs, strict=True)
     )
     return dS0, dxs
