@@ -70,7 +70,7 @@ def test_data_parallel_matches_one_device(single_device, tmp_path):
 def test_fsdp_shards_parameters_and_matches(single_device, tmp_path):
     config = with_overrides(distributed={"fsdp": 2})
     layout = distributed.make_layout(config.distributed, {"b": 16})
-    assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 2}
+    assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 2, "seq": 1}
     matrix = np.zeros((16, 64), np.float32)
     assert layout.param_sharding(matrix).spec == jax.sharding.PartitionSpec(None, "fsdp")
     train.run(config, tmp_path / "fsdp")
