@@ -373,3 +373,24 @@ def test_shipped_configs_are_valid(monkeypatch):
 
         model = eqx.filter_eval_shape(train.build_model, config, task, jr.key(0))
         assert model.head.out_features == task.n_outputs, path.name
+
+
+def test_early_stopping(tmp_path):
+    raw = {
+        "model": {"mixer": "lru", "d_model": 8, "n_layers": 1},
+        "optim": {"lr": 1e-12, "warmup_steps": 0},
+        "train": {
+            "steps": 50,
+            "batch_size": 8,
+            "eval_every": 1,
+            "early_stopping": 2,
+            "best_metric": "accuracy",
+            "best_mode": "max",
+            "progress": False,
+        },
+        "logging": {"plot": False},
+    }
+    summary = train.run(train.config.parse(raw), tmp_path / "es")
+    # The accuracy cannot improve at this learning rate: the first evaluation is the
+    # best, and two more without improvement stop the run.
+    assert summary["steps"] == 3 and summary["best_step"] == 1

@@ -277,9 +277,12 @@ def run(
         value = values[tc.best_metric]
         if book.improved(value, tc.best_mode):
             book.best_value, book.best_step, book.evals_since_best = value, step, 0
+            # Only improvements carry metrics, so orbax's keep-best policy ranks exactly
+            # the checkpoints this loop calls best (ties keep the earliest).
+            save(s, {tc.best_metric: value})
         else:
             book.evals_since_best += 1
-        save(s, {tc.best_metric: value})
+            save(s)
         last_eval.update(step=step, values=values)
         say(f"step {step}: val {_format(values)}")
         if config.logging.plot and main:
