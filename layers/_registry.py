@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from ._deltanet import DeltaNet, GatedDeltaNet
+from ._gla import GLA
 from ._gru import GRU
+from ._linear_attention import LinearAttention
 from ._lru import LRU
 from ._lstm import LSTM
 from ._mamba import Mamba
+from ._mamba2 import Mamba2
 from ._mixer import AbstractMixer
+from ._mlstm import MLSTM
+from ._retnet import RetNet
 from ._rglru import RGLRU
 from ._s4d import S4D
 from ._s5 import S5
@@ -20,6 +25,11 @@ MIXERS: dict[str, type[AbstractMixer]] = {
     "rglru": RGLRU,
     "gru": GRU,
     "lstm": LSTM,
+    "linear_attention": LinearAttention,
+    "retnet": RetNet,
+    "gla": GLA,
+    "mlstm": MLSTM,
+    "mamba2": Mamba2,
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
 }

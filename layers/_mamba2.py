@@ -1,0 +1,191 @@
+"""Mamba-2: the state-space dual block (Dao and Gu 2024)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+import ssm
+
+from ._heads import head_sizes, split_heads
+from ._init import inverse_softplus
+from ._mixer import (
+    AbstractMixer,
+    ConvState,
+    causal_conv,
+    check_sequence,
+    check_token,
+    linear,
+    real_dtype,
+)
+
+
+class Mamba2(AbstractMixer):
+    """The Mamba-2 block: a selective SSM with a scalar decay per head (SSD), computed as
+    gated linear attention.
+
+    From Dao and Gu, "Transformers are SSMs: generalized models and efficient algorithms
+    through structured state space duality" (ICML 2024). With `d_inner = expand ·
+    d_model` split into `H` heads of `P = d_inner / H` channels, and one group of `B, C`
+    of size `N = d_state` shared by the heads:
+
+    ```
+    z, xBC, dt = W_in u                                   # one projection
+    x, B, C = silu(causal_conv(xBC))                      # width d_conv
+    Δ = softplus(dt + dt_bias);  A = -exp(A_log)          # (H,) each
+    S[t] = exp(Δ[t] A) S[t-1] + B[t] (Δ[t] x[t])ᵀ         # (N, P) per head
+    y[t] = S[t]ᵀ C[t] + D ⊙ x[t]
+    out = W_out RMSNorm(y ⊙ silu(z))
+    ```
+
+    initialised as the paper's code: `A` uniform in `[1, 16]`, `Δ` log-uniform in
+    `[dt_min, dt_max]` (floored at `dt_floor`) through `dt_bias`, `D = 1`. The
+    recurrence runs through `ssm.gated_linear_attention` (`q = C`, `k = B`, `v = Δ x`,
+    `log α = Δ A`), chunked.
+
+    ```python
+    mixer = layers.Mamba2(64, key=key)
+    y = jax.vmap(mixer)(x)                           # x: (batch, seq, 64)
+    ```
+    """
+
+    d_model: int = eqx.field(static=True)
+    d_inner: int = eqx.field(static=True)
+    d_state: int = eqx.field(static=True)
+    d_conv: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    chunk_size: int = eqx.field(static=True)
+    in_proj: eqx.nn.Linear
+    conv_weight: Float[Array, "d_conv channels"]
+    conv_bias: Float[Array, " channels"]
+    dt_bias: Float[Array, " H"]
+    A_log: Float[Array, " H"]
+    D: Float[Array, " H"]
+    norm_weight: Float[Array, " d_inner"]
+    out_proj: eqx.nn.Linear
+
+    ssm_params: ClassVar[tuple[str, ...]] = ("A_log", "D", "dt_bias")
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        num_heads: int = 4,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+        chunk_size: int = 64,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `d_model`: the model width.
+        - `d_state`: `N`, the state size per head channel (the size of `B` and `C`).
+        - `d_conv`: the width of the causal convolution over `x, B, C`.
+        - `expand`: `d_inner = expand · d_model`.
+        - `num_heads`: `H`; each head has `d_inner / H` channels and its own `A`, `Δ`.
+        - `dt_min`, `dt_max`, `dt_floor`: the initial step-size range and floor.
+        - `chunk_size`: the chunk length of the chunked operator.
+        - `key`: a `jax.random.PRNGKey`.
+        """
+        k_in, k_conv, k_cb, k_dt, k_a, k_out = jr.split(key, 6)
+        d_inner = expand * d_model
+        self.d_model, self.d_inner, self.d_state = d_model, d_inner, d_state
+        self.d_conv, self.num_heads, self.chunk_size = d_conv, num_heads, chunk_size
+        self.head_dim = head_sizes(d_inner, num_heads, "expand * d_model")
+        channels = d_inner + 2 * d_state
+        self.in_proj = eqx.nn.Linear(
+            d_model,
+            d_inner + channels + num_heads,
+            use_bias=False,
+            dtype=jnp.float32,
+            key=k_in,
+        )
+        bound = 1 / np.sqrt(d_conv)
+        self.conv_weight = jr.uniform(
+            k_conv, (d_conv, channels), jnp.float32, -bound, bound
+        )
+        self.conv_bias = jr.uniform(k_cb, (channels,), jnp.float32, -bound, bound)
+        dt = jnp.exp(
+            jr.uniform(k_dt, (num_heads,), jnp.float32, np.log(dt_min), np.log(dt_max))
+        )
+        self.dt_bias = inverse_softplus(jnp.maximum(dt, dt_floor))
+        self.A_log = jnp.log(jr.uniform(k_a, (num_heads,), jnp.float32, 1.0, 16.0))
+        self.D = jnp.ones((num_heads,), jnp.float32)
+        self.norm_weight = jnp.ones((d_inner,), jnp.float32)
+        self.out_proj = eqx.nn.Linear(
+            d_inner, d_model, use_bias=False, dtype=jnp.float32, key=k_out
+        )
+
+    def init_state(self) -> ConvState:
+        """Zeros: the convolution history and the `(H, N, P)` state."""
+        dtype = real_dtype(self.in_proj.weight.dtype)
+        return ConvState(
+            conv=jnp.zeros((self.d_conv - 1, self.d_inner + 2 * self.d_state), dtype),
+            ssm=jnp.zeros((self.num_heads, self.d_state, self.head_dim), dtype),
+        )
+
+    def _features(self, u, conv_state):
+        """Everything before the recurrence, as gated-linear-attention inputs."""
+        d, N, H = self.d_inner, self.d_state, self.num_heads
+        zxbcdt = linear(self.in_proj, u)
+        z, xbc, dt = zxbcdt[:, :d], zxbcdt[:, d : 2 * d + 2 * N], zxbcdt[:, 2 * d + 2 * N :]
+        xbc, conv_state = causal_conv(self.conv_weight, self.conv_bias, xbc, conv_state)
+        xbc = jax.nn.silu(xbc)
+        x, B, C = xbc[:, :d], xbc[:, d : d + N], xbc[:, d + N :]
+        rdt = real_dtype(u.dtype)
+        delta = jax.nn.softplus(dt.astype(rdt) + self.dt_bias.astype(rdt)[None])  # (T, H)
+        log_decay = -delta * jnp.exp(self.A_log.astype(rdt))[None]
+        x = split_heads(x, H)  # (T, H, P)
+        v = (x.astype(rdt) * delta[:, :, None]).astype(u.dtype)
+        q = jnp.broadcast_to(C[:, None, :], (u.shape[0], H, N))
+        k = jnp.broadcast_to(B[:, None, :], (u.shape[0], H, N))
+        return q, k, v, log_decay, x, z, conv_state
+
+    def _output(self, y, x, z, u):
+        rdt = real_dtype(u.dtype)
+        y = y.astype(rdt) + self.D.astype(rdt)[None, :, None] * x.astype(rdt)
+        y = jnp.reshape(y, (y.shape[0], self.d_inner)) * jax.nn.silu(z.astype(rdt))
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-5)
+        y = y * self.norm_weight.astype(rdt)[None]
+        return linear(self.out_proj, y.astype(u.dtype))
+
+    def __call__(
+        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d_model"]:
+        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
+
+        **Returns:** `(seq, d_model)`, causal.
+        """
+        return self.prefill(x, self.init_state())[0]
+
+    def prefill(
+        self, u: Float[Array, "seq d_model"], state: ConvState
+    ) -> tuple[Float[Array, "seq d_model"], ConvState]:
+        """Run `u` from `state` (chunked); returns the outputs and the final state."""
+        check_sequence(u, self.d_model, "Mamba2")
+        q, k, v, log_decay, x, z, conv = self._features(u, state.conv)
+        y, S = ssm.gated_linear_attention(
+            q, k, v, log_decay, state.ssm, chunk_size=self.chunk_size
+        )
+        return self._output(y, x, z, u), ConvState(conv, S.astype(state.ssm.dtype))
+
+    def step(
+        self, u_t: Float[Array, " d_model"], state: ConvState
+    ) -> tuple[Float[Array, " d_model"], ConvState]:
+        """One time step: returns `(y_t, state)`."""
+        check_token(u_t, self.d_model, "Mamba2")
+        q, k, v, log_decay, x, z, conv = self._features(u_t[None], state.conv)
+        y, S = ssm.gated_linear_attention_step(q[0], k[0], v[0], log_decay[0], state.ssm)
+        out = self._output(y[None], x, z, u_t[None])[0]
+        return out, ConvState(conv, S.astype(state.ssm.dtype))
