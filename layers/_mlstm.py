@@ -122,7 +122,7 @@ class MLSTM(AbstractMixer):
         bound = 1 / np.sqrt(d_conv)
         self.conv_weight = jr.uniform(k_conv, (d_conv, d_inner), jnp.float32, -bound, bound)
         self.conv_bias = jr.uniform(k_cb, (d_inner,), jnp.float32, -bound, bound)
-        std = np.sqrt(2 / (5 * bs))  # the small-init of the paper's code
+        std = float(np.sqrt(2 / (5 * bs)))  # the small init of the paper's code
         self.q_weight = jr.normal(k_q, (nb, bs, bs), jnp.float32) * std
         self.k_weight = jr.normal(k_k, (nb, bs, bs), jnp.float32) * std
         self.v_weight = jr.normal(k_v, (nb, bs, bs), jnp.float32) * std
@@ -171,7 +171,7 @@ class MLSTM(AbstractMixer):
 
     def _readout(self, h, c, z, x):
         y = merge_heads(head_group_norm(h, self.norm_weight, eps=1e-5))
-        y = y + self.skip.astype(y.dtype) * c.astype(y.dtype)
+        y = y + self.skip.astype(y.dtype)[None] * c.astype(y.dtype)
         y = y * jax.nn.silu(z.astype(y.dtype))
         return linear(self.down_proj, y.astype(x.dtype))
 

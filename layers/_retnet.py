@@ -102,7 +102,7 @@ class RetNet(AbstractMixer):
     def log_decays(self) -> Float[Array, " H"]:
         """`log γ_h = log(1 - 2^(-5-h))`, the fixed decay of each head."""
         gamma = 1 - 2.0 ** (-5.0 - np.arange(self.num_heads))
-        return jnp.asarray(np.log(gamma), jnp.float32)
+        return jnp.asarray(np.log(gamma), real_dtype(self.q_proj.weight.dtype))
 
     def init_state(self) -> RetNetState:
         dtype = real_dtype(self.q_proj.weight.dtype)
