@@ -9,6 +9,8 @@ differentiated by JAX's autodiff (which stores every per-step carry and residual
     python scripts/bench_layers.py --quick    # small sizes, a smoke test
     python scripts/bench_layers.py --mixers deltanet,gated_deltanet   # + memory table
     python scripts/bench_layers.py --delta-operators   # ssm.delta_rule vs recurrence
+    python scripts/bench_layers.py --operators   # gated linear attention / mLSTM ops
+    python scripts/bench_layers.py --mixers linear_attention,retnet,gla,mlstm,mamba2
 
 Prints markdown tables: time (median of `--runs` runs after a warm-up) and temp
 memory (`compile().memory_analysis().temp_size_in_bytes`), and the Mamba memory
@@ -83,7 +85,20 @@ def main():
         action="store_true",
         help="only the delta-rule operators (ssm.delta_rule) against their recurrence",
     )
+    parser.add_argument(
+        "--operators",
+        default=None,
+        nargs="?",
+        const=",".join(OPERATORS),
+        help="only the chunked operators in OPERATORS (comma-separated names; all if "
+        "none given) against their recurrence",
+    )
     args = parser.parse_args()
+    if args.operators:
+        quick = ((128, 256), args.runs or 3)
+        sizes = quick if args.quick else ((1024, 4096, 8192), args.runs or 5)
+        operators(args.operators.split(","), *sizes)
+        return
     if args.delta_operators:
         quick = ((128, 256), args.runs or 3)
         delta_operators(*(quick if args.quick else ((1024, 4096, 8192), args.runs or 5)))
@@ -121,6 +136,9 @@ def main():
     delta = [name for name in mixers if name in ("deltanet", "gated_deltanet")]
     if delta:
         delta_layer_memory(delta, lengths[-1], d_model)
+    matrix = [name for name in mixers if name in MATRIX_LAYERS]
+    if matrix:
+        matrix_layer_memory(matrix, lengths[-1], d_model)
 
 
 def temp_of(mixer, shape):
@@ -242,6 +260,146 @@ def delta_layer_memory(names, T, d_model):
             sizes = f"{m.num_heads} × {m.head_dim} × {m.head_dim_v}"
             print(
                 f"| {name} | {sizes} | {mib(temp)} | {mib(state)} | {temp / state:.2f} |",
+                flush=True,
+            )
+
+
+# ------------------------------- chunked operators against their naive recurrence
+#
+# A registry: `OPERATORS[name](T, H, d) -> (inputs, loss)` with `loss(inputs, method)`
+# a scalar whose gradient (to every input) is timed, for `method` "chunked" (the
+# operator as layers use it) and "recurrent" (its `lax.scan` recurrence, autodiff).
+
+OPERATORS = {}
+
+
+def operator(name):
+    def register(case):
+        OPERATORS[name] = case
+        return case
+
+    return register
+
+
+def _qkv(T, H, d, key=3):
+    kq, kk, kv, kg, ki = jr.split(jr.key(key), 5)
+    return dict(
+        q=jr.normal(kq, (T, H, d), jnp.float32),
+        k=jr.normal(kk, (T, H, d), jnp.float32) / d**0.5,
+        v=jr.normal(kv, (T, H, d), jnp.float32),
+    ), (kg, ki)
+
+
+def _gla_case(per_key):
+    def case(T, H, d):
+        x, (kg, _) = _qkv(T, H, d)
+        shape = (T, H, d) if per_key else (T, H)
+        x["log_decay"] = jax.nn.log_sigmoid(jr.normal(kg, shape, jnp.float32) + 4)
+
+        def loss(x, method):
+            o, S = ssm.gated_linear_attention(**x, method=method)
+            return jnp.sum(o**2) + jnp.sum(S**2)
+
+        return x, loss
+
+    return case
+
+
+operator("gla-scalar")(_gla_case(per_key=False))  # RetNet, Mamba-2/SSD, linear attention
+operator("gla-per-key")(_gla_case(per_key=True))  # GLA
+
+
+@operator("mlstm")
+def _mlstm_case(T, H, d):
+    x, (kg, ki) = _qkv(T, H, d)
+    x["log_forget"] = jax.nn.log_sigmoid(jr.normal(kg, (T, H), jnp.float32) + 4)
+    x["log_input"] = jr.normal(ki, (T, H), jnp.float32)
+
+    def loss(x, method):
+        h, state = ssm.mlstm(**x, method=method)
+        return jnp.sum(h**2) + jnp.sum(state.C**2)
+
+    return x, loss
+
+
+def _operator_measure(loss, inputs, method, runs):
+    compiled = jax.jit(jax.grad(lambda x: loss(x, method))).lower(inputs).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(inputs))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(inputs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), temp
+
+
+def operators(names, lengths, runs, H=4, d=64):
+    """Each operator's chunked form against its recurrence in a `lax.scan` + autodiff."""
+    print(
+        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
+        f"d_k = d_v = {d}, one sequence, chunk 64, median of {runs} runs, float32\n"
+    )
+    print(
+        "| operator | T | chunked fwd+bwd (ms) | naive fwd+bwd (ms) | speed-up "
+        "| chunked temp (MiB) | naive temp (MiB) | temp ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    growth = {}
+    for name in names:
+        for T in lengths:
+            inputs, loss = OPERATORS[name](T, H, d)
+            t, m = _operator_measure(loss, inputs, "chunked", runs)
+            t_naive, m_naive = _operator_measure(loss, inputs, "recurrent", runs)
+            growth[name, T] = (t, t_naive)
+            print(
+                f"| {name} | {T} | {1e3 * t:.1f} | {1e3 * t_naive:.1f} | "
+                f"{t_naive / t:.1f}x | {mib(m)} | {mib(m_naive)} | 1/{m_naive / m:.1f} |",
+                flush=True,
+            )
+    pairs = [(a, b) for a, b in zip(lengths, lengths[1:], strict=False) if b == 2 * a]
+    if pairs:
+        print("\nTime growth when T doubles (linear: 2.0x; quadratic: 4.0x):\n")
+        print("| operator | T | chunked | naive |")
+        print("|---|---|---|---|")
+        for name in names:
+            for a, b in pairs:
+                (t1, n1), (t2, n2) = growth[name, a], growth[name, b]
+                print(f"| {name} | {a} → {b} | {t2 / t1:.2f}x | {n2 / n1:.2f}x |")
+
+
+MATRIX_LAYERS = {  # one head of large key/value size: the state dwarfs the activations
+    "linear_attention": dict(num_heads=1),
+    "retnet": dict(num_heads=1),
+    "gla": dict(num_heads=1, expand_k=1.0),
+    "mlstm": dict(num_heads=1),
+    "mamba2": dict(num_heads=1, d_state=128),
+}
+
+
+def _state_bytes(mixer):
+    state = mixer.init_state()
+    leaves = [state] if isinstance(state, jax.Array) else jax.tree.leaves(state)
+    return max(leaf.size for leaf in leaves) * 4
+
+
+def matrix_layer_memory(names, T, d_model):
+    """Gated-linear-attention layers: fwd+bwd temp memory against `T ×` the state, at
+    their default sizes and with one large head."""
+    print(f"\nOne sequence, T={T}, d_model={d_model}:\n")
+    print(
+        "| layer | heads | state per step (KiB) | fwd+bwd temp (MiB) | T × state (MiB) "
+        "| ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        for kwargs in ({}, MATRIX_LAYERS[name]):
+            m = layers.MIXERS[name](d_model, **kwargs, key=jr.key(0))
+            temp = temp_of(m, (1, T, d_model))
+            state = T * _state_bytes(m)
+            print(
+                f"| {name} | {m.num_heads} | {_state_bytes(m) / 1024:.0f} | {mib(temp)} "
+                f"| {mib(state)} | {temp / state:.2f} |",
                 flush=True,
             )
 
