@@ -42,7 +42,7 @@ from ._scan import linear_scan
 _METHODS = ("chunked", "recurrent")
 # Chunks are processed in groups of about this many time steps (a `lax.map` over
 # groups), which bounds the memory of the within-chunk products whatever the length.
-_GROUP_STEPS = 256
+_GROUP_STEPS = 128
 
 
 # --------------------------------------------------------------------------- checks
