@@ -216,7 +216,9 @@ def test_deer_converges_with_implicit_gradients(getkey, jacobian):
     (_, (hs, iters)), grads = value_and_grad(params, h0, xs, deer)
     (_, (ref, _)), ref_grads = value_and_grad(params, h0, xs, seq)
     assert_close(hs, ref, 1e-9, "states")
-    assert 1 <= int(iters) < T  # converged well before the T-iteration guarantee
+    # Newton (dense Jacobian) converges well before the T-iteration guarantee; quasi-DEER
+    # (diagonal Jacobian) may need all T on some draws (seen in CI), never more.
+    assert 1 <= int(iters) < T if jacobian == "dense" else 1 <= int(iters) <= T
     assert_close(grads, ref_grads, 1e-9, "gradients")
 
 
