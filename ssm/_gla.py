@@ -598,15 +598,28 @@ def _mlstm_inputs(q, k, v, log_forget, log_input, h0):
     return (*cast, h0)
 
 
-def _stabiliser(log_forget, log_input, m0):
-    """`m[t] = max(log_forget[t] + m[t-1], log_input[t])`, `m[-1] = m0`: a max-plus scan."""
+def _stabiliser(log_forget, log_input, m0, chunk_size):
+    """`m[t] = max(log_forget[t] + m[t-1], log_input[t])`, `m[-1] = m0`, by chunks.
 
-    def combine(x, y):
-        (a1, b1), (a2, b2) = x, y
-        return a1 + a2, jnp.maximum(b1 + a2, b2)
+    Inside a chunk, `m[i] = max(b[i] + m_start, max_{j <= i} (log_input[j] + b[i] -
+    b[j]))` with `b` the cumulative log forget gate of the chunk (a masked `C x C` max);
+    across chunks, the chunk-start values follow the same max-plus recurrence, a
+    `lax.scan` over the `T / C` chunks. Differentiable like the recurrence.
+    """
+    T, H = log_forget.shape
+    C = min(chunk_size, T)
+    f, i = (_to_chunks(x[..., None], C)[..., 0] for x in (log_forget, log_input))
+    b = _cumsum(f)  # (N, C, H)
+    cand = i[:, None, :, :] + b[:, :, None, :] - b[:, None, :, :]  # (N, C_i, C_j, H)
+    local = jnp.max(jnp.where(_tril(C, 3)[..., None], cand, -jnp.inf), axis=2)
 
-    a, b = lax.associative_scan(combine, (log_forget, log_input))
-    return jnp.maximum(a + m0[None], b)
+    def chunk(m, x):
+        b_last, local_last = x
+        return jnp.maximum(b_last + m, local_last), m
+
+    _, m_start = lax.scan(chunk, m0, (b[:, -1], local[:, -1]))
+    m = jnp.maximum(b + m_start[:, None], local)
+    return jnp.reshape(m, (-1, H))[:T]
 
 
 def _mlstm_readout(o, m, eps):
@@ -640,8 +653,8 @@ def mlstm(
     (the stabilised form of `C[t] = f C[t-1] + exp(i~) k v^T`, `h = C^T q /
     max(|n^T q|, 1)`). Computed as a gated linear attention with the scalar decay
     `log_forget[t] + m[t-1] - m[t] <= 0`, keys scaled by `i[t] <= 1` and a column of
-    ones appended to the values (which carries the normaliser); the stabiliser is a
-    max-plus `lax.associative_scan`. Gradients flow through `m` as in the recurrence.
+    ones appended to the values (which carries the normaliser); the stabiliser is its
+    max-plus recurrence, by chunks. Gradients flow through `m` as in the recurrence.
 
     **Arguments:**
 
@@ -668,7 +681,8 @@ def mlstm(
 
         state, h = lax.scan(body, h0, (q32, k32, v32, log_f, log_i))
         return h.astype(q.dtype), state
-    m = _stabiliser(log_f, log_i, h0.m)
+    _check_int("chunk_size", chunk_size)
+    m = _stabiliser(log_f, log_i, h0.m, chunk_size)
     m_prev = jnp.concatenate([h0.m[None], m[:-1]])
     decay = log_f + m_prev - m
     k_in = k32 * jnp.exp(log_i - m)[..., None]
