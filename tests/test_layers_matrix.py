@@ -349,7 +349,8 @@ def test_memory_is_not_the_state_history(name):
 
 
 def test_sizes_init_and_options():
-    la, ret, gla, ml, m2 = (make(c) for c in CASES)
+    names = ("linear_attention", "retnet", "gla", "mlstm", "mamba2")
+    la, ret, gla, ml, m2 = (make(c) for c in names)
     assert (la.head_dim, la.init_state().shape) == (4, (2, 4, 5))  # + the normaliser
     assert (ret.head_dim, ret.head_dim_v) == (4, 8)  # expand_v = 2
     np.testing.assert_allclose(np.exp(ret.log_decays()), [1 - 2**-5, 1 - 2**-6], rtol=1e-6)
