@@ -62,8 +62,17 @@ def _mult_shape(a_shape, r_shape, has_resets):
     return shape
 
 
-def sequential(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, unroll=64):
-    """One step per time index: the chunked kernel with a single chunk."""
+def sequential(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, unroll=None):
+    """One step per time index: the chunked kernel with a single chunk.
+
+    Forwards, rows are read one at a time in ascending order (the fastest pattern
+    on CPUs). In reverse, reading rows one at a time in descending order is about
+    3x slower on our CPU (hardware prefetchers follow ascending streams), so rows
+    are read in blocks of ``unroll`` = 64 in ascending memory order and stepped
+    through backwards inside the block (see ``scripts/bench_scan.py``).
+    """
+    if unroll is None:
+        unroll = 64 if reverse else 1
     return chunked(
         a,
         b,
