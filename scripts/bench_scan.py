@@ -6,6 +6,8 @@ processes hits all of them alike) and the compiled temp memory of forward+backwa
 (``memory_analysis()``) relative to the bytes of the inputs ``a`` and ``b``.
 
 The loss is ``0.5 * sum(h ** 2)``; the gradient is taken w.r.t. ``a`` and ``b``.
+The row "memory floor (no scan)" moves the bytes every scan must move, in elementwise
+passes with no loop: the time this machine's memory bandwidth allows.
 
     python scripts/bench_scan.py            # T in {1024, 16384, 65536}, D = 256
     python scripts/bench_scan.py --quick    # small sizes, a smoke test
@@ -70,6 +72,29 @@ def lax_scan_matrix(A, b):
         return h, h
 
     return lax.scan(step, jnp.zeros(b.shape[1:], b.dtype), (A, b))[1]
+
+
+@jax.custom_vjp
+def memory_floor(a, b):
+    """Not a scan: elementwise passes that move the bytes any scan's forward and
+    backward must move at least (forward reads ``a, b`` and writes ``h``; backward
+    reads the cotangent, ``a`` and ``h`` and writes ``da, db``), with no loop. Its
+    time is what this machine's memory bandwidth allows; no scan can beat it."""
+    return a * b
+
+
+def _memory_floor_fwd(a, b):
+    h = a * b
+    return h, (a, h)
+
+
+def _memory_floor_bwd(res, ct):
+    a, h = res
+    g = ct * a
+    return g * h, g
+
+
+memory_floor.defvjp(_memory_floor_fwd, _memory_floor_bwd)
 
 
 def _loss(f):
@@ -150,6 +175,7 @@ def main():
             "lax.scan": lax_scan_diag,
             "lax.associative_scan": lax_associative_diag,
         }
+        contenders["memory floor (no scan)"] = memory_floor
         for method in ("sequential", "associative", "chunked", "auto"):
             contenders[f"linear_scan[{method}]"] = lambda a, b, m=method: ssm.linear_scan(
                 a, b, method=m
