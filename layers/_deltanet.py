@@ -165,7 +165,18 @@ class AbstractDeltaRuleMixer(AbstractMixer):
         return y, ConvState(conv, S.astype(state.ssm.dtype))
 
 
-def _common_init(self, d_model, num_heads, head_dim, expand_v, d_conv, chunk_size, keys):
+def _common_init(
+    self,
+    d_model,
+    num_heads,
+    head_dim,
+    expand_v,
+    d_conv,
+    use_gate,
+    allow_neg_eigval,
+    chunk_size,
+    keys,
+):
     """Set the fields every delta-rule mixer has; `keys` = (qkv, conv, b, g, o)."""
     k_qkv, k_conv, k_b, k_g, k_o = keys
     dk, dv = _head_sizes(d_model, num_heads, head_dim, expand_v)
@@ -189,7 +200,12 @@ def _common_init(self, d_model, num_heads, head_dim, expand_v, d_conv, chunk_siz
     self.o_proj = eqx.nn.Linear(
         num_heads * dv, d_model, use_bias=False, dtype=jnp.float32, key=k_o
     )
-    return k_g
+    self.allow_neg_eigval = allow_neg_eigval
+    self.g_proj = (
+        eqx.nn.Linear(d_model, num_heads * dv, use_bias=False, dtype=jnp.float32, key=k_g)
+        if use_gate
+        else None
+    )
 
 
 class DeltaNet(AbstractDeltaRuleMixer):
@@ -260,20 +276,17 @@ class DeltaNet(AbstractDeltaRuleMixer):
         - `key`: a `jax.random.PRNGKey`.
         """
         keys = jr.split(key, 5)
-        k_g = _common_init(
-            self, d_model, num_heads, head_dim, expand_v, d_conv, chunk_size, keys
-        )
-        self.allow_neg_eigval = allow_neg_eigval
-        self.g_proj = (
-            eqx.nn.Linear(
-                d_model,
-                num_heads * self.head_dim_v,
-                use_bias=False,
-                dtype=jnp.float32,
-                key=k_g,
-            )
-            if use_gate
-            else None
+        _common_init(
+            self,
+            d_model,
+            num_heads,
+            head_dim,
+            expand_v,
+            d_conv,
+            use_gate,
+            allow_neg_eigval,
+            chunk_size,
+            keys,
         )
 
     def _log_decay(self, u):
@@ -358,20 +371,17 @@ class GatedDeltaNet(AbstractDeltaRuleMixer):
         - `key`: a `jax.random.PRNGKey`.
         """
         *keys, k_a, k_A, k_dt = jr.split(key, 8)
-        k_g = _common_init(
-            self, d_model, num_heads, head_dim, expand_v, d_conv, chunk_size, keys
-        )
-        self.allow_neg_eigval = allow_neg_eigval
-        self.g_proj = (
-            eqx.nn.Linear(
-                d_model,
-                num_heads * self.head_dim_v,
-                use_bias=False,
-                dtype=jnp.float32,
-                key=k_g,
-            )
-            if use_gate
-            else None
+        _common_init(
+            self,
+            d_model,
+            num_heads,
+            head_dim,
+            expand_v,
+            d_conv,
+            use_gate,
+            allow_neg_eigval,
+            chunk_size,
+            keys,
         )
         self.a_proj = eqx.nn.Linear(
             d_model, num_heads, use_bias=False, dtype=jnp.float32, key=k_a
