@@ -1,11 +1,12 @@
-"""Matrix-state mixers of the gated-linear-attention family: linear attention, RetNet,
-GLA, mLSTM and Mamba-2.
+"""Matrix-state mixers: the gated-linear-attention family (linear attention, RetNet,
+GLA, mLSTM, Mamba-2) and the delta-rule family (DeltaNet, Gated DeltaNet).
 
 Each layer is compared with a float64 reference written below from its paper's
 equations (a plain loop over time on the layer's own parameters), in values and
 gradients; then every mixer in `CASES` goes through the contract of `AbstractMixer`
 (`__call__ == prefill == prefill split in two == step by step`, outputs and states;
-causality; `vmap`; bfloat16), and the training memory is measured against the
+causality; `vmap`; bfloat16; shift equivariance for the mixers in `SHIFT`), and the
+training memory is measured against the
 `T x state` history. Other matrix-state mixers join the contract tests by adding a
 line to `CASES` (and, for the memory test, to `BIG`).
 """
@@ -33,7 +34,13 @@ CASES = {  # registry name and options; every test runs on these
     "gla": ("gla", dict(num_heads=2, chunk_size=8)),
     "mlstm": ("mlstm", dict(num_heads=2, chunk_size=16)),
     "mamba2": ("mamba2", dict(d_state=4, num_heads=2, chunk_size=8)),
+    # between them, every delta-rule option: the output gate, β in (0, 2), the decay
+    "deltanet": ("deltanet", dict(num_heads=2, allow_neg_eigval=True, chunk_size=8)),
+    "gated_deltanet": ("gated_deltanet", dict(num_heads=2, head_dim=3, chunk_size=16)),
 }
+# Zero inputs leave their state at zero (no convolution bias, `k = 0`), so a sequence
+# delayed by zeros gives the delayed outputs.
+SHIFT = ("deltanet", "gated_deltanet")
 VARIANTS = {  # other options, checked against the reference only
     "linear_attention-relu-rms": (
         "linear_attention",
@@ -50,6 +57,8 @@ BIG = {  # d_model 128, one head: the state history dwarfs the activations
     "gla": dict(num_heads=1, expand_k=1.0),  # 128 x 128
     "mlstm": dict(num_heads=1),  # 256 x 256
     "mamba2": dict(d_state=128, num_heads=1),  # 128 x 256
+    "deltanet": dict(num_heads=1, expand_v=1),  # 128 x 128
+    "gated_deltanet": dict(num_heads=1, expand_v=1),  # 128 x 128
 }
 
 
@@ -85,7 +94,7 @@ def heads(x, H):
 
 
 def _conv(w, b, x):
-    """Causal depthwise convolution, zero history."""
+    """Causal depthwise convolution, zero history (`b = 0`: no bias)."""
     K, n = w.shape[0], x.shape[0]
     xp = jnp.concatenate([jnp.zeros((K - 1, x.shape[1]), x.dtype), x])
     return b + sum(w[k] * xp[k : k + n] for k in range(K))
@@ -214,12 +223,45 @@ def ref_mamba2(m, u):
     return y @ m.out_proj.weight.T
 
 
+def ref_delta_rule(m, u):
+    """DeltaNet (Yang et al. 2024) and Gated DeltaNet (Yang et al. 2025), one step at
+    a time with the full transition `α (I - β k kᵀ)`."""
+    H, dk, dv = m.num_heads, m.head_dim, m.head_dim_v
+    qkv = jax.nn.silu(_conv(m.conv_weight, 0.0, u @ m.qkv_proj.weight.T))
+    q = qkv[:, : H * dk].reshape(-1, H, dk)
+    k = qkv[:, H * dk : 2 * H * dk].reshape(-1, H, dk)
+    v = qkv[:, 2 * H * dk :].reshape(-1, H, dv)
+    q = q / jnp.sqrt(jnp.sum(q**2, -1, keepdims=True) + 1e-6) / np.sqrt(dk)
+    k = k / jnp.sqrt(jnp.sum(k**2, -1, keepdims=True) + 1e-6)
+    beta = jax.nn.sigmoid(u @ m.b_proj.weight.T) * (2 if m.allow_neg_eigval else 1)
+    if isinstance(m, layers.GatedDeltaNet):
+        dt = jax.nn.softplus(u @ m.a_proj.weight.T + m.dt_bias)
+        alpha = jnp.exp(-jnp.exp(m.A_log) * dt)
+    else:
+        alpha = jnp.ones(beta.shape)
+
+    def step(S, x):
+        q_t, k_t, v_t, b_t, a_t = x
+        outer = k_t[:, :, None] * k_t[:, None, :]
+        S = a_t[:, None, None] * (jnp.eye(dk) - b_t[:, None, None] * outer) @ S
+        S = S + b_t[:, None, None] * k_t[:, :, None] * v_t[:, None, :]
+        return S, jnp.einsum("hkv,hk->hv", S, q_t)
+
+    o = loop(step, jnp.zeros((H, dk, dv)), (q, k, v, beta, alpha))
+    o = o / jnp.sqrt(jnp.mean(o**2, -1, keepdims=True) + 1e-5) * m.norm_weight
+    if m.g_proj is not None:
+        o = o * jax.nn.silu(u @ m.g_proj.weight.T).reshape(o.shape)
+    return o.reshape(o.shape[0], -1) @ m.o_proj.weight.T
+
+
 REFERENCES = {
     "linear_attention": ref_linear_attention,
     "retnet": ref_retnet,
     "gla": ref_gla,
     "mlstm": ref_mlstm,
     "mamba2": ref_mamba2,
+    "deltanet": ref_delta_rule,
+    "gated_deltanet": ref_delta_rule,
 }
 
 
@@ -275,9 +317,11 @@ def test_matches_float64_reference(case):
 
 
 @eqx.filter_jit
-def contract_forms(m, x, split, t0):
+def contract_forms(m, x, split, t0, shift):
     """Everything the contract promises, in one compiled program."""
-    y_call, y_pert = jax.vmap(m)(jnp.stack([x, x.at[t0].add(1.0)]))
+    x_pert = x.at[t0].add(1.0)
+    x_shift = jnp.concatenate([jnp.zeros((shift, x.shape[1]), x.dtype), x[:-shift]])
+    y_call, y_pert, y_shift = jax.vmap(m)(jnp.stack([x, x_pert, x_shift]))
     y, s_full = m.prefill(x, m.init_state())
     y1, s1 = m.prefill(x[:split], m.init_state())
     y2, s2 = m.prefill(x[split:], s1)
@@ -292,6 +336,7 @@ def contract_forms(m, x, split, t0):
         s_full=s_full,
         s_step=s_step,
         y_pert=y_pert,
+        y_shift=y_shift,
         y16=y16,
     )
 
@@ -299,11 +344,12 @@ def contract_forms(m, x, split, t0):
 @pytest.mark.parametrize("case", CASES)
 def test_recurrent_forms_causality_vmap_bf16(case):
     """`m(x) == prefill (split in two) == step by step` (outputs and states); causal;
-    `vmap` over a batch; bfloat16 parameters and inputs close to float32."""
+    `vmap` over a batch; bfloat16 parameters and inputs close to float32; for the
+    mixers in `SHIFT`, a sequence delayed by zeros gives the delayed outputs."""
     m = make(case)
     x = jnp.asarray(draw(case, (T, D_MODEL)), f32)
-    t0 = 20
-    r = contract_forms(m, x, 13, t0)
+    t0, shift = 20, 5
+    r = contract_forms(m, x, 13, t0, shift)
     y = r["y"]
     assert y.dtype == f32 and y.shape == (T, D_MODEL)
     assert_close(r["y_call"], y, 1e-5, "__call__ (vmapped) against prefill")
@@ -315,6 +361,8 @@ def test_recurrent_forms_causality_vmap_bf16(case):
         assert leaf.dtype in (f32, jnp.int32)
     np.testing.assert_allclose(r["y_pert"][:t0], y[:t0], rtol=0, atol=1e-6)
     assert rel_err(r["y_pert"][t0:], y[t0:]) > 1e-3
+    if case in SHIFT:
+        assert_close(r["y_shift"][shift:], y[:-shift], 1e-5, "shift equivariance")
     assert r["y16"].dtype == jnp.bfloat16
     assert rel_err(r["y16"].astype(f32), y) < 5e-2
     with pytest.raises(ValueError, match="vmap"):
@@ -384,6 +432,24 @@ def test_sizes_init_and_options():
         layers.RetNet(6, num_heads=2, key=key)
     with pytest.raises(ValueError, match="num_heads"):
         layers.GLA(8, num_heads=3, key=key)
+
+
+def test_delta_rule_sizes_init_and_labels():
+    d, m = make("deltanet"), make("gated_deltanet")
+    assert (d.head_dim, d.head_dim_v, d.g_proj) == (4, 4, None)  # d_model / heads
+    assert (m.head_dim, m.head_dim_v) == (3, 6)  # expand_v = 2
+    assert m.g_proj is not None and m.qkv_proj.weight.shape == (2 * (3 + 3 + 6), D_MODEL)
+    A = np.exp(np.asarray(m.A_log))
+    assert np.all((A >= 1 - 1e-5) & (A <= 16 + 1e-4))
+    dt = np.asarray(jax.nn.softplus(m.dt_bias))
+    assert np.all((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001))
+    labels = layers.ssm_param_labels(m)
+    assert labels.A_log == labels.dt_bias == "ssm"
+    assert labels.qkv_proj.weight == labels.a_proj.weight == "other"
+    assert layers.MIXERS["deltanet"] is layers.DeltaNet
+    assert layers.MIXERS["gated_deltanet"] is layers.GatedDeltaNet
+    with pytest.raises(ValueError, match="head_dim"):
+        layers.DeltaNet(10, num_heads=4, key=jr.key(0))
 
 
 def test_sequence_model_generation_with_retnet():
