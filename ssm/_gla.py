@@ -11,19 +11,21 @@ per key dimension (GLA).
 The chunked form splits time into chunks of ``C`` steps. Within a chunk it uses masked
 matrix products on decays ``exp(b[i] - b[j])``, ``b`` the cumulative log decay inside
 the chunk, masked to ``j <= i`` *before* the exponential (so every exponent is <= 0 and
-nothing overflows); across chunks it hands the state on through ``ssm.linear_scan``
-with the chunk's total decay. Per-key decays cannot be factored into one product of
-rescaled queries and keys without overflow, so the chunk is halved recursively: the
-pairs that straddle the middle of a block use ``exp(b[i] - r) exp(r - b[j])`` with ``r``
-the cumulative decay at the middle, both factors <= 1 (a variant of the secondary
-chunking of Yang et al. 2024, section 4, with ``log2 C`` levels of one product each).
+nothing overflows); across chunks it hands the state on with the chunk's total decay, in
+one pass (a ``lax.scan`` over groups of chunks, ``ssm.linear_scan`` inside a group).
+Per-key decays cannot be factored into one product of rescaled queries and keys without
+overflow, so the chunk is halved recursively: the pairs that straddle the middle of a
+block use ``exp(b[i] - r) exp(r - b[j])`` with ``r`` the cumulative decay at the middle,
+both factors <= 1 (a variant of the secondary chunking of Yang et al. 2024, section 4,
+with ``log2 C`` levels of one product each).
 
 The derivative is hand-written (``jax.custom_vjp``): the forward pass keeps the inputs
-and the ``T / C`` chunk-start states; the backward pass runs the adjoint recurrence of
-the chunk states (``G[n] = alpha_{n+1} G[n+1] + (q exp(b))_{n+1}^T do_{n+1}``) through
-``ssm.linear_scan(reverse=True)`` and recomputes each chunk's local products. Nothing of
-size ``T x d_k x d_v`` is ever stored. All of it is computed in float32 (float64 when an
-input is float64), whatever the input dtype.
+and the state at the start of each group of chunks; the backward pass, one reverse pass
+over the groups, recomputes a group's chunk-start states, runs the adjoint recurrence of
+the chunk states (``G[n] = alpha_{n+1} G[n+1] + (q exp(b))_{n+1}^T do_{n+1}``) and
+recomputes each chunk's local products. Nothing of size ``T x d_k x d_v`` is ever stored.
+All of it is computed in float32 (float64 when an input is float64), whatever the input
+dtype.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ from jaxtyping import Array, ArrayLike, Float, Shaped
 from ._scan import linear_scan
 
 _METHODS = ("chunked", "recurrent")
-# Chunks are processed in groups of about this many time steps (a `lax.map` over
-# groups), which bounds the memory of the within-chunk products whatever the length.
-_GROUP_STEPS = 128
+# Chunks are processed in groups of about this many time steps (a `lax.scan` over
+# groups), which bounds the memory of the within-chunk products whatever the length;
+# the backward pass keeps one state per group.
+_GROUP_STEPS = 256
 
 
 # --------------------------------------------------------------------------- checks
@@ -132,16 +135,28 @@ def _cumsum(g):
 
 def _to_chunks(x, C):
     """`(T, H, d) -> (N, C, H, d)`, zero-padded at the end."""
+    return _to_groups(x, C, 1)[:, 0]
+
+
+def _group_size(T, C):
+    """Chunks per group: about `_GROUP_STEPS` steps, at most the number of chunks."""
+    return max(1, min(_GROUP_STEPS // C, -(-T // C)))
+
+
+def _to_groups(x, C, group):
+    """`(T, H, d) -> (M, group, C, H, d)`, zero-padded at the end (zero inputs with a
+    zero log decay leave the state as it is)."""
     T = x.shape[0]
-    N = -(-T // C)
-    if N * C != T:
-        x = jnp.pad(x, [(0, N * C - T)] + [(0, 0)] * (x.ndim - 1))
-    return jnp.reshape(x, (N, C) + tuple(x.shape[1:]))
+    steps = group * C
+    M = -(-T // steps)
+    if M * steps != T:
+        x = jnp.pad(x, [(0, M * steps - T)] + [(0, 0)] * (x.ndim - 1))
+    return jnp.reshape(x, (M, group, C) + tuple(x.shape[1:]))
 
 
-def _from_chunks(x, T):
-    """`(N, C, H, d) -> (T, H, d)`, dropping the padding."""
-    return jnp.reshape(x, (-1,) + tuple(x.shape[2:]))[:T]
+def _from_groups(x, T):
+    """`(M, group, C, H, d) -> (T, H, d)`, dropping the padding."""
+    return jnp.reshape(x, (-1,) + tuple(x.shape[3:]))[:T]
 
 
 # ------------------------------------------------------- within-chunk products
@@ -307,16 +322,6 @@ def _decays(g):
     return b, jnp.exp(b), jnp.exp(last - b), jnp.exp(last)
 
 
-def _over_groups(fn, xs, C):
-    """`fn` over the leading (chunk) axis, in groups of about `_GROUP_STEPS` steps: a
-    group's inputs and products stay in cache, and memory does not grow with `T`."""
-    N = jax.tree.leaves(xs)[0].shape[0]
-    group = max(1, _GROUP_STEPS // C)
-    if N <= group:
-        return fn(*xs)
-    return lax.map(lambda x: fn(*x), xs, batch_size=group)
-
-
 def _heads_first(x):
     """`(..., C, H, d) <-> (..., H, C, d)`."""
     return jnp.swapaxes(x, -3, -2)
@@ -370,38 +375,94 @@ def _local_bwd(q, k, v, g, s0, do, G):
     return tuple(_heads_first(x) for x in (dq, dk, dv, dg))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gla_chunked(q, k, v, g, h0, C):
-    return _gla_chunked_fwd(q, k, v, g, h0, C)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _gla_chunked(q, k, v, g, h0, k_scale, C, ones=False):
+    """The chunked operator on keys `k * k_scale` (`k_scale` `(T, H, 1)` or `None`).
+
+    For the mLSTM, the two extras are applied group by group rather than as copies of
+    `k` and `v`: `k_scale` is the input gate and, with `ones`, the values get a column
+    of ones appended (the normaliser): `h0` and the state then have `d_v + 1` columns
+    and the outputs come as `(o[..., :d_v], o[..., d_v:])`.
+    """
+    return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones)[0]
 
 
-def _gla_chunked_fwd(q, k, v, g, h0, C):
+# Both passes are one `lax.scan` over groups of chunks (about `_GROUP_STEPS` steps each)
+# that carries the state (forward) or its cotangent (backward). A group's chunk-start
+# states come from its start state by a `linear_scan` over its few chunks, and the
+# backward pass recomputes them (one `k^T v` product per chunk) from the group-start
+# states the forward pass keeps: one state per group is the only residual besides the
+# inputs, and no other buffer has a length of `T / C` states. Each group's products
+# stay in cache.
+
+
+def _extras(k, v, k_scale, ones):
+    """The keys and values the recurrence sees, for one group."""
+    if k_scale is not None:
+        k = k * k_scale
+    if ones:
+        v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
+    return k, v
+
+
+def _chunk_starts(k, v, g, state):
+    """The start states of a group's chunks, from the group's start `state`, and the
+    state at its end."""
+    total, u = _summary(k, v, g)
+    h = linear_scan(total, u, state)  # the state at the end of each chunk
+    return jnp.concatenate([state[None], h[:-1]]), h[-1]
+
+
+def _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones):
     T = q.shape[0]
-    qc, kc, vc, gc = (_to_chunks(x, C) for x in (q, k, v, g))
-    total, u = _over_groups(_summary, (kc, vc, gc), C)
-    h = linear_scan(total, u, h0)  # the state at the end of each chunk
-    s_start = jnp.concatenate([h0[None], h[:-1]])
-    o = _over_groups(_outputs, (qc, kc, vc, gc, s_start), C)
-    return (_from_chunks(o, T), h[-1]), (q, k, v, g, s_start)
+    group_size = _group_size(T, C)
+    groups = jax.tree.map(lambda x: _to_groups(x, C, group_size), (q, k, v, g, k_scale))
+
+    def group(state, xs):
+        q, k, v, g, k_scale = xs
+        k, v = _extras(k, v, k_scale, ones)
+        s_start, final = _chunk_starts(k, v, g, state)
+        o = _outputs(q, k, v, g, s_start)
+        return final, ((o[..., :-1], o[..., -1:]) if ones else o, state)
+
+    final, (o, s_group) = lax.scan(group, h0, groups)
+    o = jax.tree.map(lambda x: _from_groups(x, T), o)
+    return (o, final), (q, k, v, g, k_scale, s_group)
 
 
-def _gla_chunked_bwd(C, res, cts):
-    q, k, v, g, s_start = res
+def _gla_chunked_bwd(C, ones, res, cts):
+    q, k, v, g, k_scale, s_group = res
     do, d_final = cts
     T = q.shape[0]
-    dtype = s_start.dtype
-    qc, kc, vc, gc = (_to_chunks(x, C) for x in (q, k, v, g))
-    doc = _to_chunks(do.astype(dtype), C)
-    total, x = _over_groups(_state_cotangent, (qc, gc, doc), C)
-    # Cotangents of the chunk-end states: G[N-1] = d_final,
-    # G[n] = total[n+1] * G[n+1] + x[n+1].
-    a_rev = jnp.concatenate([total[1:], jnp.ones_like(total[:1])])
-    x_rev = jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
-    G = linear_scan(a_rev, x_rev, d_final.astype(dtype), reverse=True)
-    dh0 = total[0] * G[0] + x[0]
-    grads = _over_groups(_local_bwd, (qc, kc, vc, gc, s_start, doc, G), C)
-    dq, dk, dv, dg = (_from_chunks(x, T) for x in grads)
-    return dq, dk, dv, dg, dh0
+    dtype = s_group.dtype
+    group_size = _group_size(T, C)
+    groups = jax.tree.map(
+        lambda x: _to_groups(x.astype(dtype), C, group_size), (q, k, v, g, k_scale, do)
+    )
+
+    def group(G_end, xs):
+        q, k_in, v_in, g, k_scale, do, s_group = xs
+        k, v = _extras(k_in, v_in, k_scale, ones)
+        s0, _ = _chunk_starts(k, v, g, s_group)
+        do = jnp.concatenate(do, axis=-1) if ones else do
+        total, x = _state_cotangent(q, g, do)
+        # Cotangents of the chunk-end states: G[last] = G_end (from the next group),
+        # G[n] = total[n+1] * G[n+1] + x[n+1].
+        a_rev = jnp.concatenate([total[1:], jnp.ones_like(total[:1])])
+        x_rev = jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
+        G = linear_scan(a_rev, x_rev, G_end, reverse=True)
+        dq, dk, dv, dg = _local_bwd(q, k, v, g, s0, do, G)
+        d_scale = None
+        if k_scale is not None:
+            d_scale = jnp.sum(dk * k_in, axis=-1, keepdims=True)
+            dk = dk * k_scale
+        if ones:
+            dv = dv[..., :-1]
+        return total[0] * G[0] + x[0], (dq, dk, dv, dg, d_scale)
+
+    dh0, grads = lax.scan(group, d_final.astype(dtype), (*groups, s_group), reverse=True)
+    dq, dk, dv, dg, d_scale = jax.tree.map(lambda x: _from_groups(x, T), grads)
+    return dq, dk, dv, dg, dh0, d_scale
 
 
 _gla_chunked.defvjp(_gla_chunked_fwd, _gla_chunked_bwd)
@@ -476,7 +537,7 @@ def _gla(q, k, v, g, h0, chunk_size, method):
         _check_int("chunk_size", chunk_size)
         return _recurrent(q, k, v, g, h0)
     C = _chunk_length(q.shape[0], g.shape[-1] != 1, chunk_size)
-    return _gla_chunked(q, k, v, g, h0, C)
+    return _gla_chunked(q, k, v, g, h0, None, C)
 
 
 def gated_linear_attention(
@@ -518,8 +579,9 @@ def gated_linear_attention(
     The chunked form computes in float32 whatever the input dtype, keeps cumulative
     log decays inside each chunk and exponentiates only differences `b[i] - b[j] <= 0`.
     Its derivative (to `q`, `k`, `v`, `log_decay` and `h0`) keeps only the inputs and
-    the `T / C` chunk-start states and recomputes the rest; `jit`, `vmap` and `grad`
-    compose (forward-mode differentiation does not: it is a `custom_vjp`).
+    one state per group of chunks (about 256 steps) and recomputes the rest; `jit`,
+    `vmap` and `grad` compose (forward-mode differentiation does not: it is a
+    `custom_vjp`).
 
     ```python
     o, state = ssm.gated_linear_attention(q, k, v, log_decay)      # training
@@ -602,16 +664,24 @@ def _stabiliser(log_forget, log_input, m0, chunk_size):
     """`m[t] = max(log_forget[t] + m[t-1], log_input[t])`, `m[-1] = m0`, by chunks.
 
     Inside a chunk, `m[i] = max(b[i] + m_start, max_{j <= i} (log_input[j] + b[i] -
-    b[j]))` with `b` the cumulative log forget gate of the chunk (a masked `C x C` max);
-    across chunks, the chunk-start values follow the same max-plus recurrence, a
-    `lax.scan` over the `T / C` chunks. Differentiable like the recurrence.
+    b[j]))` with `b` the cumulative log forget gate of the chunk (a masked `C x C` max,
+    formed for about `_GROUP_STEPS` steps at a time and recomputed in the backward pass,
+    so no `T x C` buffer is kept); across chunks, the chunk-start values follow the
+    same max-plus recurrence, a `lax.scan` over the `T / C` chunks. Differentiable like
+    the recurrence.
     """
     T, H = log_forget.shape
     C = min(chunk_size, T)
     f, i = (_to_chunks(x[..., None], C)[..., 0] for x in (log_forget, log_input))
     b = _cumsum(f)  # (N, C, H)
-    cand = i[:, None, :, :] + b[:, :, None, :] - b[:, None, :, :]  # (N, C_i, C_j, H)
-    local = jnp.max(jnp.where(_tril(C, 3)[..., None], cand, -jnp.inf), axis=2)
+
+    @jax.checkpoint
+    def local_max(x):
+        i, b = x  # one chunk, (C, H) each
+        cand = i[None, :, :] + b[:, None, :] - b[None, :, :]  # (C_i, C_j, H)
+        return jnp.max(jnp.where(_tril(C, 2)[..., None], cand, -jnp.inf), axis=1)
+
+    local = lax.map(local_max, (i, b), batch_size=_group_size(T, C))
 
     def chunk(m, x):
         b_last, local_last = x
@@ -622,9 +692,8 @@ def _stabiliser(log_forget, log_input, m0, chunk_size):
     return jnp.reshape(m, (-1, H))[:T]
 
 
-def _mlstm_readout(o, m, eps):
-    """`h = C q / max(|n q|, exp(-m))` from the extended output `[C q, n q]`."""
-    num, den = o[..., :-1], o[..., -1:]
+def _mlstm_readout(num, den, m, eps):
+    """`h = C q / max(|n q|, exp(-m))` from the numerator `C q` and denominator `n q`."""
     scale = jnp.maximum(jnp.abs(den), jnp.exp(-m)[..., None]) + eps
     return num / scale
 
@@ -685,12 +754,11 @@ def mlstm(
     m = _stabiliser(log_f, log_i, h0.m, chunk_size)
     m_prev = jnp.concatenate([h0.m[None], m[:-1]])
     decay = log_f + m_prev - m
-    k_in = k32 * jnp.exp(log_i - m)[..., None]
-    ones = jnp.ones(v32.shape[:2] + (1,), v32.dtype)
-    v_ext = jnp.concatenate([v32, ones], axis=-1)
+    i = jnp.exp(log_i - m)[..., None]  # the input gate, <= 1
     s0 = jnp.concatenate([h0.C, h0.n[..., None]], axis=-1)
-    o, s = _gla(q32, k_in, v_ext, decay[..., None], s0, chunk_size, method)
-    h = _mlstm_readout(o, m, eps)
+    C = _chunk_length(q.shape[0], False, chunk_size)
+    (num, den), s = _gla_chunked(q32, k32, v32, decay[..., None], s0, i, C, True)
+    h = _mlstm_readout(num, den, m, eps)
     return h.astype(q.dtype), MLSTMState(s[..., :-1], s[..., -1], m[-1])
 
 

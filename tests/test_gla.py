@@ -147,8 +147,9 @@ def mlstm_runner(chunk_size):
 
 ref_gla_runner = loss_and_grads(ref_gla, range(5))
 ref_mlstm_runner = loss_and_grads(ref_mlstm, range(6))
-# (T, chunk_size): one step; a partial chunk; several chunks and a partial one, twice
-LENGTHS = [(1, 64), (37, 16), (100, 16), (100, 64)]
+# (T, chunk_size): one step; a partial chunk; several chunks and a partial one, twice;
+# two groups of chunks (the operators scan over groups of 256 steps), the last partial
+LENGTHS = [(1, 64), (37, 16), (100, 16), (100, 64), (300, 16)]
 
 
 @pytest.mark.parametrize("decay", ["scalar", "per_key"])
@@ -308,7 +309,7 @@ def test_gla_input_errors():
 # -------------------------------------------------------------------------------- mLSTM
 
 
-@pytest.mark.parametrize("T, chunk_size", [(1, 16), (37, 16), (100, 64)])
+@pytest.mark.parametrize("T, chunk_size", [(1, 16), (37, 16), (100, 64), (300, 16)])
 def test_mlstm_matches_float64_loop(T, chunk_size, rng):
     args = mlstm_inputs(rng, T)
     w = weights(rng, T, DV, MLSTM_STATE)
