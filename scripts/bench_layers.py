@@ -8,9 +8,14 @@ differentiated by JAX's autodiff (which stores every per-step carry and residual
     python scripts/bench_layers.py            # T in {1024, 4096}, d_model 128, batch 8
     python scripts/bench_layers.py --quick    # small sizes, a smoke test
     python scripts/bench_layers.py --mixers deltanet,gated_deltanet   # + memory table
-    python scripts/bench_layers.py --delta-operators   # ssm.delta_rule vs recurrence
-    python scripts/bench_layers.py --operators   # gated linear attention / mLSTM ops
     python scripts/bench_layers.py --mixers linear_attention,retnet,gla,mlstm,mamba2
+    python scripts/bench_layers.py --operators   # chunked operators vs recurrence
+    python scripts/bench_layers.py --operators gla-scalar,deltanet-c32   # some of them
+
+`--operators` times the chunked operators of `ssm` (the registry `OPERATORS`:
+`gated_linear_attention` with scalar and per-key decays, `mlstm`, and `delta_rule`
+with and without a gate at chunk sizes 64 and 32) against their naive recurrence, on
+bare inputs, in interleaved rounds (every case once per round, median over rounds).
 
 Prints markdown tables: time (median of `--runs` runs after a warm-up) and temp
 memory (`compile().memory_analysis().temp_size_in_bytes`), and the Mamba memory
@@ -20,6 +25,8 @@ check against `T x d_inner x d_state` state bytes.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
 import time
 
@@ -81,11 +88,6 @@ def main():
         "--memory-only", action="store_true", help="only the Mamba memory tables"
     )
     parser.add_argument(
-        "--delta-operators",
-        action="store_true",
-        help="only the delta-rule operators (ssm.delta_rule) against their recurrence",
-    )
-    parser.add_argument(
         "--operators",
         default=None,
         nargs="?",
@@ -98,10 +100,6 @@ def main():
         quick = ((128, 256), args.runs or 3)
         sizes = quick if args.quick else ((1024, 4096, 8192), args.runs or 5)
         operators(args.operators.split(","), *sizes)
-        return
-    if args.delta_operators:
-        quick = ((128, 256), args.runs or 3)
-        delta_operators(*(quick if args.quick else ((1024, 4096, 8192), args.runs or 5)))
         return
     if args.quick:
         lengths, d_model, batch, runs = (128, 256), 32, 2, args.runs or 3
@@ -200,50 +198,6 @@ def _delta_inputs(T, H, d, gated):
     )
 
 
-def _delta_measure(method, chunk_size, inputs, runs):
-    """fwd+bwd of `sum(o**2) + sum(S**2)`, gradient to every input (and `h0`)."""
-
-    def loss(x):
-        o, S = ssm.delta_rule(**x, chunk_size=chunk_size, method=method)
-        return jnp.sum(o**2) + jnp.sum(S**2)
-
-    compiled = jax.jit(jax.grad(loss)).lower(inputs).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(inputs))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(inputs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), temp
-
-
-def delta_operators(lengths, runs, H=4, d=64, chunk_sizes=(64, 32)):
-    """`ssm.delta_rule` (chunked) against its recurrence in a `lax.scan` + autodiff."""
-    print(
-        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
-        f"d_k = d_v = {d}, one sequence, median of {runs} runs, float32\n"
-    )
-    print(
-        "| operator | T | chunk | chunked fwd+bwd (ms) | naive fwd+bwd (ms) | speed-up "
-        "| chunked temp (MiB) | naive temp (MiB) | temp ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for gated in (False, True):
-        name = "gated delta rule" if gated else "delta rule"
-        for T in lengths:
-            inputs = _delta_inputs(T, H, d, gated)
-            t_naive, m_naive = _delta_measure("recurrent", 64, inputs, runs)
-            for C in chunk_sizes:
-                t, m = _delta_measure("chunked", C, inputs, runs)
-                print(
-                    f"| {name} | {T} | {C} | {1e3 * t:.1f} | {1e3 * t_naive:.1f} | "
-                    f"{t_naive / t:.1f}x | {mib(m)} | {mib(m_naive)} | "
-                    f"1/{m_naive / m:.0f} |",
-                    flush=True,
-                )
-
-
 def delta_layer_memory(names, T, d_model):
     """Delta-rule layers: fwd+bwd temp memory against the `T × H × d_k × d_v` states.
 
@@ -322,51 +276,94 @@ def _mlstm_case(T, H, d):
     return x, loss
 
 
-def _operator_measure(loss, inputs, method, runs):
-    compiled = jax.jit(jax.grad(lambda x: loss(x, method))).lower(inputs).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    for _ in range(2):  # warm-up: caches and pages are cold after the other method
-        jax.block_until_ready(compiled(inputs))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(inputs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), temp
+def _delta_case(gated, chunk_size):
+    def case(T, H, d):
+        def loss(x, method):
+            o, S = ssm.delta_rule(**x, chunk_size=chunk_size, method=method)
+            return jnp.sum(o**2) + jnp.sum(S**2)
+
+        return _delta_inputs(T, H, d, gated), loss  # gradient to `h0` too
+
+    return case
+
+
+# DeltaNet and Gated DeltaNet at chunk sizes 64 and 32 (`delta_rule`'s default on CPU)
+operator("deltanet-c64")(_delta_case(gated=False, chunk_size=64))
+operator("deltanet-c32")(_delta_case(gated=False, chunk_size=32))
+operator("gated-deltanet-c64")(_delta_case(gated=True, chunk_size=64))
+operator("gated-deltanet-c32")(_delta_case(gated=True, chunk_size=32))
+
+
+def _timed(compiled, inputs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(inputs))
+    return time.perf_counter() - t0
 
 
 def operators(names, lengths, runs, H=4, d=64):
-    """Each operator's chunked form against its recurrence in a `lax.scan` + autodiff."""
+    """Each operator's chunked form against its recurrence in a `lax.scan` + autodiff.
+
+    Every (operator, T, form) is compiled first and warmed up twice; then `runs`
+    rounds call each once in turn, and the median over rounds is reported, so that
+    all cases see the same load on a shared machine. Growth when T doubles is the
+    ratio of medians, with the spread of the per-round ratios beside it.
+    """
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
-        f"d_k = d_v = {d}, one sequence, chunk 64, median of {runs} runs, float32\n"
+        f"d_k = d_v = {d}, one sequence, chunk 64 unless the name says otherwise, "
+        f"median of {runs} interleaved rounds, float32; "
+        f"load average {os.getloadavg()[0]:.2f} at the start\n"
     )
+    cases = {}
+    for name in names:
+        for T in lengths:
+            inputs, loss = OPERATORS[name](T, H, d)
+            for method in ("chunked", "recurrent"):
+                grad = jax.grad(functools.partial(loss, method=method))
+                compiled = jax.jit(grad).lower(inputs).compile()
+                temp = compiled.memory_analysis().temp_size_in_bytes
+                cases[name, T, method] = (compiled, inputs, temp)
+    for compiled, inputs, _ in cases.values():  # caches and pages are cold at first
+        for _ in range(2):
+            _timed(compiled, inputs)
+    times = {key: [] for key in cases}
+    for _ in range(runs):
+        for key, (compiled, inputs, _) in cases.items():
+            times[key].append(_timed(compiled, inputs))
+    median = {key: statistics.median(t) for key, t in times.items()}
     print(
         "| operator | T | chunked fwd+bwd (ms) | naive fwd+bwd (ms) | speed-up "
         "| chunked temp (MiB) | naive temp (MiB) | temp ratio |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    growth = {}
     for name in names:
         for T in lengths:
-            inputs, loss = OPERATORS[name](T, H, d)
-            t, m = _operator_measure(loss, inputs, "chunked", runs)
-            t_naive, m_naive = _operator_measure(loss, inputs, "recurrent", runs)
-            growth[name, T] = (t, t_naive)
+            t, t_naive = median[name, T, "chunked"], median[name, T, "recurrent"]
+            m, m_naive = cases[name, T, "chunked"][2], cases[name, T, "recurrent"][2]
             print(
                 f"| {name} | {T} | {1e3 * t:.1f} | {1e3 * t_naive:.1f} | "
-                f"{t_naive / t:.1f}x | {mib(m)} | {mib(m_naive)} | 1/{m_naive / m:.1f} |",
-                flush=True,
+                f"{t_naive / t:.1f}x | {mib(m)} | {mib(m_naive)} | 1/{m_naive / m:.1f} |"
             )
     pairs = [(a, b) for a, b in zip(lengths, lengths[1:], strict=False) if b == 2 * a]
     if pairs:
         print("\nTime growth when T doubles (linear: 2.0x; quadratic: 4.0x):\n")
-        print("| operator | T | chunked | naive |")
-        print("|---|---|---|---|")
+        print("| operator | T | chunked | chunked, per round | naive |")
+        print("|---|---|---|---|---|")
         for name in names:
             for a, b in pairs:
-                (t1, n1), (t2, n2) = growth[name, a], growth[name, b]
-                print(f"| {name} | {a} → {b} | {t2 / t1:.2f}x | {n2 / n1:.2f}x |")
+                chunked = median[name, b, "chunked"] / median[name, a, "chunked"]
+                naive = median[name, b, "recurrent"] / median[name, a, "recurrent"]
+                rounds = [
+                    t2 / t1
+                    for t1, t2 in zip(
+                        times[name, a, "chunked"], times[name, b, "chunked"], strict=True
+                    )
+                ]
+                print(
+                    f"| {name} | {a} → {b} | {chunked:.2f}x | "
+                    f"{min(rounds):.2f}x–{max(rounds):.2f}x | {naive:.2f}x |"
+                )
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 
 MATRIX_LAYERS = {  # one head of large key/value size: the state dwarfs the activations
