@@ -15,7 +15,8 @@ differentiated by JAX's autodiff (which stores every per-step carry and residual
 `--operators` times the chunked operators of `ssm` (the registry `OPERATORS`:
 `gated_linear_attention` with scalar and per-key decays, `mlstm`, and `delta_rule`
 with and without a gate at chunk sizes 64 and 32) against their naive recurrence, on
-bare inputs, in interleaved rounds (every case once per round, median over rounds).
+bare inputs, in interleaved rounds (every case in turn, called twice and the second call
+timed; two untimed rounds first; median over the timed rounds).
 
 Prints markdown tables: time (median of `--runs` runs after a warm-up) and temp
 memory (`compile().memory_analysis().temp_size_in_bytes`), and the Mamba memory
@@ -303,10 +304,18 @@ def _timed(compiled, inputs):
 def operators(names, lengths, runs, H=4, d=64):
     """Each operator's chunked form against its recurrence in a `lax.scan` + autodiff.
 
-    Every (operator, T, form) is compiled first and warmed up twice; then `runs`
-    rounds call each once in turn, and the median over rounds is reported, so that
-    all cases see the same load on a shared machine. Growth when T doubles is the
-    ratio of medians, with the spread of the per-round ratios beside it.
+    Every (operator, T, form) is compiled first; then rounds take each in turn (two
+    untimed rounds, then `runs` timed ones) and the median over the timed rounds is
+    reported, so that all cases see the same load on a shared machine. In a round a
+    case is called twice and the second call timed: the steady state of a program
+    called again and again (a training step), not a call that follows another
+    program, which finds the caches filled by that program and its temp buffer
+    possibly handed back to the OS (after a naive case, the chunked temp is
+    page-faulted afresh). The untimed rounds let glibc's malloc settle: it serves a
+    temp buffer of up to 32 MiB from its heap only once it has freed one about as
+    large (its mmap threshold rises), while a larger one is mmapped and page-faulted
+    on every call whatever the history. Growth when T doubles is the ratio of
+    medians, with the spread of the per-round ratios.
     """
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
@@ -323,13 +332,13 @@ def operators(names, lengths, runs, H=4, d=64):
                 compiled = jax.jit(grad).lower(inputs).compile()
                 temp = compiled.memory_analysis().temp_size_in_bytes
                 cases[name, T, method] = (compiled, inputs, temp)
-    for compiled, inputs, _ in cases.values():  # caches and pages are cold at first
-        for _ in range(2):
-            _timed(compiled, inputs)
     times = {key: [] for key in cases}
-    for _ in range(runs):
+    for timed in [False] * 2 + [True] * runs:
         for key, (compiled, inputs, _) in cases.items():
-            times[key].append(_timed(compiled, inputs))
+            _timed(compiled, inputs)
+            t = _timed(compiled, inputs)
+            if timed:
+                times[key].append(t)
     median = {key: statistics.median(t) for key, t in times.items()}
     print(
         "| operator | T | chunked fwd+bwd (ms) | naive fwd+bwd (ms) | speed-up "
