@@ -31,11 +31,10 @@ live at a time. Inside a chunk everything is matrix products; the inverse of
 forward substitution reordered) rather than a triangular solve, which is far slower
 on CPU.
 
-The derivative (``jax.custom_vjp``) keeps only the inputs and the state at the start
-of each group of chunks (about 256 steps). Backwards, a reverse ``lax.scan`` over the
-groups carries ``G = dL/dS``; a group recomputes its chunks' factors and start states
-from its saved state, then runs each chunk's whole derivative in reverse, written by
-hand: the state part
+The derivative (``jax.custom_vjp``) keeps only the inputs and the ``T / C``
+chunk-start states. Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each
+chunk recomputes its factors from its inputs and start state and runs its whole
+derivative, written by hand: the state part
 
     dW = Pᵀ dO + K̃ G,     dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,
 
@@ -251,20 +250,12 @@ def _chunk(S0, xs):
     """One chunk from its start state ``S0 (H, dk, dv)``: ``o (C, H, dv)`` and the state
     at its end."""
     f = _factors(*_prepare(S0.dtype, *xs))
-    W = _chunk_W(S0, f)
-    out = f.Qg @ S0 + f.P @ W
-    return jnp.swapaxes(out, 0, 1), _chunk_end(S0, f, W)
-
-
-def _chunk_W(S0, f):
-    """``W = U - Wk S0``, the chunk's corrected values."""
     dv = S0.shape[-1]
-    return f.X[..., :dv] - f.X[..., dv:] @ S0
-
-
-def _chunk_end(S0, f, W):
-    """The state at the chunk's end, ``γ[C] S0 + Kdᵀ W``."""
-    return f.gam_C[:, None, None] * S0 + _mT(f.Kd) @ W
+    U, Wk = f.X[..., :dv], f.X[..., dv:]
+    W = U - Wk @ S0
+    out = f.Qg @ S0 + f.P @ W
+    S = f.gam_C[:, None, None] * S0 + _mT(f.Kd) @ W
+    return jnp.swapaxes(out, 0, 1), S
 
 
 def _chunk_vjp(S0, xs, dO, G):
@@ -326,22 +317,8 @@ def _chunk_vjp(S0, xs, dO, G):
     return dS0, dxs
 
 
-# Chunks are processed in groups of about this many steps. The forward pass keeps the
-# state at the start of each group only; the backward pass reruns a group's chunk
-# states from it before running the group's chunks in reverse. One state per group,
-# not per chunk, is the residual besides the inputs: 256 / C times fewer saved states
-# (at T = 8192, chunk 32, 4 heads of 64 x 64: 2 MiB instead of 16), for one more
-# pass of the chunk factors in the backward pass.
-_GROUP_STEPS = 256
-
-
-def _group_size(T, C):
-    """Chunks per group: about ``_GROUP_STEPS`` steps, at most the number of chunks."""
-    return max(1, min(_GROUP_STEPS // C, -(-T // C)))
-
-
-def _to_groups(x, C, group):
-    """``(T, ...) -> (M, group, C, ...)``, zero-padded at the end to whole groups.
+def _to_chunks(x, C):
+    """``(T, ...) -> (n, C, ...)``, zero-padded at the end to a whole number of chunks.
 
     Zero padding is inert: with ``k = β = 0`` and ``log α = 0`` a step leaves the
     state as it is, so the state after the last chunk is the state at ``T``.
@@ -349,15 +326,14 @@ def _to_groups(x, C, group):
     if x is None:
         return None
     T = x.shape[0]
-    steps = group * C
-    M = -(-T // steps)
-    if M * steps != T:
-        x = jnp.concatenate([x, jnp.zeros((M * steps - T,) + x.shape[1:], x.dtype)])
-    return x.reshape((M, group, C) + x.shape[1:])
+    n = -(-T // C)
+    if n * C != T:
+        x = jnp.concatenate([x, jnp.zeros((n * C - T,) + x.shape[1:], x.dtype)])
+    return x.reshape((n, C) + x.shape[1:])
 
 
-def _from_groups(x, T):
-    return x.reshape((-1,) + x.shape[3:])[:T]
+def _from_chunks(x, T):
+    return x.reshape((-1,) + x.shape[2:])[:T]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -366,53 +342,32 @@ def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 
 def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
-    """Groups of chunks in order: a ``lax.scan`` over groups that carries the state and
-    keeps each group's start state, with a ``lax.scan`` over the group's chunks."""
+    """Chunks in order: a ``lax.scan`` that carries the state and keeps its chunk starts."""
     xs = (q, k, v, beta, log_decay)
-    T = q.shape[0]
-    groups = tuple(_to_groups(x, C, _group_size(T, C)) for x in xs)
 
-    def chunk(S0, xs_c):
+    def body(S0, xs_c):
         o, S = _chunk(S0, xs_c)
-        return S, o.astype(out_dtype)
+        return S, (o.astype(out_dtype), S0)
 
-    def group(S0, xs_g):
-        S, o = lax.scan(chunk, S0, xs_g)
-        return S, (o, S0)
-
-    S, (o, S0g) = lax.scan(group, h0, groups)
-    return (_from_groups(o, T), S), (xs, S0g)
+    S, (o, S0s) = lax.scan(body, h0, tuple(_to_chunks(x, C) for x in xs))
+    return (_from_chunks(o, q.shape[0]), S), (xs, S0s)
 
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
-    """Groups in reverse order, carrying ``dL/dS``. A group first reruns its chunks'
-    states from its saved start state, then runs its chunks' derivatives in reverse;
-    nothing of size ``T × d_k × d_v``, and no state per chunk of the whole sequence, is
+    """Chunks in reverse order, carrying ``dL/dS``; each chunk's factors are recomputed
+    from its inputs and its saved start state, so nothing of size ``T × d_k × d_v`` is
     ever held."""
-    xs, S0g = residuals
+    xs, S0s = residuals
     do, G = cotangents
+
+    def body(G, inputs):
+        xs_c, S0, dO = inputs
+        return _chunk_vjp(S0, xs_c, dO, G)
+
+    chunks = (tuple(_to_chunks(x, C) for x in xs), S0s, _to_chunks(do, C))
+    dh0, dxs = lax.scan(body, G.astype(S0s.dtype), chunks, reverse=True)
     T = xs[0].shape[0]
-    size = _group_size(T, C)
-    dtype = S0g.dtype
-
-    def group(G, inputs):
-        xs_g, S0, dO = inputs
-
-        def rerun(S, xs_c):
-            f = _factors(*_prepare(dtype, *xs_c))
-            return _chunk_end(S, f, _chunk_W(S, f)), S
-
-        _, S0s = lax.scan(rerun, S0, xs_g)
-
-        def back(G, inputs_c):
-            xs_c, S0_c, dO_c = inputs_c
-            return _chunk_vjp(S0_c, xs_c, dO_c, G)
-
-        return lax.scan(back, G, (xs_g, S0s, dO), reverse=True)
-
-    groups = (tuple(_to_groups(x, C, size) for x in xs), S0g, _to_groups(do, C, size))
-    dh0, dxs = lax.scan(group, G.astype(dtype), groups, reverse=True)
-    return (*(None if dx is None else _from_groups(dx, T) for dx in dxs), dh0)
+    return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -470,8 +425,8 @@ def delta_rule(
     shape `(H, d_k, d_v)`, float32 (float64 if any input is float64).
 
     The chunked form costs `O(T C (d_k + d_v) + T d_k d_v)` per head in matrix
-    products; its derivative keeps only the inputs and one state per group of chunks
-    (about 256 steps), and differentiates through `h0` and the final state. It is reverse-mode only
+    products; its derivative keeps only the inputs and one state per chunk, and
+    differentiates through `h0` and the final state. It is reverse-mode only
     (`jax.grad`, `jax.vjp`), and composes with `jax.vmap` and `jax.jit`.
 
     ```python
