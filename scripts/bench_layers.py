@@ -1,6 +1,8 @@
-"""Benchmark the diagonal SSM layers: forward+backward time and compiled temp memory.
+"""Benchmark the layers and the chunked operators: forward+backward time and compiled
+temp memory.
 
-Each layer (`layers.MIXERS`: s4d, s5, lru, mamba, rglru) is timed on a batch of
+Each layer (`--mixers`, names in `layers.MIXERS`; the diagonal SSMs s4d, s5, lru,
+mamba, rglru by default) is timed on a batch of
 sequences through `jax.vmap`, loss `sum(y**2)`, gradient to every parameter, against a
 naive reference of the same layer: its own `step` in a `lax.scan` over time,
 differentiated by JAX's autodiff (which stores every per-step carry and residual).
