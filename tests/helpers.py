@@ -1,5 +1,6 @@
 """Comparison helpers shared by the tests."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,3 +50,39 @@ def decay(key, shape, dtype=jnp.float64, low=0.3, high=0.99):
         return jax.lax.complex(mod * jnp.cos(phase), mod * jnp.sin(phase)).astype(dtype)
     sign = jnp.where(jax.random.bernoulli(k2, 0.2, shape), -1.0, 1.0).astype(real)
     return mod * sign
+
+
+def value_and_grads(fn):
+    """``fn(m, x)`` jitted once: its outputs and the gradients, to ``(m, x)``, of a
+    random projection ``sum(fn(m, x) * w)`` of them."""
+
+    @eqx.filter_jit
+    def run(m, x, w):
+        def loss(mx):
+            y = fn(*mx)
+            return jnp.sum(y * w), y
+
+        g, y = eqx.filter_grad(loss, has_aux=True)((m, x))
+        return y, g
+
+    return run
+
+
+def numpy_rules(fn):
+    """References are written as the equations read, with NumPy's broadcasting."""
+
+    def wrapped(*args):
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            return fn(*args)
+
+    return wrapped
+
+
+def assert_gradient_reaches_every_parameter(grads, model) -> None:
+    """Every array of ``model`` has a finite gradient in ``grads`` that is not all zero."""
+    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(grads, eqx.is_array))
+    assert len(leaves) == len(jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    for path, leaf in leaves:
+        name, leaf = jax.tree_util.keystr(path), np.asarray(leaf)
+        assert np.all(np.isfinite(leaf)), name
+        assert np.max(np.abs(leaf)) > 0, f"no gradient reaches {name}"

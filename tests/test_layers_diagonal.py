@@ -18,7 +18,14 @@ import pytest
 
 import layers
 
-from .helpers import assert_close, normal, rel_err
+from .helpers import (
+    assert_close,
+    assert_gradient_reaches_every_parameter,
+    normal,
+    numpy_rules,
+    rel_err,
+    value_and_grads,
+)
 
 D_MODEL, T = 8, 37  # odd length, not a multiple of any chunk size used below
 f32, f64 = jnp.float32, jnp.float64
@@ -183,30 +190,7 @@ REFERENCES = {
 }
 
 
-def value_and_grads(fn):
-    """jit once: outputs and the gradients of a random projection of them."""
-
-    @eqx.filter_jit
-    def run(m, x, w):
-        def loss(mx):
-            return jnp.sum(fn(*mx) * w)
-
-        return fn(m, x), eqx.filter_grad(loss)((m, x))
-
-    return run
-
-
 run_layer = value_and_grads(lambda m, x: m(x))
-
-
-def numpy_rules(fn):
-    """References are written as the equations read, with NumPy's broadcasting."""
-
-    def wrapped(*args):
-        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-            return fn(*args)
-
-    return wrapped
 
 
 run_reference = {k: value_and_grads(numpy_rules(f)) for k, f in REFERENCES.items()}
@@ -226,12 +210,7 @@ def test_matches_float64_reference(case, getkey):
     assert y.dtype == f64
     assert_close(y, y_ref, 1e-10, "values")
     assert_close(g, g_ref, 1e-9, "gradients")
-    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(g[0], eqx.is_array))
-    assert len(leaves) == len(jax.tree.leaves(eqx.filter(m, eqx.is_array)))
-    for path, leaf in leaves:
-        name, leaf = jax.tree_util.keystr(path), np.asarray(leaf)
-        assert np.all(np.isfinite(leaf)), name
-        assert np.max(np.abs(leaf)) > 0, f"no gradient reaches {name}"
+    assert_gradient_reaches_every_parameter(g[0], m)
 
 
 def test_bidirectional_s5_is_not_causal(getkey):
