@@ -246,33 +246,36 @@ def _prepare(compute, q, k, v, beta, log_decay):
     return q, k, v, beta, log_decay
 
 
+def _advance(S0, f):
+    """The chunk's new values ``W = U - Wk S0`` and its end state, from its factors."""
+    dv = S0.shape[-1]
+    W = f.X[..., :dv] - f.X[..., dv:] @ S0
+    return W, f.gam_C[:, None, None] * S0 + _mT(f.Kd) @ W
+
+
 def _chunk(S0, xs):
     """One chunk from its start state ``S0 (H, dk, dv)``: ``o (C, H, dv)`` and the state
     at its end."""
     f = _factors(*_prepare(S0.dtype, *xs))
-    dv = S0.shape[-1]
-    U, Wk = f.X[..., :dv], f.X[..., dv:]
-    W = U - Wk @ S0
-    out = f.Qg @ S0 + f.P @ W
-    S = f.gam_C[:, None, None] * S0 + _mT(f.Kd) @ W
-    return jnp.swapaxes(out, 0, 1), S
+    W, S = _advance(S0, f)
+    return jnp.swapaxes(f.Qg @ S0 + f.P @ W, 0, 1), S
 
 
-def _chunk_vjp(S0, xs, dO, G):
+def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
     """The cotangents ``(dS0, dxs)`` of one chunk, given those of its outputs ``dO`` and
     of the state at its end ``G``: the chunk's whole derivative, written by hand.
+    ``inputs`` are ``xs`` as `_prepare` returns them, ``f`` their factors and ``W`` the
+    new values from ``S0`` (see `_advance`).
 
     State part (``W = U - Wk S0``, ``O = Qg S0 + P W``, ``S_end = γ[C] S0 + Kdᵀ W``),
     then the UT transform (``X = (I + A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX`` and
     ``dA = -dR Xᵀ``, strictly lower), then the products, gates and the cumulative sum
     of the log gates back to the inputs.
     """
-    q, k, v, beta, log_decay = _prepare(S0.dtype, *xs)
-    f = _factors(q, k, v, beta, log_decay)
+    q, k, v, beta, log_decay = inputs
     dv = v.shape[-1]
-    U, Wk = f.X[..., :dv], f.X[..., dv:]
+    Wk = f.X[..., dv:]
     dO = jnp.swapaxes(dO.astype(S0.dtype), 0, 1)
-    W = U - Wk @ S0
     dW = _mT(f.P) @ dO + f.Kd @ G
     dS0 = _mT(f.Qg) @ dO + f.gam_C[:, None, None] * G - _mT(Wk) @ dW
     dP = dO @ _mT(W)
@@ -317,8 +320,9 @@ def _chunk_vjp(S0, xs, dO, G):
     return dS0, dxs
 
 
-def _to_chunks(x, C):
-    """``(T, ...) -> (n, C, ...)``, zero-padded at the end to a whole number of chunks.
+def _to_chunks(x, C, g=1):
+    """``(T, ...) -> (n, g, C, ...)``, zero-padded at the end to a whole number of groups
+    of ``g`` chunks.
 
     Zero padding is inert: with ``k = β = 0`` and ``log α = 0`` a step leaves the
     state as it is, so the state after the last chunk is the state at ``T``.
@@ -326,14 +330,28 @@ def _to_chunks(x, C):
     if x is None:
         return None
     T = x.shape[0]
-    n = -(-T // C)
-    if n * C != T:
-        x = jnp.concatenate([x, jnp.zeros((n * C - T,) + x.shape[1:], x.dtype)])
-    return x.reshape((n, C) + x.shape[1:])
+    n = -(-T // (g * C))
+    if n * g * C != T:
+        x = jnp.concatenate([x, jnp.zeros((n * g * C - T,) + x.shape[1:], x.dtype)])
+    return x.reshape((n, g, C) + x.shape[1:])
 
 
 def _from_chunks(x, T):
-    return x.reshape((-1,) + x.shape[2:])[:T]
+    return x.reshape((-1,) + x.shape[3:])[:T]
+
+
+def _group(T, C):
+    """How many chunks one step of the scans takes: two, so that only every other
+    chunk-start state is kept for the backward pass (the other is recomputed there at
+    the cost of one ``Kdᵀ W`` product, the chunk's factors being needed anyway),
+    unless ``T`` is so short in chunks that padding it to an even number would cost
+    more than a ninth."""
+    n = -(-T // C)
+    return 2 if n % 2 == 0 or n >= 8 else 1
+
+
+def _take(xs, i):
+    return tuple(None if x is None else x[i] for x in xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -342,29 +360,52 @@ def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 
 def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
-    """Chunks in order: a ``lax.scan`` that carries the state and keeps its chunk starts."""
+    """Chunks in order: a ``lax.scan`` that carries the state, takes a group of chunks
+    per step and keeps the state at the start of each group."""
     xs = (q, k, v, beta, log_decay)
+    g = _group(q.shape[0], C)
 
-    def body(S0, xs_c):
-        o, S = _chunk(S0, xs_c)
-        return S, (o.astype(out_dtype), S0)
+    def body(S0, xs_g):
+        S, outs = S0, []
+        for i in range(g):
+            o, S = _chunk(S, _take(xs_g, i))
+            outs.append(o.astype(out_dtype))
+        return S, (jnp.stack(outs), S0)
 
-    S, (o, S0s) = lax.scan(body, h0, tuple(_to_chunks(x, C) for x in xs))
+    S, (o, S0s) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
     return (_from_chunks(o, q.shape[0]), S), (xs, S0s)
 
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
-    """Chunks in reverse order, carrying ``dL/dS``; each chunk's factors are recomputed
-    from its inputs and its saved start state, so nothing of size ``T × d_k × d_v`` is
-    ever held."""
+    """Groups of chunks in reverse order, carrying ``dL/dS``. Each group recomputes its
+    chunks' factors from their inputs and its saved start state, runs the states
+    forward through the group and then the chunks' derivatives backward, so nothing of
+    size ``T × d_k × d_v`` is ever held."""
     xs, S0s = residuals
     do, G = cotangents
+    g = _group(xs[0].shape[0], C)
 
     def body(G, inputs):
-        xs_c, S0, dO = inputs
-        return _chunk_vjp(S0, xs_c, dO, G)
+        xs_g, S, dO = inputs
+        chunks = []
+        for i in range(g):
+            xs_c = _take(xs_g, i)
+            prepared = _prepare(S.dtype, *xs_c)
+            f = _factors(*prepared)
+            W, S_end = _advance(S, f)
+            chunks.append((S, xs_c, prepared, f, W))
+            S = S_end
+        dxs = [None] * g
+        for i in reversed(range(g)):
+            S, xs_c, prepared, f, W = chunks[i]
+            G, dxs[i] = _chunk_vjp(S, xs_c, dO[i], G, prepared, f, W)
+        stacked = tuple(
+            None if dxs[0][j] is None else jnp.stack([d[j] for d in dxs])
+            for j in range(len(xs))
+        )
+        return G, stacked
 
-    chunks = (tuple(_to_chunks(x, C) for x in xs), S0s, _to_chunks(do, C))
+    chunks = (tuple(_to_chunks(x, C, g) for x in xs), S0s, _to_chunks(do, C, g))
     dh0, dxs = lax.scan(body, G.astype(S0s.dtype), chunks, reverse=True)
     T = xs[0].shape[0]
     return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)

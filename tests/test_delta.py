@@ -90,8 +90,8 @@ def weights(key, T):
 
 @pytest.mark.parametrize(
     "T, chunk_size, gated",
-    [(100, 16, False), (100, 16, True), (37, 64, True), (1, 16, False)],
-    ids=["deltanet-100-16", "gated-100-16", "gated-37-64", "deltanet-1-16"],
+    [(135, 8, False), (150, 16, True), (100, 16, True), (37, 64, True), (1, 16, False)],
+    ids=["deltanet-135-8", "gated-150-16", "gated-100-16", "gated-37-64", "deltanet-1-16"],
 )
 def test_chunked_matches_float64_reference(T, chunk_size, gated, getkey):
     """Values and gradients to every input, including `h0`, through `o` and the final
