@@ -31,10 +31,12 @@ live at a time. Inside a chunk everything is matrix products; the inverse of
 forward substitution reordered) rather than a triangular solve, which is far slower
 on CPU.
 
-The derivative (``jax.custom_vjp``) keeps only the inputs and the ``T / C``
-chunk-start states. Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each
-chunk recomputes its factors from its inputs and start state and runs its whole
-derivative, written by hand: the state part
+Both scans take two chunks a step (see `_group`), so the derivative
+(``jax.custom_vjp``) keeps only the inputs and the ``T / 2C`` states at the start of
+each pair. Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each pair
+recomputes its chunks' factors from their inputs, reruns the state from the pair's
+start to the second chunk's, and runs each chunk's whole derivative, written by
+hand: the state part
 
     dW = Pᵀ dO + K̃ G,     dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,
 
@@ -466,7 +468,7 @@ def delta_rule(
     shape `(H, d_k, d_v)`, float32 (float64 if any input is float64).
 
     The chunked form costs `O(T C (d_k + d_v) + T d_k d_v)` per head in matrix
-    products; its derivative keeps only the inputs and one state per chunk, and
+    products; its derivative keeps only the inputs and one state per two chunks, and
     differentiates through `h0` and the final state. It is reverse-mode only
     (`jax.grad`, `jax.vjp`), and composes with `jax.vmap` and `jax.jit`.
 

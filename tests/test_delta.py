@@ -189,8 +189,8 @@ def test_bfloat16_inputs(getkey):
 
 def test_memory_is_chunk_bounded():
     """Forward+backward temp memory at T = 2048 is a small fraction of the `T × d_k ×
-    d_v` state history that autodiff of the recurrence keeps (one state per chunk of 64
-    is 1/64 of it; the rest is `O(T · d)` activations)."""
+    d_v` state history that autodiff of the recurrence keeps (one state per two chunks
+    of 64 is 1/128 of it; the rest is `O(T · d)` activations)."""
     h, d, T = 2, 32, 2048
 
     def loss(q, k, v, beta, g):
