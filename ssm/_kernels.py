@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _cpu_kernel
+
 
 @dataclass(frozen=True)
 class _Ops:
@@ -330,10 +332,17 @@ def chunked(
     return out
 
 
-def evaluate(a, b, h0, r, *, method, matrix, trans, reverse, shift, has_resets, chunk_size):
+def evaluate(
+    a, b, h0, r, *, method, matrix, trans, reverse, shift, has_resets, chunk_size, kernel
+):
     ops = _Ops(matrix=matrix, trans=trans)
     kw = dict(ops=ops, reverse=reverse, shift=shift, has_resets=has_resets)
     if method == "sequential":
+        if kernel and _cpu_kernel.covers(
+            a.shape, b.shape, a.dtype, matrix=matrix, has_resets=has_resets
+        ):
+            if a.dtype == b.dtype == h0.dtype:
+                return _cpu_kernel.scan(a, b, h0, reverse=reverse, shift=shift)
         return sequential(a, b, h0, r, **kw)
     if method == "associative":
         return associative(a, b, h0, r, **kw)

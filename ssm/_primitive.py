@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 from jax.interpreters import ad, batching, mlir
 
-from . import _kernels
+from . import _cpu_kernel, _kernels
 
 linear_recurrence_p = jex.core.Primitive("ssm_linear_recurrence")
 
@@ -58,9 +58,28 @@ def _match_varying(*args):
 
 
 def linear_recurrence(
-    a, b, h0, r, *, matrix, trans, reverse, shift, has_resets, method, chunk_size
+    a,
+    b,
+    h0,
+    r,
+    *,
+    matrix,
+    trans,
+    reverse,
+    shift,
+    has_resets,
+    method,
+    chunk_size,
+    kernel=None,
 ):
     a, b, h0, r = _match_varying(a, b, h0, r)
+    if kernel is None:
+        # Decided once, where the scan is first bound; the derivative rules pass it on.
+        kernel = (
+            method == "sequential"
+            and jax.default_backend() == "cpu"
+            and _cpu_kernel.available()
+        )
     return linear_recurrence_p.bind(
         a,
         b,
@@ -73,6 +92,7 @@ def linear_recurrence(
         has_resets=has_resets,
         method=method,
         chunk_size=chunk_size,
+        kernel=kernel,
     )
 
 
@@ -97,6 +117,7 @@ linear_recurrence_p.def_impl(
             "has_resets",
             "method",
             "chunk_size",
+            "kernel",
         ),
     )(_impl)
 )
@@ -112,6 +133,8 @@ def _lowering(ctx, *args, **params):
         ShapedArray(v.shape, v.dtype, v.weak_type, sharding=v.sharding)
         for v in ctx.avals_in
     ]
+    if tuple(ctx.module_context.platforms) != ("cpu",):
+        params = dict(params, kernel=False)  # the kernel is a CPU custom call
     return _lower_impl(ctx.replace(avals_in=avals), *args, **params)
 
 

@@ -1,0 +1,192 @@
+"""The compiled CPU kernel of the diagonal linear scan (``_cpu_kernel.cc``).
+
+XLA's CPU loops run one thread, zero-fill their output and write it row by row
+through the cache; on a memory-bound scan that costs about half the time (see
+``scripts/bench_scan.py``). The kernel splits the columns across threads and writes
+large outputs with non-temporal stores. It is an XLA FFI custom call, built from
+its C++ source with the system compiler the first time it is needed and cached:
+
+- the cache is ``$SSM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ssm-jax``, else
+  ``~/.cache/ssm-jax``; one library per source, jaxlib version, compiler and CPU;
+- the compiler is ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found;
+- ``SSM_CPU_KERNEL=0`` turns it off.
+
+Without a compiler (or if the build fails: a warning says why) everything runs on
+XLA's loops, with the same results and derivatives, only slower. The kernel is used
+by ``method="sequential"`` (and ``"auto"`` on CPU) for the cases it covers: a
+diagonal scan on the CPU backend, float32 or float64, ``a`` of the same shape as
+``b`` (after ``vmap``), no ``resets``. `available` tells whether it is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
+_TARGETS = {
+    np.dtype(np.float32): "ssm_linear_scan_f32",
+    np.dtype(np.float64): "ssm_linear_scan_f64",
+}
+_SYMBOLS = {
+    "ssm_linear_scan_f32": "SsmLinearScanF32",
+    "ssm_linear_scan_f64": "SsmLinearScanF64",
+}
+# Outputs at least this large are written with non-temporal stores (they would not
+# stay in cache anyway); smaller ones through the cache, where the next op finds them.
+NONTEMPORAL_BYTES = 8 << 20
+# Below this many elements one thread does it all (starting threads costs more).
+THREADS_ELEMENTS = 1 << 16
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "enabled": True}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SSM_KERNEL_CACHE"):
+        return Path(os.environ["SSM_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ssm-jax"
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_id() -> str:
+    """What `-march=native` depends on: the CPU model and flags (Linux), else the
+    machine name."""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [
+            line
+            for line in text.splitlines()
+            if line.startswith(("model name", "flags", "Features", "CPU part"))
+        ]
+        return "\n".join(sorted(set(lines)))
+    return platform.machine() + platform.processor()
+
+
+def _build() -> Path:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode()
+            for s in (_SOURCE.read_text(), jax.lib.__version__, version, _cpu_id(), include)
+        )
+    ).hexdigest()[:16]
+    directory = _cache_dir()
+    library = directory / f"ssm_cpu_kernel_{key}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        out = Path(tmp) / library.name
+        cmd = [cxx, *flags, "-I", include, str(_SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-2000:]}"
+            )
+        os.replace(out, library)  # atomic: concurrent builds leave one whole file
+    return library
+
+
+def _load() -> bool:
+    with _lock:
+        if _state["loaded"] is not None:
+            return _state["loaded"]
+        try:
+            library = ctypes.cdll.LoadLibrary(str(_build()))
+            for target, symbol in _SYMBOLS.items():
+                capsule = jax.ffi.pycapsule(getattr(library, symbol))
+                jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+            _state["loaded"] = True
+        except Exception as error:  # noqa: BLE001 (any failure means: use XLA's loops)
+            warnings.warn(
+                f"ssm: the compiled CPU scan kernel is unavailable, so linear scans on "
+                f"CPU run on XLA's loops (same results, slower): {error}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _state["loaded"] = False
+        return _state["loaded"]
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel is built, loaded and enabled (building it on
+    the first call)."""
+    if os.environ.get("SSM_CPU_KERNEL", "1") == "0" or not _state["enabled"]:
+        return False
+    return _load()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block scans use XLA's loops, not the kernel (for tests and
+    comparisons). JAX's caches are cleared on entry and exit, so that functions traced
+    on one side are traced again on the other."""
+    before = _state["enabled"]
+    _state["enabled"] = False
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+        jax.clear_caches()
+
+
+def covers(a_shape, b_shape, dtype, *, matrix: bool, has_resets: bool) -> bool:
+    """Whether the kernel computes this case (shapes as the primitive sees them)."""
+    return (
+        not matrix
+        and not has_resets
+        and np.dtype(dtype) in _TARGETS
+        and tuple(a_shape) == tuple(b_shape)
+    )
+
+
+def scan(a, b, h0, *, reverse: bool, shift: bool):
+    """The recurrence of ``_kernels`` (processing order, ``shift``) for a diagonal
+    ``a`` of the same shape and dtype as ``b (T, *S)``; ``h0`` of shape ``S``."""
+    T = b.shape[0]
+    D = int(np.prod(b.shape[1:], dtype=np.int64))
+    size = T * D
+    call = jax.ffi.ffi_call(
+        _TARGETS[np.dtype(b.dtype)], jax.ShapeDtypeStruct((T, D), b.dtype)
+    )
+    h = call(
+        a.reshape(T, D),
+        b.reshape(T, D),
+        h0.reshape(D),
+        reverse=bool(reverse),
+        shift=bool(shift),
+        nontemporal=bool(size * b.dtype.itemsize >= NONTEMPORAL_BYTES),
+        threads=np.int64(1 if size < THREADS_ELEMENTS else max(1, os.cpu_count() or 1)),
+    )
+    return h.reshape(b.shape)

@@ -1,0 +1,159 @@
+"""The compiled CPU kernel of ``ssm.linear_scan`` (``ssm/_cpu_kernel.cc``).
+
+``method="sequential"`` (and ``"auto"`` on CPU) runs the diagonal scan as an XLA FFI
+call when the kernel covers the case; these tests check that it is really used, that
+it agrees with a float64 loop reference in values, VJPs and JVPs (forwards, reverse,
+``h0``, lengths 1 to 301, column counts that are not multiples of its blocks, one
+thread and several, stores through the cache and non-temporal ones), and that
+without it (no compiler, a failed build, ``SSM_CPU_KERNEL=0``) the scan falls back
+to XLA's loops with a warning and the same numbers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssm
+from ssm import _cpu_kernel
+
+from .helpers import assert_close, decay, normal
+from .test_scan import ref_linear_scan
+
+F32, F64 = jnp.float32, jnp.float64
+
+pytestmark = pytest.mark.skipif(
+    _cpu_kernel._compiler() is None, reason="no C++ compiler to build the kernel"
+)
+
+
+def lowered_text(f, *args):
+    return jax.jit(f).lower(*args).as_text()
+
+
+def uses_kernel(f, *args):
+    return "ssm_linear_scan_f" in lowered_text(f, *args)
+
+
+@pytest.fixture(params=["cached-stores", "nontemporal-threads"])
+def mode(request, monkeypatch):
+    """The kernel's two store paths and its thread split, chosen at trace time."""
+    if request.param == "nontemporal-threads":
+        monkeypatch.setattr(_cpu_kernel, "NONTEMPORAL_BYTES", 0)
+        monkeypatch.setattr(_cpu_kernel, "THREADS_ELEMENTS", 0)
+    return request.param
+
+
+# (T, state shape, dtype, reverse): column counts 5, 210, 130, 134, 64 against
+# blocks of 64 (float32) and 32 (float64) columns; 64 float32 columns make aligned
+# rows, the others not.
+CASES = [
+    (1, (5,), F64, False),
+    (2, (3, 70), F32, True),
+    (17, (130,), F64, False),
+    (301, (2, 67), F32, True),
+    (300, (64,), F32, False),
+    (257, (2, 64), F64, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}-{c[3]}")
+def test_kernel_matches_float64_reference(getkey, mode, case):
+    T, S, dtype, reverse = case
+    a = decay(getkey(), (T,) + S).astype(dtype)
+    b, h0 = normal(getkey(), (T,) + S).astype(dtype), normal(getkey(), S).astype(dtype)
+    ct, ta, tb, th0 = (normal(getkey(), x.shape).astype(dtype) for x in (b, a, b, h0))
+
+    def f(a, b, h0):
+        return ssm.linear_scan(a, b, h0, reverse=reverse, method="sequential")
+
+    def ref(a, b, h0):
+        return ref_linear_scan(a, b, h0, reverse=reverse)
+
+    assert uses_kernel(f, a, b, h0)
+    wide = tuple(x.astype(F64) for x in (a, b, h0))
+    h, vjp = jax.vjp(jax.jit(f), a, b, h0)
+    h_ref, vjp_ref = jax.vjp(ref, *wide)
+    _, jvp = jax.jit(lambda *p: jax.jvp(f, p, (ta, tb, th0)))(a, b, h0)
+    _, jvp_ref = jax.jvp(ref, wide, tuple(x.astype(F64) for x in (ta, tb, th0)))
+    tol = 1e-5 if dtype == F32 else 1e-12
+    assert h.dtype == dtype
+    assert_close(h, h_ref, tol, "values")
+    assert_close(vjp(ct), vjp_ref(ct.astype(F64)), tol, "vjp")
+    assert_close(jvp, jvp_ref, tol, "jvp")
+
+
+def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
+    """The same scan with the kernel turned off (XLA's loop) gives the same values and
+    gradients; under `vmap` with `a` batched the kernel is used, and with `a` shared
+    across the batch (a broadcast it does not cover) XLA's loop is."""
+    a = decay(getkey(), (4, 45, 70)).astype(F32)
+    b = normal(getkey(), (4, 45, 70)).astype(F32)
+
+    def loss(a, b):
+        return jnp.sum(ssm.linear_scan(a, b, method="sequential") ** 2)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    with _cpu_kernel.disabled():
+        assert not uses_kernel(grad, a[0], b[0])
+        want = jax.jit(grad)(a[0], b[0])
+    assert uses_kernel(grad, a[0], b[0])
+    assert_close(jax.jit(grad)(a[0], b[0]), want, 1e-6, "kernel against XLA")
+
+    batched = jax.vmap(grad)
+    shared = jax.vmap(grad, in_axes=(None, 0))
+    assert uses_kernel(batched, a, b) and not uses_kernel(shared, a[0], b)
+    out_batched, out_shared = jax.jit(batched)(a, b), jax.jit(shared)(a[0], b)
+    for i in range(4):
+        row = jax.tree.map(lambda x: x[i], out_batched)  # noqa: B023
+        assert_close(row, jax.jit(grad)(a[i], b[i]), 1e-6, "vmap, a batched")
+        row = jax.tree.map(lambda x: x[i], out_shared)  # noqa: B023
+        assert_close(row, jax.jit(grad)(a[0], b[i]), 1e-6, "vmap, a shared")
+
+
+def test_cases_the_kernel_does_not_cover_use_xla():
+    a, b = jnp.full((9, 6), 0.5, F32), jnp.ones((9, 6), F32)
+    resets = jnp.zeros((9,), bool)
+    assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, resets=resets), a, b)
+    assert not uses_kernel(lambda a, b: ssm.linear_scan(a[:, :1], b), a, b)
+    assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, method="chunked"), a, b)
+    c = b.astype(jnp.complex64)
+    assert not uses_kernel(lambda a, c: ssm.linear_scan(a, c), a, c)
+    assert uses_kernel(lambda a, b: ssm.linear_scan(a, b), a, b)  # auto, on CPU
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSM_KERNEL_CACHE", str(tmp_path))
+    library = _cpu_kernel._build()
+    assert library.parent == tmp_path and library.exists()
+    stamp = library.stat().st_mtime_ns
+    assert _cpu_kernel._build() == library and library.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no leftovers
+
+
+def test_fallback_without_the_kernel(getkey, monkeypatch):
+    """A failed build warns once, naming the cause, and scans run on XLA's loops;
+    `SSM_CPU_KERNEL=0` turns the kernel off."""
+    a = decay(getkey(), (20, 3)).astype(F32)
+    b = normal(getkey(), (20, 3)).astype(F32)
+    want = ref_linear_scan(a.astype(F64), b.astype(F64), jnp.zeros(3, F64))
+
+    def f(a, b):
+        return ssm.linear_scan(a, b)
+
+    def broken():
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setitem(_cpu_kernel._state, "loaded", None)
+    monkeypatch.setattr(_cpu_kernel, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="compiler exploded"):
+        assert not _cpu_kernel.available()
+    assert not _cpu_kernel.available()  # no second warning, no second try
+    assert not uses_kernel(f, a, b)
+    assert_close(jax.jit(f)(a, b), want, 1e-5)
+
+    monkeypatch.setitem(_cpu_kernel._state, "loaded", True)
+    assert _cpu_kernel.available()
+    monkeypatch.setenv("SSM_CPU_KERNEL", "0")
+    assert not _cpu_kernel.available() and not uses_kernel(f, a, b)
+    np.testing.assert_allclose(jax.jit(f)(a, b), want, rtol=1e-5, atol=1e-6)
