@@ -23,6 +23,7 @@ this off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import ssm  # noqa: E402
+from ssm import _cpu_kernel  # noqa: E402
 
 
 def lax_scan_diag(a, b):
@@ -105,10 +107,14 @@ def measure(contenders: dict, args, rounds: int) -> dict:
     """Median forward and forward+backward time (s) and temp bytes per contender."""
     compiled = {}
     for name, f in contenders.items():
-        fwd = jax.jit(f)
-        bwd = jax.jit(jax.grad(_loss(f), argnums=(0, 1)))
-        mem = bwd.lower(*args).compile().memory_analysis().temp_size_in_bytes
-        mem_f = fwd.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        # Compiled ahead of time; contenders marked `xla_loops` with ssm's compiled
+        # CPU kernel turned off (what `method="sequential"` runs without it).
+        off = getattr(f, "xla_loops", False)
+        with _cpu_kernel.disabled() if off else contextlib.nullcontext():
+            fwd = jax.jit(f).lower(*args).compile()
+            bwd = jax.jit(jax.grad(_loss(f), argnums=(0, 1))).lower(*args).compile()
+        mem = bwd.memory_analysis().temp_size_in_bytes
+        mem_f = fwd.memory_analysis().temp_size_in_bytes
         jax.block_until_ready(fwd(*args))
         jax.block_until_ready(bwd(*args))
         compiled[name] = (fwd, bwd, mem_f, mem)
@@ -180,6 +186,13 @@ def main():
             contenders[f"linear_scan[{method}]"] = lambda a, b, m=method: ssm.linear_scan(
                 a, b, method=m
             )
+        if backend == "cpu":
+
+            def xla_loop(a, b):
+                return ssm.linear_scan(a, b, method="sequential")
+
+            xla_loop.xla_loops = True
+            contenders["linear_scan[sequential], XLA loop"] = xla_loop
         chosen = ssm._kernels.auto_method(T, matrix=False)
         results = measure(contenders, (a, b), args.rounds)
         table(
