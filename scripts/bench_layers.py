@@ -23,6 +23,11 @@ timed; two untimed rounds first; median over the timed rounds).
 Prints markdown tables: time (median of `--runs` runs after a warm-up) and temp
 memory (`compile().memory_analysis().temp_size_in_bytes`), and the Mamba memory
 check against `T x d_inner x d_state` state bytes.
+
+Like `bench_scan.py`, the script re-executes itself with glibc told to keep freed
+memory (see `scripts/_allocator.py`); `--system-malloc` runs it with the system
+allocator as it is, where every temp buffer above 32 MiB is page-faulted in on each
+call.
 """
 
 from __future__ import annotations
@@ -33,13 +38,17 @@ import os
 import statistics
 import time
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.random as jr
+import _allocator  # this script's folder is on sys.path
 
-import layers
-import ssm
+_allocator.retain_freed_memory()
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+
+import layers  # noqa: E402
+import ssm  # noqa: E402
 
 
 def naive(mixer):
@@ -97,6 +106,11 @@ def main():
         const=",".join(OPERATORS),
         help="only the chunked operators in OPERATORS (comma-separated names; all if "
         "none given) against their recurrence",
+    )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep the system allocator (see scripts/_allocator.py)",
     )
     args = parser.parse_args()
     if args.operators:
@@ -322,7 +336,7 @@ def operators(names, lengths, runs, H=4, d=64):
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
         f"d_k = d_v = {d}, one sequence, chunk 64 unless the name says otherwise, "
-        f"median of {runs} interleaved rounds, float32; "
+        f"median of {runs} interleaved rounds, float32, {_allocator.describe()}; "
         f"load average {os.getloadavg()[0]:.2f} at the start\n"
     )
     cases = {}

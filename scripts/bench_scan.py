@@ -24,25 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 
-_MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-}
+import _allocator  # this script's folder is on sys.path
 
-
-def _maybe_reexec() -> None:
-    if "--system-malloc" in sys.argv or os.environ.get("_SSM_BENCH_CHILD"):
-        return
-    env = dict(os.environ, _SSM_BENCH_CHILD="1", **_MALLOC_ENV)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-_maybe_reexec()
+_allocator.retain_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -169,7 +156,7 @@ def main():
     devices = jax.devices()
     print(
         f"backend={backend} device={devices[0].device_kind} jax={jax.__version__} "
-        f"retained-malloc={'MALLOC_MMAP_MAX_' in os.environ}"
+        f"{_allocator.describe()}"
     )
     print("speed-ups are baseline time / contender time (> 1: faster than the baseline)")
 
