@@ -14,8 +14,9 @@ its C++ source with the system compiler the first time it is needed and cached:
 Without a compiler (or if the build fails: a warning says why) everything runs on
 XLA's loops, with the same results and derivatives, only slower. The kernel is used
 by ``method="sequential"`` (and ``"auto"`` on CPU) for the cases it covers: a
-diagonal scan on the CPU backend, float32 or float64, ``a`` of the same shape as
-``b`` (after ``vmap``), no ``resets``. `available` tells whether it is loaded.
+diagonal scan on the CPU backend, real or complex, 32 or 64 bits, ``a`` of ``b``'s
+shape or time-invariant or shared over leading state axes (see `covers`), no
+``resets``. `available` tells whether it is loaded.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ _SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
 _TARGETS = {
     np.dtype(np.float32): "ssm_linear_scan_f32",
     np.dtype(np.float64): "ssm_linear_scan_f64",
+    np.dtype(np.complex64): "ssm_linear_scan_c64",
+    np.dtype(np.complex128): "ssm_linear_scan_c128",
 }
 _SYMBOLS = {
     "ssm_linear_scan_f32": "SsmLinearScanF32",
     "ssm_linear_scan_f64": "SsmLinearScanF64",
+    "ssm_linear_scan_c64": "SsmLinearScanC64",
+    "ssm_linear_scan_c128": "SsmLinearScanC128",
 }
 # Outputs at least this large are written with non-temporal stores (they would not
 # stay in cache anyway); smaller ones through the cache, where the next op finds them.
@@ -104,7 +109,10 @@ def _build() -> Path:
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    # -fcx-limited-range: complex products by the textbook formula (no inf/nan
+    # recovery calls), as XLA computes them.
+    flags = ["-O3", "-march=native", "-fcx-limited-range", "-std=c++17", "-shared"]
+    flags += ["-fPIC", "-pthread"]
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         out = Path(tmp) / library.name
         cmd = [cxx, *flags, "-I", include, str(_SOURCE), "-o", str(out)]
@@ -161,27 +169,45 @@ def disabled():
         jax.clear_caches()
 
 
+def _a_columns(a_shape, b_shape) -> int | None:
+    """How many columns ``a`` has when ``b (T, *S)`` is flattened to ``(T, D)``: ``a``
+    must be ``(T or 1, *Sa)`` with ``Sa`` equal to a trailing part of ``S`` after
+    leading ones (a decay shared over leading state axes, such as a batch). ``None``
+    if the kernel cannot broadcast it."""
+    T, S = b_shape[0], tuple(b_shape[1:])
+    if len(a_shape) == 0 or a_shape[0] not in (1, T) or len(a_shape) - 1 > len(S):
+        return None
+    Sa = (1,) * (len(S) - len(a_shape) + 1) + tuple(a_shape[1:])
+    k = 0
+    while k < len(S) and Sa[k] == 1 and S[k] != 1:
+        k += 1
+    if Sa[k:] != S[k:]:
+        return None
+    return int(np.prod(S[k:], dtype=np.int64))
+
+
 def covers(a_shape, b_shape, dtype, *, matrix: bool, has_resets: bool) -> bool:
     """Whether the kernel computes this case (shapes as the primitive sees them)."""
     return (
         not matrix
         and not has_resets
         and np.dtype(dtype) in _TARGETS
-        and tuple(a_shape) == tuple(b_shape)
+        and _a_columns(a_shape, b_shape) is not None
     )
 
 
 def scan(a, b, h0, *, reverse: bool, shift: bool):
     """The recurrence of ``_kernels`` (processing order, ``shift``) for a diagonal
-    ``a`` of the same shape and dtype as ``b (T, *S)``; ``h0`` of shape ``S``."""
+    ``a`` that `covers` ``b (T, *S)``, of the same dtype; ``h0`` of shape ``S``."""
     T = b.shape[0]
     D = int(np.prod(b.shape[1:], dtype=np.int64))
+    Da = _a_columns(a.shape, b.shape)
     size = T * D
     call = jax.ffi.ffi_call(
         _TARGETS[np.dtype(b.dtype)], jax.ShapeDtypeStruct((T, D), b.dtype)
     )
     h = call(
-        a.reshape(T, D),
+        a.reshape(a.shape[0], Da),
         b.reshape(T, D),
         h0.reshape(D),
         reverse=bool(reverse),

@@ -32,7 +32,7 @@ def lowered_text(f, *args):
 
 
 def uses_kernel(f, *args):
-    return "ssm_linear_scan_f" in lowered_text(f, *args)
+    return "ssm_linear_scan_" in lowered_text(f, *args)
 
 
 @pytest.fixture(params=["cached-stores", "nontemporal-threads"])
@@ -44,25 +44,44 @@ def mode(request, monkeypatch):
     return request.param
 
 
-# (T, state shape, dtype, reverse): column counts 5, 210, 130, 134, 64 against
-# blocks of 64 (float32) and 32 (float64) columns; 64 float32 columns make aligned
-# rows, the others not.
+# (T, state shape, shape of `a` after T, dtype, reverse): column counts 5, 210, 130,
+# 134, 64 against blocks of 64 (float32) and 32 (float64) columns; 64 float32 columns
+# make aligned rows, the others not. `a` full, time-invariant (leading 1), shared over
+# a leading state axis, or one decay per step; real and complex.
+C64, C128 = jnp.complex64, jnp.complex128
 CASES = [
-    (1, (5,), F64, False),
-    (2, (3, 70), F32, True),
-    (17, (130,), F64, False),
-    (301, (2, 67), F32, True),
-    (300, (64,), F32, False),
-    (257, (2, 64), F64, True),
+    (1, (5,), "full", F64, False),
+    (2, (3, 70), "full", F32, True),
+    (17, (130,), "full", F64, False),
+    (301, (2, 67), "full", F32, True),
+    (300, (64,), "full", F32, False),
+    (257, (2, 64), "full", F64, True),
+    (33, (3, 64), "invariant", F32, False),
+    (40, (2, 5, 64), "shared", F64, True),
+    (29, (4, 3), "per-step", F32, False),
+    (37, (3, 70), "full", C64, True),
+    (45, (2, 33), "invariant", C128, False),
+    (50, (3, 9), "shared", C64, False),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}-{c[3]}")
+def a_shape(kind, T, S):
+    return {
+        "full": (T,) + S,
+        "invariant": (1,) + S,
+        "shared": (1,) + (1,) * (len(S) - 1) + S[-1:],
+        "per-step": (T,) + (1,) * len(S),
+    }[kind]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-{c[1]}-{c[2]}-{c[4]}")
 def test_kernel_matches_float64_reference(getkey, mode, case):
-    T, S, dtype, reverse = case
-    a = decay(getkey(), (T,) + S).astype(dtype)
-    b, h0 = normal(getkey(), (T,) + S).astype(dtype), normal(getkey(), S).astype(dtype)
-    ct, ta, tb, th0 = (normal(getkey(), x.shape).astype(dtype) for x in (b, a, b, h0))
+    T, S, kind, dtype, reverse = case
+    wide = C128 if jnp.issubdtype(dtype, jnp.complexfloating) else F64
+    a = decay(getkey(), a_shape(kind, T, S), wide).astype(dtype)
+    b, h0 = normal(getkey(), (T,) + S, wide).astype(dtype), normal(getkey(), S, wide)
+    h0 = h0.astype(dtype)
+    ct, ta, tb, th0 = (normal(getkey(), x.shape, wide).astype(dtype) for x in (b, a, b, h0))
 
     def f(a, b, h0):
         return ssm.linear_scan(a, b, h0, reverse=reverse, method="sequential")
@@ -71,22 +90,22 @@ def test_kernel_matches_float64_reference(getkey, mode, case):
         return ref_linear_scan(a, b, h0, reverse=reverse)
 
     assert uses_kernel(f, a, b, h0)
-    wide = tuple(x.astype(F64) for x in (a, b, h0))
+    primals = tuple(x.astype(wide) for x in (a, b, h0))
     h, vjp = jax.vjp(jax.jit(f), a, b, h0)
-    h_ref, vjp_ref = jax.vjp(ref, *wide)
+    h_ref, vjp_ref = jax.vjp(ref, *primals)
     _, jvp = jax.jit(lambda *p: jax.jvp(f, p, (ta, tb, th0)))(a, b, h0)
-    _, jvp_ref = jax.jvp(ref, wide, tuple(x.astype(F64) for x in (ta, tb, th0)))
-    tol = 1e-5 if dtype == F32 else 1e-12
+    _, jvp_ref = jax.jvp(ref, primals, tuple(x.astype(wide) for x in (ta, tb, th0)))
+    tol = 1e-5 if dtype in (F32, C64) else 1e-12
     assert h.dtype == dtype
     assert_close(h, h_ref, tol, "values")
-    assert_close(vjp(ct), vjp_ref(ct.astype(F64)), tol, "vjp")
+    assert_close(vjp(ct), vjp_ref(ct.astype(wide)), tol, "vjp")
     assert_close(jvp, jvp_ref, tol, "jvp")
 
 
 def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
     """The same scan with the kernel turned off (XLA's loop) gives the same values and
-    gradients; under `vmap` with `a` batched the kernel is used, and with `a` shared
-    across the batch (a broadcast it does not cover) XLA's loop is."""
+    gradients; under `vmap` the kernel is used with `a` batched and with `a` shared
+    across the batch (a decay broadcast over a leading state axis)."""
     a = decay(getkey(), (4, 45, 70)).astype(F32)
     b = normal(getkey(), (4, 45, 70)).astype(F32)
 
@@ -102,7 +121,7 @@ def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
 
     batched = jax.vmap(grad)
     shared = jax.vmap(grad, in_axes=(None, 0))
-    assert uses_kernel(batched, a, b) and not uses_kernel(shared, a[0], b)
+    assert uses_kernel(batched, a, b) and uses_kernel(shared, a[0], b)
     out_batched, out_shared = jax.jit(batched)(a, b), jax.jit(shared)(a[0], b)
     for i in range(4):
         row = jax.tree.map(lambda x: x[i], out_batched)  # noqa: B023
@@ -112,13 +131,14 @@ def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
 
 
 def test_cases_the_kernel_does_not_cover_use_xla():
-    a, b = jnp.full((9, 6), 0.5, F32), jnp.ones((9, 6), F32)
+    a, b = jnp.full((9, 6, 4), 0.5, F32), jnp.ones((9, 6, 4), F32)
     resets = jnp.zeros((9,), bool)
     assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, resets=resets), a, b)
-    assert not uses_kernel(lambda a, b: ssm.linear_scan(a[:, :1], b), a, b)
+    assert not uses_kernel(lambda a, b: ssm.linear_scan(a[:, :, :1], b), a, b)
     assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, method="chunked"), a, b)
-    c = b.astype(jnp.complex64)
+    c = b.astype(C64)  # a real decay on a complex state: mixed dtypes
     assert not uses_kernel(lambda a, c: ssm.linear_scan(a, c), a, c)
+    assert not uses_kernel(lambda a, b: ssm.matrix_scan(a[:, :4], b[:, :4, 0]), a, b)
     assert uses_kernel(lambda a, b: ssm.linear_scan(a, b), a, b)  # auto, on CPU
 
 
