@@ -73,55 +73,95 @@ struct Problem {
   bool reverse, shift, nontemporal;
 };
 
-template <typename F>
-struct IsReal : std::is_floating_point<F> {};
+// Complex numbers are handled as interleaved (re, im) pairs of reals; these act on a
+// vector of such pairs.
+#if defined(__clang__)
+#define SSM_SHUFFLE8(v, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shufflevector(v, v, i0, i1, i2, i3, i4, i5, i6, i7)
+#define SSM_SHUFFLE4(v, i0, i1, i2, i3) __builtin_shufflevector(v, v, i0, i1, i2, i3)
+#else
+#define SSM_SHUFFLE8(v, i0, i1, i2, i3, i4, i5, i6, i7)                              \
+  __builtin_shuffle(v, (int32_t __attribute__((vector_size(32)))){i0, i1, i2, i3, \
+                                                                  i4, i5, i6, i7})
+#define SSM_SHUFFLE4(v, i0, i1, i2, i3) \
+  __builtin_shuffle(v, (int64_t __attribute__((vector_size(32)))){i0, i1, i2, i3})
+#endif
 
-// Columns [c0, c1) of the recurrence.
-template <typename F>
-void Columns(const Problem& pr, const F* __restrict a, const F* __restrict b,
-             const F* __restrict h0, F* __restrict h, int64_t c0, int64_t c1) {
+// m * s, elementwise (real) or as complex pairs.
+template <typename R, bool kComplex>
+inline typename Vec<R>::type Mul(typename Vec<R>::type m, typename Vec<R>::type s) {
+  if constexpr (!kComplex) {
+    return m * s;
+  } else if constexpr (sizeof(R) == 4) {
+    const auto re = SSM_SHUFFLE8(m, 0, 0, 2, 2, 4, 4, 6, 6);
+    const auto im = SSM_SHUFFLE8(m, 1, 1, 3, 3, 5, 5, 7, 7);
+    const auto sw = SSM_SHUFFLE8(s, 1, 0, 3, 2, 5, 4, 7, 6);
+    const typename Vec<R>::type sign = {-1, 1, -1, 1, -1, 1, -1, 1};
+    return re * s + im * sw * sign;
+  } else {
+    const auto re = SSM_SHUFFLE4(m, 0, 0, 2, 2);
+    const auto im = SSM_SHUFFLE4(m, 1, 1, 3, 3);
+    const auto sw = SSM_SHUFFLE4(s, 1, 0, 3, 2);
+    const typename Vec<R>::type sign = {-1, 1, -1, 1};
+    return re * s + im * sw * sign;
+  }
+}
+
+// Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
+// reals and every column pair (2j, 2j+1) is one complex column.
+template <typename R, bool kComplex>
+void Columns(const Problem& pr, const R* __restrict a, const R* __restrict b,
+             const R* __restrict h0, R* __restrict h, int64_t c0, int64_t c1) {
+  using V = typename Vec<R>::type;
+  constexpr int64_t kLanes = Vec<R>::kLanes;
+  constexpr int64_t kBlock = kVectors * kLanes;
   const int64_t T = pr.T, D = pr.D, Da = pr.Da;
   const int64_t dir = pr.reverse ? -1 : 1;
   const int64_t t0 = pr.reverse ? T - 1 : 0;
   const int64_t a_step = pr.Ta == 1 ? 0 : Da;  // a's row stride in time
   int64_t j0 = c0;
-  if constexpr (IsReal<F>::value) {
-    using V = typename Vec<F>::type;
-    constexpr int64_t kBlock = kVectors * Vec<F>::kLanes;
-    // Whole blocks of columns, the state in registers, when a block of b's columns
-    // meets a contiguous block of a's.
-    if (Da == D || Da % kBlock == 0) {
-      for (; j0 + kBlock <= c1; j0 += kBlock) {
-        V s[kVectors];
-        for (int k = 0; k < kVectors; ++k) s[k] = Load(h0 + j0 + k * Vec<F>::kLanes);
-        const int64_t ja = j0 % Da;
-        for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
-          const int64_t row = t * D + j0;
-          const F* m = a + (pr.shift ? (t - dir) : t) * a_step + ja;
-          const bool unit = pr.shift && p == 0;
-          for (int k = 0; k < kVectors; ++k) {
-            const int64_t o = k * Vec<F>::kLanes;
-            const V bv = Load(b + row + o);
-            s[k] = unit ? s[k] + bv : Load(m + o) * s[k] + bv;
-            Store(h + row + o, s[k], pr.nontemporal);
-          }
+  // Whole blocks of columns, the state in registers, when a block of b's columns
+  // meets a contiguous block of a's.
+  if (Da == D || Da % kBlock == 0) {
+    for (; j0 + kBlock <= c1; j0 += kBlock) {
+      V s[kVectors];
+      for (int k = 0; k < kVectors; ++k) s[k] = Load(h0 + j0 + k * kLanes);
+      const int64_t ja = j0 % Da;
+      for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
+        const int64_t row = t * D + j0;
+        const R* m = a + (pr.shift ? (t - dir) : t) * a_step + ja;
+        const bool unit = pr.shift && p == 0;
+        for (int k = 0; k < kVectors; ++k) {
+          const int64_t o = k * kLanes;
+          const V bv = Load(b + row + o);
+          s[k] = unit ? s[k] + bv : Mul<R, kComplex>(Load(m + o), s[k]) + bv;
+          Store(h + row + o, s[k], pr.nontemporal);
         }
       }
     }
   }
-  // The remaining columns (complex ones, or fewer than a block), a row at a time.
+  // The remaining columns (fewer than a block, or an `a` that does not line up with
+  // blocks), a row at a time.
   if (j0 < c1) {
     const int64_t w = c1 - j0;
-    std::vector<F> s(h0 + j0, h0 + c1);
+    std::vector<R> s(h0 + j0, h0 + c1);
     std::vector<int64_t> ja(w);
     for (int64_t j = 0; j < w; ++j) ja[j] = (j0 + j) % Da;
     for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
       const int64_t row = t * D + j0;
-      const F* m = a + (pr.shift ? (t - dir) : t) * a_step;
+      const R* m = a + (pr.shift ? (t - dir) : t) * a_step;
+      R* out = h + row;
+      const R* in = b + row;
       if (pr.shift && p == 0) {
-        for (int64_t j = 0; j < w; ++j) h[row + j] = s[j] = s[j] + b[row + j];
+        for (int64_t j = 0; j < w; ++j) out[j] = s[j] = s[j] + in[j];
+      } else if constexpr (kComplex) {
+        for (int64_t j = 0; j < w; j += 2) {
+          const R mr = m[ja[j]], mi = m[ja[j] + 1], sr = s[j], si = s[j + 1];
+          out[j] = s[j] = mr * sr - mi * si + in[j];
+          out[j + 1] = s[j + 1] = mr * si + mi * sr + in[j + 1];
+        }
       } else {
-        for (int64_t j = 0; j < w; ++j) h[row + j] = s[j] = m[ja[j]] * s[j] + b[row + j];
+        for (int64_t j = 0; j < w; ++j) out[j] = s[j] = m[ja[j]] * s[j] + in[j];
       }
     }
   }
@@ -130,11 +170,23 @@ void Columns(const Problem& pr, const F* __restrict a, const F* __restrict b,
 #endif
 }
 
+template <typename F>
+struct RealOf {
+  using type = F;
+};
+template <typename R>
+struct RealOf<std::complex<R>> {
+  using type = R;
+};
+
 template <ffi::DataType DT>
 ffi::Error Run(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> h0,
                ffi::ResultBuffer<DT> h, bool reverse, bool shift, bool nontemporal,
                int64_t threads) {
   using F = ffi::NativeType<DT>;
+  constexpr bool kComplex = !std::is_floating_point<F>::value;
+  using R = typename RealOf<F>::type;
+  constexpr int64_t kPer = kComplex ? 2 : 1;  // reals per element
   auto dims = b.dimensions();
   auto adims = a.dimensions();
   if (dims.size() != 2 || adims.size() != 2 || h0.element_count() != dims[1] ||
@@ -143,13 +195,14 @@ ffi::Error Run(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> h0,
         "ssm linear scan kernel: b must be (T, D), a (T or 1, Da) with Da dividing D, "
         "h0 (D,)");
   }
-  const Problem pr{dims[0], dims[1], adims[0], adims[1], reverse, shift, nontemporal};
+  const Problem pr{dims[0], kPer * dims[1], adims[0], kPer * adims[1],
+                   reverse, shift, nontemporal};
   if (pr.T == 0 || pr.D == 0) return ffi::Error::Success();
-  const F* pa = a.typed_data();
-  const F* pb = b.typed_data();
-  const F* ph0 = h0.typed_data();
-  F* ph = h->typed_data();
-  // Split whole blocks of 64 columns across the threads.
+  const R* pa = reinterpret_cast<const R*>(a.typed_data());
+  const R* pb = reinterpret_cast<const R*>(b.typed_data());
+  const R* ph0 = reinterpret_cast<const R*>(h0.typed_data());
+  R* ph = reinterpret_cast<R*>(h->typed_data());
+  // Split whole blocks of 64 reals (whole blocks of the kernels) across the threads.
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (pr.D + kBlock - 1) / kBlock;
   const int64_t n = std::max<int64_t>(1, std::min(threads, blocks));
@@ -158,9 +211,9 @@ ffi::Error Run(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> h0,
   for (int64_t i = 0; i < n; ++i) {
     const int64_t stop = std::min(pr.D, (blocks * (i + 1) / n) * kBlock);
     if (i + 1 == n) {
-      Columns<F>(pr, pa, pb, ph0, ph, start, stop);
+      Columns<R, kComplex>(pr, pa, pb, ph0, ph, start, stop);
     } else {
-      pool.emplace_back(Columns<F>, std::cref(pr), pa, pb, ph0, ph, start, stop);
+      pool.emplace_back(Columns<R, kComplex>, std::cref(pr), pa, pb, ph0, ph, start, stop);
     }
     start = stop;
   }
