@@ -186,13 +186,14 @@ def _a_columns(a_shape, b_shape) -> int | None:
     return int(np.prod(S[k:], dtype=np.int64))
 
 
-def covers(a_shape, b_shape, dtype, *, matrix: bool, has_resets: bool) -> bool:
-    """Whether the kernel computes this case (shapes as the primitive sees them)."""
+def covers(a, b, h0, *, matrix: bool, has_resets: bool) -> bool:
+    """Whether the kernel computes this case (arrays as the primitive passes them)."""
     return (
         not matrix
         and not has_resets
-        and np.dtype(dtype) in _TARGETS
-        and _a_columns(a_shape, b_shape) is not None
+        and a.dtype == b.dtype == h0.dtype
+        and np.dtype(b.dtype) in _TARGETS
+        and _a_columns(a.shape, b.shape) is not None
     )
 
 

@@ -338,11 +338,8 @@ def evaluate(
     ops = _Ops(matrix=matrix, trans=trans)
     kw = dict(ops=ops, reverse=reverse, shift=shift, has_resets=has_resets)
     if method == "sequential":
-        if kernel and _cpu_kernel.covers(
-            a.shape, b.shape, a.dtype, matrix=matrix, has_resets=has_resets
-        ):
-            if a.dtype == b.dtype == h0.dtype:
-                return _cpu_kernel.scan(a, b, h0, reverse=reverse, shift=shift)
+        if kernel and _cpu_kernel.covers(a, b, h0, matrix=matrix, has_resets=has_resets):
+            return _cpu_kernel.scan(a, b, h0, reverse=reverse, shift=shift)
         return sequential(a, b, h0, r, **kw)
     if method == "associative":
         return associative(a, b, h0, r, **kw)
