@@ -8,7 +8,8 @@ its C++ source with the system compiler the first time it is needed and cached:
 
 - the cache is ``$SSM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ssm-jax``, else
   ``~/.cache/ssm-jax``; one library per source, jaxlib version, compiler and CPU;
-- the compiler is ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found;
+- the compiler is ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found,
+  with ``-O3 -march=native`` (without ``-march=native`` if the compiler refuses it);
 - ``SSM_CPU_KERNEL=0`` turns it off.
 
 Without a compiler (or if the build fails: a warning says why) everything runs on
@@ -109,15 +110,17 @@ def _build() -> Path:
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    # -fcx-limited-range: complex products by the textbook formula (no inf/nan
-    # recovery calls), as XLA computes them.
-    flags = ["-O3", "-march=native", "-fcx-limited-range", "-std=c++17", "-shared"]
-    flags += ["-fPIC", "-pthread"]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         out = Path(tmp) / library.name
-        cmd = [cxx, *flags, "-I", include, str(_SOURCE), "-o", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
+        # `-march=native` where the compiler knows it (vector width of this CPU),
+        # else the compiler's default target.
+        for arch in (["-march=native"], []):
+            cmd = [cxx, *flags, *arch, "-I", include, str(_SOURCE), "-o", str(out)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(
                 f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-2000:]}"
             )
@@ -169,6 +172,13 @@ def disabled():
         jax.clear_caches()
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def _a_columns(a_shape, b_shape) -> int | None:
     """How many columns ``a`` has when ``b (T, *S)`` is flattened to ``(T, D)``: ``a``
     must be ``(T or 1, *Sa)`` with ``Sa`` equal to a trailing part of ``S`` after
@@ -214,6 +224,6 @@ def scan(a, b, h0, *, reverse: bool, shift: bool):
         reverse=bool(reverse),
         shift=bool(shift),
         nontemporal=bool(size * b.dtype.itemsize >= NONTEMPORAL_BYTES),
-        threads=np.int64(1 if size < THREADS_ELEMENTS else max(1, os.cpu_count() or 1)),
+        threads=np.int64(1 if size < THREADS_ELEMENTS else _cpus()),
     )
     return h.reshape(b.shape)
