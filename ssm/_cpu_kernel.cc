@@ -8,7 +8,8 @@
 // or a[t'] with m[0] = 1 (`shift` true: the transpose of a scan, g[t] = ct[t] +
 // a[t+1] g[t+1], without a shifted copy of `a`). `b` and `h` are (T, D) row-major,
 // `h0` is (D,), `a` is (T, Da) or (1, Da) (time-invariant) with column j of `b`
-// decayed by column j % Da of `a`; all of one dtype: f32, f64, c64 or c128.
+// decayed by column j % Da of `a`. The state (h0, h) is f32, f64, c64 or c128; `a`
+// and `b` have its dtype, or bf16 for an f32 state (read and widened in the loop).
 //
 // Why a kernel of our own: XLA's CPU loop zero-fills its output and writes it row by
 // row through the cache, and runs on one thread. Here the columns are split across
@@ -41,11 +42,39 @@ struct Vec {
   typedef F type __attribute__((vector_size(32)));
 };
 
-template <typename F>
-inline typename Vec<F>::type Load(const F* p) {
-  typename Vec<F>::type v;
-  std::memcpy(&v, p, sizeof(v));
+// bfloat16, stored as its 16 bits (the top half of a float32).
+struct BF16 {
+  uint16_t bits;
+};
+
+// A vector of R lanes from memory holding R, or bfloat16 when R is float.
+template <typename R, typename T = R>
+inline typename Vec<R>::type Load(const T* p) {
+  typename Vec<R>::type v;
+  if constexpr (std::is_same<T, BF16>::value) {
+    typedef uint16_t Narrow __attribute__((vector_size(16)));
+    typedef uint32_t Wide __attribute__((vector_size(32)));
+    Narrow raw;
+    std::memcpy(&raw, p, sizeof(raw));
+    const Wide wide = __builtin_convertvector(raw, Wide) << 16;
+    std::memcpy(&v, &wide, sizeof(v));
+  } else {
+    std::memcpy(&v, p, sizeof(v));
+  }
   return v;
+}
+
+// One element as R.
+template <typename R, typename T>
+inline R Get(const T* p) {
+  if constexpr (std::is_same<T, BF16>::value) {
+    const uint32_t wide = static_cast<uint32_t>(p->bits) << 16;
+    R r;
+    std::memcpy(&r, &wide, sizeof(r));
+    return r;
+  } else {
+    return *p;
+  }
 }
 
 template <typename F>
@@ -109,8 +138,8 @@ inline typename Vec<R>::type Mul(typename Vec<R>::type m, typename Vec<R>::type 
 
 // Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
 // reals and every column pair (2j, 2j+1) is one complex column.
-template <typename R, bool kComplex>
-void Columns(const Problem& pr, const R* __restrict a, const R* __restrict b,
+template <typename R, bool kComplex, typename TA, typename TB>
+void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
              const R* __restrict h0, R* __restrict h, int64_t c0, int64_t c1) {
   using V = typename Vec<R>::type;
   constexpr int64_t kLanes = Vec<R>::kLanes;
@@ -125,16 +154,16 @@ void Columns(const Problem& pr, const R* __restrict a, const R* __restrict b,
   if (Da == D || Da % kBlock == 0) {
     for (; j0 + kBlock <= c1; j0 += kBlock) {
       V s[kVectors];
-      for (int k = 0; k < kVectors; ++k) s[k] = Load(h0 + j0 + k * kLanes);
+      for (int k = 0; k < kVectors; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
       const int64_t ja = j0 % Da;
       for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
         const int64_t row = t * D + j0;
-        const R* m = a + (pr.shift ? (t - dir) : t) * a_step + ja;
+        const TA* m = a + (pr.shift ? (t - dir) : t) * a_step + ja;
         const bool unit = pr.shift && p == 0;
         for (int k = 0; k < kVectors; ++k) {
           const int64_t o = k * kLanes;
-          const V bv = Load(b + row + o);
-          s[k] = unit ? s[k] + bv : Mul<R, kComplex>(Load(m + o), s[k]) + bv;
+          const V bv = Load<R>(b + row + o);
+          s[k] = unit ? s[k] + bv : Mul<R, kComplex>(Load<R>(m + o), s[k]) + bv;
           Store(h + row + o, s[k], pr.nontemporal);
         }
       }
@@ -149,11 +178,11 @@ void Columns(const Problem& pr, const R* __restrict a, const R* __restrict b,
     for (int64_t j = 0; j < w; ++j) ja[j] = (j0 + j) % Da;
     for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
       const int64_t row = t * D + j0;
-      const R* m = a + (pr.shift ? (t - dir) : t) * a_step;
+      const TA* m = a + (pr.shift ? (t - dir) : t) * a_step;
       R* out = h + row;
-      const R* in = b + row;
+      const TB* in = b + row;
       if (pr.shift && p == 0) {
-        for (int64_t j = 0; j < w; ++j) out[j] = s[j] = s[j] + in[j];
+        for (int64_t j = 0; j < w; ++j) out[j] = s[j] = s[j] + Get<R>(in + j);
       } else if constexpr (kComplex) {
         for (int64_t j = 0; j < w; j += 2) {
           const R mr = m[ja[j]], mi = m[ja[j] + 1], sr = s[j], si = s[j + 1];
@@ -161,7 +190,9 @@ void Columns(const Problem& pr, const R* __restrict a, const R* __restrict b,
           out[j + 1] = s[j + 1] = mr * si + mi * sr + in[j + 1];
         }
       } else {
-        for (int64_t j = 0; j < w; ++j) out[j] = s[j] = m[ja[j]] * s[j] + in[j];
+        for (int64_t j = 0; j < w; ++j) {
+          out[j] = s[j] = Get<R>(m + ja[j]) * s[j] + Get<R>(in + j);
+        }
       }
     }
   }
@@ -170,39 +201,15 @@ void Columns(const Problem& pr, const R* __restrict a, const R* __restrict b,
 #endif
 }
 
-template <typename F>
-struct RealOf {
-  using type = F;
-};
-template <typename R>
-struct RealOf<std::complex<R>> {
-  using type = R;
-};
-
-template <ffi::DataType DT>
-ffi::Error Run(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> h0,
-               ffi::ResultBuffer<DT> h, bool reverse, bool shift, bool nontemporal,
-               int64_t threads) {
-  using F = ffi::NativeType<DT>;
-  constexpr bool kComplex = !std::is_floating_point<F>::value;
-  using R = typename RealOf<F>::type;
-  constexpr int64_t kPer = kComplex ? 2 : 1;  // reals per element
-  auto dims = b.dimensions();
-  auto adims = a.dimensions();
-  if (dims.size() != 2 || adims.size() != 2 || h0.element_count() != dims[1] ||
-      (adims[0] != dims[0] && adims[0] != 1) || adims[1] < 1 || dims[1] % adims[1] != 0) {
-    return ffi::Error::InvalidArgument(
-        "ssm linear scan kernel: b must be (T, D), a (T or 1, Da) with Da dividing D, "
-        "h0 (D,)");
-  }
-  const Problem pr{dims[0], kPer * dims[1], adims[0], kPer * adims[1],
-                   reverse, shift, nontemporal};
-  if (pr.T == 0 || pr.D == 0) return ffi::Error::Success();
-  const R* pa = reinterpret_cast<const R*>(a.typed_data());
-  const R* pb = reinterpret_cast<const R*>(b.typed_data());
-  const R* ph0 = reinterpret_cast<const R*>(h0.typed_data());
-  R* ph = reinterpret_cast<R*>(h->typed_data());
-  // Split whole blocks of 64 reals (whole blocks of the kernels) across the threads.
+// Columns split across threads, in whole blocks of 64 reals (whole blocks of the
+// vector loop for every type), for state type R and storage types TA, TB.
+template <typename R, bool kComplex, typename TA, typename TB>
+void Split(const Problem& pr, const void* a, const void* b, const void* h0, void* h,
+           int64_t threads) {
+  const auto* pa = static_cast<const TA*>(a);
+  const auto* pb = static_cast<const TB*>(b);
+  const auto* ph0 = static_cast<const R*>(h0);
+  auto* ph = static_cast<R*>(h);
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (pr.D + kBlock - 1) / kBlock;
   const int64_t n = std::max<int64_t>(1, std::min(threads, blocks));
@@ -211,31 +218,73 @@ ffi::Error Run(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> h0,
   for (int64_t i = 0; i < n; ++i) {
     const int64_t stop = std::min(pr.D, (blocks * (i + 1) / n) * kBlock);
     if (i + 1 == n) {
-      Columns<R, kComplex>(pr, pa, pb, ph0, ph, start, stop);
+      Columns<R, kComplex, TA, TB>(pr, pa, pb, ph0, ph, start, stop);
     } else {
-      pool.emplace_back(Columns<R, kComplex>, std::cref(pr), pa, pb, ph0, ph, start, stop);
+      pool.emplace_back(Columns<R, kComplex, TA, TB>, std::cref(pr), pa, pb, ph0, ph,
+                        start, stop);
     }
     start = stop;
   }
   for (auto& t : pool) t.join();
+}
+
+ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer h0,
+               ffi::Result<ffi::AnyBuffer> h, bool reverse, bool shift, bool nontemporal,
+               int64_t threads) {
+  using DT = ffi::DataType;
+  const DT state = h0.element_type(), ta = a.element_type(), tb = b.element_type();
+  const bool complex = state == DT::C64 || state == DT::C128;
+  const int64_t per = complex ? 2 : 1;  // reals per element
+  auto dims = b.dimensions();
+  auto adims = a.dimensions();
+  if (dims.size() != 2 || adims.size() != 2 || (int64_t)h0.element_count() != dims[1] ||
+      (adims[0] != dims[0] && adims[0] != 1) || adims[1] < 1 || dims[1] % adims[1] != 0 ||
+      h->element_type() != state || (int64_t)h->element_count() != dims[0] * dims[1]) {
+    return ffi::Error::InvalidArgument(
+        "ssm linear scan kernel: b must be (T, D), a (T or 1, Da) with Da dividing D, "
+        "h0 (D,), h (T, D) of h0's dtype");
+  }
+  const Problem pr{dims[0], per * dims[1], adims[0], per * adims[1],
+                   reverse, shift, nontemporal};
+  if (pr.T == 0 || pr.D == 0) return ffi::Error::Success();
+  const void *pa = a.untyped_data(), *pb = b.untyped_data(), *p0 = h0.untyped_data();
+  void* ph = h->untyped_data();
+  const bool same = ta == state && tb == state;
+  if (same && state == DT::F64) {
+    Split<double, false, double, double>(pr, pa, pb, p0, ph, threads);
+  } else if (same && state == DT::C64) {
+    Split<float, true, float, float>(pr, pa, pb, p0, ph, threads);
+  } else if (same && state == DT::C128) {
+    Split<double, true, double, double>(pr, pa, pb, p0, ph, threads);
+  } else if (state == DT::F32 && (ta == DT::F32 || ta == DT::BF16) &&
+             (tb == DT::F32 || tb == DT::BF16)) {
+    // float32 state; decays and inputs in float32 or bfloat16.
+    if (ta == DT::F32 && tb == DT::F32) {
+      Split<float, false, float, float>(pr, pa, pb, p0, ph, threads);
+    } else if (ta == DT::F32) {
+      Split<float, false, float, BF16>(pr, pa, pb, p0, ph, threads);
+    } else if (tb == DT::F32) {
+      Split<float, false, BF16, float>(pr, pa, pb, p0, ph, threads);
+    } else {
+      Split<float, false, BF16, BF16>(pr, pa, pb, p0, ph, threads);
+    }
+  } else {
+    return ffi::Error::InvalidArgument(
+        "ssm linear scan kernel: unsupported dtypes (state f32 with f32/bf16 inputs, "
+        "or f64, c64, c128 throughout)");
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define SSM_DEFINE(NAME, DT)                                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, Run<DT>,                \
-                                ffi::Ffi::Bind()              \
-                                    .Arg<ffi::Buffer<DT>>()   \
-                                    .Arg<ffi::Buffer<DT>>()   \
-                                    .Arg<ffi::Buffer<DT>>()   \
-                                    .Ret<ffi::Buffer<DT>>()   \
-                                    .Attr<bool>("reverse")    \
-                                    .Attr<bool>("shift")      \
-                                    .Attr<bool>("nontemporal") \
-                                    .Attr<int64_t>("threads"));
-
-SSM_DEFINE(SsmLinearScanF32, ffi::F32)
-SSM_DEFINE(SsmLinearScanF64, ffi::F64)
-SSM_DEFINE(SsmLinearScanC64, ffi::C64)
-SSM_DEFINE(SsmLinearScanC128, ffi::C128)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmLinearScan, Run,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // h0
+                                  .Ret<ffi::AnyBuffer>()  // h
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("shift")
+                                  .Attr<bool>("nontemporal")
+                                  .Attr<int64_t>("threads"));

@@ -15,9 +15,10 @@ its C++ source with the system compiler the first time it is needed and cached:
 Without a compiler (or if the build fails: a warning says why) everything runs on
 XLA's loops, with the same results and derivatives, only slower. The kernel is used
 by ``method="sequential"`` (and ``"auto"`` on CPU) for the cases it covers: a
-diagonal scan on the CPU backend, real or complex, 32 or 64 bits, ``a`` of ``b``'s
-shape or time-invariant or shared over leading state axes (see `covers`), no
-``resets``. `available` tells whether it is loaded.
+diagonal scan on the CPU backend, real or complex, 32 or 64 bits (and bfloat16
+decays and inputs to a float32 state), ``a`` of ``b``'s shape or time-invariant or
+shared over leading state axes (see `covers`), no ``resets``. `available` tells
+whether it is loaded.
 """
 
 from __future__ import annotations
@@ -35,20 +36,18 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
-_TARGETS = {
-    np.dtype(np.float32): "ssm_linear_scan_f32",
-    np.dtype(np.float64): "ssm_linear_scan_f64",
-    np.dtype(np.complex64): "ssm_linear_scan_c64",
-    np.dtype(np.complex128): "ssm_linear_scan_c128",
-}
-_SYMBOLS = {
-    "ssm_linear_scan_f32": "SsmLinearScanF32",
-    "ssm_linear_scan_f64": "SsmLinearScanF64",
-    "ssm_linear_scan_c64": "SsmLinearScanC64",
-    "ssm_linear_scan_c128": "SsmLinearScanC128",
+_TARGET, _SYMBOL = "ssm_linear_scan", "SsmLinearScan"
+F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
+# The state dtypes (h0, h) and, for each, the dtypes `a` and `b` may have.
+_INPUTS = {
+    F32: (F32, BF16),
+    np.dtype(np.float64): (np.dtype(np.float64),),
+    np.dtype(np.complex64): (np.dtype(np.complex64),),
+    np.dtype(np.complex128): (np.dtype(np.complex128),),
 }
 # Outputs at least this large are written with non-temporal stores (they would not
 # stay in cache anyway); smaller ones through the cache, where the next op finds them.
@@ -134,9 +133,8 @@ def _load() -> bool:
             return _state["loaded"]
         try:
             library = ctypes.cdll.LoadLibrary(str(_build()))
-            for target, symbol in _SYMBOLS.items():
-                capsule = jax.ffi.pycapsule(getattr(library, symbol))
-                jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+            capsule = jax.ffi.pycapsule(getattr(library, _SYMBOL))
+            jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
             _state["loaded"] = True
         except Exception as error:  # noqa: BLE001 (any failure means: use XLA's loops)
             warnings.warn(
@@ -198,32 +196,33 @@ def _a_columns(a_shape, b_shape) -> int | None:
 
 def covers(a, b, h0, *, matrix: bool, has_resets: bool) -> bool:
     """Whether the kernel computes this case (arrays as the primitive passes them)."""
+    inputs = _INPUTS.get(np.dtype(h0.dtype), ())
     return (
         not matrix
         and not has_resets
-        and a.dtype == b.dtype == h0.dtype
-        and np.dtype(b.dtype) in _TARGETS
+        and np.dtype(a.dtype) in inputs
+        and np.dtype(b.dtype) in inputs
         and _a_columns(a.shape, b.shape) is not None
     )
 
 
 def scan(a, b, h0, *, reverse: bool, shift: bool):
     """The recurrence of ``_kernels`` (processing order, ``shift``) for a diagonal
-    ``a`` that `covers` ``b (T, *S)``, of the same dtype; ``h0`` of shape ``S``."""
+    ``a`` and ``b (T, *S)`` that `covers` accepts; ``h0`` of shape ``S`` in the state
+    dtype, which the states come out in."""
     T = b.shape[0]
     D = int(np.prod(b.shape[1:], dtype=np.int64))
     Da = _a_columns(a.shape, b.shape)
     size = T * D
-    call = jax.ffi.ffi_call(
-        _TARGETS[np.dtype(b.dtype)], jax.ShapeDtypeStruct((T, D), b.dtype)
-    )
+    out_bytes = size * np.dtype(h0.dtype).itemsize
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((T, D), h0.dtype))
     h = call(
         a.reshape(a.shape[0], Da),
         b.reshape(T, D),
         h0.reshape(D),
         reverse=bool(reverse),
         shift=bool(shift),
-        nontemporal=bool(size * b.dtype.itemsize >= NONTEMPORAL_BYTES),
+        nontemporal=bool(out_bytes >= NONTEMPORAL_BYTES),
         threads=np.int64(1 if size < THREADS_ELEMENTS else _cpus()),
     )
     return h.reshape(b.shape)

@@ -3,8 +3,10 @@
 ``method="sequential"`` (and ``"auto"`` on CPU) runs the diagonal scan as an XLA FFI
 call when the kernel covers the case; these tests check that it is really used, that
 it agrees with a float64 loop reference in values, VJPs and JVPs (forwards, reverse,
-``h0``, lengths 1 to 301, column counts that are not multiples of its blocks, one
-thread and several, stores through the cache and non-temporal ones), and that
+``h0``, lengths 1 to 301, real, complex and bfloat16 inputs, decays full, time-
+invariant, shared over a state axis or one per step, column counts that are not
+multiples of its blocks, one thread and several, stores through the cache and
+non-temporal ones), and that
 without it (no compiler, a failed build, ``SSM_CPU_KERNEL=0``) the scan falls back
 to XLA's loops with a warning and the same numbers.
 """
@@ -20,7 +22,7 @@ from ssm import _cpu_kernel
 from .helpers import assert_close, decay, normal
 from .test_scan import ref_linear_scan
 
-F32, F64 = jnp.float32, jnp.float64
+F32, F64, BF16 = jnp.float32, jnp.float64, jnp.bfloat16
 
 pytestmark = pytest.mark.skipif(
     _cpu_kernel._compiler() is None, reason="no C++ compiler to build the kernel"
@@ -32,7 +34,7 @@ def lowered_text(f, *args):
 
 
 def uses_kernel(f, *args):
-    return "ssm_linear_scan_" in lowered_text(f, *args)
+    return "@ssm_linear_scan(" in lowered_text(f, *args)
 
 
 @pytest.fixture(params=["cached-stores", "nontemporal-threads"])
@@ -62,6 +64,8 @@ CASES = [
     (37, (3, 70), "full", C64, True),
     (45, (2, 33), "invariant", C128, False),
     (50, (3, 9), "shared", C64, False),
+    (301, (2, 67), "full", BF16, True),
+    (64, (2, 64), "invariant", BF16, False),
 ]
 
 
@@ -78,10 +82,12 @@ def a_shape(kind, T, S):
 def test_kernel_matches_float64_reference(getkey, mode, case):
     T, S, kind, dtype, reverse = case
     wide = C128 if jnp.issubdtype(dtype, jnp.complexfloating) else F64
+    state = F32 if dtype == BF16 else dtype  # bfloat16 inputs, float32 state
     a = decay(getkey(), a_shape(kind, T, S), wide).astype(dtype)
     b, h0 = normal(getkey(), (T,) + S, wide).astype(dtype), normal(getkey(), S, wide)
-    h0 = h0.astype(dtype)
-    ct, ta, tb, th0 = (normal(getkey(), x.shape, wide).astype(dtype) for x in (b, a, b, h0))
+    h0 = h0.astype(state)
+    ta, tb = (normal(getkey(), x.shape, wide).astype(dtype) for x in (a, b))
+    ct, th0 = (normal(getkey(), x.shape, wide).astype(state) for x in (b, h0))
 
     def f(a, b, h0):
         return ssm.linear_scan(a, b, h0, reverse=reverse, method="sequential")
@@ -95,10 +101,11 @@ def test_kernel_matches_float64_reference(getkey, mode, case):
     h_ref, vjp_ref = jax.vjp(ref, *primals)
     _, jvp = jax.jit(lambda *p: jax.jvp(f, p, (ta, tb, th0)))(a, b, h0)
     _, jvp_ref = jax.jvp(ref, primals, tuple(x.astype(wide) for x in (ta, tb, th0)))
-    tol = 1e-5 if dtype in (F32, C64) else 1e-12
-    assert h.dtype == dtype
-    assert_close(h, h_ref, tol, "values")
-    assert_close(vjp(ct), vjp_ref(ct.astype(wide)), tol, "vjp")
+    tol = {F32: 1e-5, C64: 1e-5, BF16: 1e-5}.get(dtype, 1e-12)
+    assert h.dtype == state
+    assert_close(h, h_ref, tol, "values")  # bfloat16 inputs, accumulated in float32
+    # cotangents come back in each input's dtype: bfloat16's 8 bits of mantissa
+    assert_close(vjp(ct), vjp_ref(ct.astype(wide)), 1e-2 if dtype == BF16 else tol, "vjp")
     assert_close(jvp, jvp_ref, tol, "jvp")
 
 
