@@ -10,6 +10,8 @@
 // `h0` is (D,), `a` is (T, Da) or (1, Da) (time-invariant) with column j of `b`
 // decayed by column j % Da of `a`. The state (h0, h) is f32, f64, c64 or c128; `a`
 // and `b` have its dtype, or bf16 for an f32 state (read and widened in the loop).
+// Optional `resets`, bool (T,) or (1,): where true the multiplier is 0 (the state
+// restarts), read at the multiplier's time.
 //
 // Why a kernel of our own: XLA's CPU loop zero-fills its output and writes it row by
 // row through the cache, and runs on one thread. Here the columns are split across
@@ -100,6 +102,11 @@ struct Problem {
   int64_t Ta, Da; // a is (Ta, Da): Ta is T or 1 (time-invariant); column j of b
                   // takes column j % Da of a (a broadcast over leading state axes)
   bool reverse, shift, nontemporal;
+  const bool* resets;  // (Tr,) with Tr = T or 1, or null: where true, m = 0
+  int64_t Tr;
+
+  // Whether step p (at time t, processing its multiplier's time tm) restarts.
+  bool Reset(int64_t tm) const { return resets != nullptr && resets[Tr == 1 ? 0 : tm]; }
 };
 
 // Complex numbers are handled as interleaved (re, im) pairs of reals; these act on a
@@ -158,12 +165,20 @@ void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
       const int64_t ja = j0 % Da;
       for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
         const int64_t row = t * D + j0;
-        const TA* m = a + (pr.shift ? (t - dir) : t) * a_step + ja;
-        const bool unit = pr.shift && p == 0;
+        const int64_t tm = pr.shift ? t - dir : t;  // the multiplier's time
+        const TA* m = a + tm * a_step + ja;
+        if ((pr.shift && p == 0) || pr.Reset(tm)) {  // multiplier 1 (first) or 0
+          const bool keep = pr.shift && p == 0;
+          for (int k = 0; k < kVectors; ++k) {
+            const V bv = Load<R>(b + row + k * kLanes);
+            s[k] = keep ? s[k] + bv : bv;
+            Store(h + row + k * kLanes, s[k], pr.nontemporal);
+          }
+          continue;
+        }
         for (int k = 0; k < kVectors; ++k) {
           const int64_t o = k * kLanes;
-          const V bv = Load<R>(b + row + o);
-          s[k] = unit ? s[k] + bv : Mul<R, kComplex>(Load<R>(m + o), s[k]) + bv;
+          s[k] = Mul<R, kComplex>(Load<R>(m + o), s[k]) + Load<R>(b + row + o);
           Store(h + row + o, s[k], pr.nontemporal);
         }
       }
@@ -178,11 +193,14 @@ void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
     for (int64_t j = 0; j < w; ++j) ja[j] = (j0 + j) % Da;
     for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
       const int64_t row = t * D + j0;
-      const TA* m = a + (pr.shift ? (t - dir) : t) * a_step;
+      const int64_t tm = pr.shift ? t - dir : t;
+      const TA* m = a + tm * a_step;
       R* out = h + row;
       const TB* in = b + row;
       if (pr.shift && p == 0) {
         for (int64_t j = 0; j < w; ++j) out[j] = s[j] = s[j] + Get<R>(in + j);
+      } else if (pr.Reset(tm)) {
+        for (int64_t j = 0; j < w; ++j) out[j] = s[j] = Get<R>(in + j);
       } else if constexpr (kComplex) {
         for (int64_t j = 0; j < w; j += 2) {
           const R mr = m[ja[j]], mi = m[ja[j] + 1], sr = s[j], si = s[j + 1];
@@ -229,8 +247,8 @@ void Split(const Problem& pr, const void* a, const void* b, const void* h0, void
 }
 
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer h0,
-               ffi::Result<ffi::AnyBuffer> h, bool reverse, bool shift, bool nontemporal,
-               int64_t threads) {
+               ffi::AnyBuffer resets, ffi::Result<ffi::AnyBuffer> h, bool reverse,
+               bool shift, bool nontemporal, bool has_resets, int64_t threads) {
   using DT = ffi::DataType;
   const DT state = h0.element_type(), ta = a.element_type(), tb = b.element_type();
   const bool complex = state == DT::C64 || state == DT::C128;
@@ -244,8 +262,14 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer h0,
         "ssm linear scan kernel: b must be (T, D), a (T or 1, Da) with Da dividing D, "
         "h0 (D,), h (T, D) of h0's dtype");
   }
+  const int64_t Tr = resets.element_count();
+  if (has_resets && (resets.element_type() != DT::PRED || (Tr != dims[0] && Tr != 1))) {
+    return ffi::Error::InvalidArgument("ssm linear scan kernel: resets must be bool (T,)");
+  }
   const Problem pr{dims[0], per * dims[1], adims[0], per * adims[1],
-                   reverse, shift, nontemporal};
+                   reverse, shift, nontemporal,
+                   has_resets ? static_cast<const bool*>(resets.untyped_data()) : nullptr,
+                   Tr};
   if (pr.T == 0 || pr.D == 0) return ffi::Error::Success();
   const void *pa = a.untyped_data(), *pb = b.untyped_data(), *p0 = h0.untyped_data();
   void* ph = h->untyped_data();
@@ -283,8 +307,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmLinearScan, Run,
                                   .Arg<ffi::AnyBuffer>()  // a
                                   .Arg<ffi::AnyBuffer>()  // b
                                   .Arg<ffi::AnyBuffer>()  // h0
+                                  .Arg<ffi::AnyBuffer>()  // resets
                                   .Ret<ffi::AnyBuffer>()  // h
                                   .Attr<bool>("reverse")
                                   .Attr<bool>("shift")
                                   .Attr<bool>("nontemporal")
+                                  .Attr<bool>("has_resets")
                                   .Attr<int64_t>("threads"));

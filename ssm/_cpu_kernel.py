@@ -17,8 +17,8 @@ XLA's loops, with the same results and derivatives, only slower. The kernel is u
 by ``method="sequential"`` (and ``"auto"`` on CPU) for the cases it covers: a
 diagonal scan on the CPU backend, real or complex, 32 or 64 bits (and bfloat16
 decays and inputs to a float32 state), ``a`` of ``b``'s shape or time-invariant or
-shared over leading state axes (see `covers`), no ``resets``. `available` tells
-whether it is loaded.
+shared over leading state axes (see `covers`), ``resets`` one flag per step.
+`available` tells whether it is loaded.
 """
 
 from __future__ import annotations
@@ -194,22 +194,23 @@ def _a_columns(a_shape, b_shape) -> int | None:
     return int(np.prod(S[k:], dtype=np.int64))
 
 
-def covers(a, b, h0, *, matrix: bool, has_resets: bool) -> bool:
+def covers(a, b, h0, r, *, matrix: bool, has_resets: bool) -> bool:
     """Whether the kernel computes this case (arrays as the primitive passes them)."""
     inputs = _INPUTS.get(np.dtype(h0.dtype), ())
     return (
         not matrix
-        and not has_resets
+        and (not has_resets or (r.dtype == np.bool_ and r.size == r.shape[0]))
         and np.dtype(a.dtype) in inputs
         and np.dtype(b.dtype) in inputs
         and _a_columns(a.shape, b.shape) is not None
     )
 
 
-def scan(a, b, h0, *, reverse: bool, shift: bool):
+def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):
     """The recurrence of ``_kernels`` (processing order, ``shift``) for a diagonal
     ``a`` and ``b (T, *S)`` that `covers` accepts; ``h0`` of shape ``S`` in the state
-    dtype, which the states come out in."""
+    dtype, which the states come out in; ``r`` the resets, one flag per step (or one
+    for all), read only if ``has_resets``."""
     T = b.shape[0]
     D = int(np.prod(b.shape[1:], dtype=np.int64))
     Da = _a_columns(a.shape, b.shape)
@@ -220,8 +221,10 @@ def scan(a, b, h0, *, reverse: bool, shift: bool):
         a.reshape(a.shape[0], Da),
         b.reshape(T, D),
         h0.reshape(D),
+        r.reshape(-1),
         reverse=bool(reverse),
         shift=bool(shift),
+        has_resets=bool(has_resets),
         nontemporal=bool(out_bytes >= NONTEMPORAL_BYTES),
         threads=np.int64(1 if size < THREADS_ELEMENTS else _cpus()),
     )

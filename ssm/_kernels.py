@@ -338,8 +338,10 @@ def evaluate(
     ops = _Ops(matrix=matrix, trans=trans)
     kw = dict(ops=ops, reverse=reverse, shift=shift, has_resets=has_resets)
     if method == "sequential":
-        if kernel and _cpu_kernel.covers(a, b, h0, matrix=matrix, has_resets=has_resets):
-            return _cpu_kernel.scan(a, b, h0, reverse=reverse, shift=shift)
+        if kernel and _cpu_kernel.covers(a, b, h0, r, matrix=matrix, has_resets=has_resets):
+            return _cpu_kernel.scan(
+                a, b, h0, r, reverse=reverse, shift=shift, has_resets=has_resets
+            )
         return sequential(a, b, h0, r, **kw)
     if method == "associative":
         return associative(a, b, h0, r, **kw)

@@ -4,8 +4,8 @@
 call when the kernel covers the case; these tests check that it is really used, that
 it agrees with a float64 loop reference in values, VJPs and JVPs (forwards, reverse,
 ``h0``, lengths 1 to 301, real, complex and bfloat16 inputs, decays full, time-
-invariant, shared over a state axis or one per step, column counts that are not
-multiples of its blocks, one thread and several, stores through the cache and
+invariant, shared over a state axis or one per step, resets, column counts that
+are not multiples of its blocks, one thread and several, stores through the cache and
 non-temporal ones), and that
 without it (no compiler, a failed build, ``SSM_CPU_KERNEL=0``) the scan falls back
 to XLA's loops with a warning and the same numbers.
@@ -137,10 +137,41 @@ def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
         assert_close(row, jax.jit(grad)(a[0], b[i]), 1e-6, "vmap, a shared")
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kernel_with_resets(getkey, mode, reverse):
+    """Resets (one flag per step, including the first and the last) restart the state;
+    values, VJPs and JVPs against the float64 loop."""
+    T, S = 203, (2, 67)
+    a, b = decay(getkey(), (T,) + S).astype(F32), normal(getkey(), (T,) + S).astype(F32)
+    h0 = normal(getkey(), S).astype(F32)
+    resets = jax.random.bernoulli(getkey(), 0.05, (T,)).at[0].set(True).at[-1].set(True)
+    ct, ta, tb, th0 = (normal(getkey(), x.shape).astype(F32) for x in (b, a, b, h0))
+
+    def f(a, b, h0):
+        return ssm.linear_scan(a, b, h0, reverse=reverse, resets=resets)
+
+    def ref(a, b, h0):
+        return ref_linear_scan(a, b, h0, reverse=reverse, resets=resets)
+
+    assert uses_kernel(f, a, b, h0)
+    primals = tuple(x.astype(F64) for x in (a, b, h0))
+    h, vjp = jax.vjp(jax.jit(f), a, b, h0)
+    h_ref, vjp_ref = jax.vjp(ref, *primals)
+    _, jvp = jax.jit(lambda *p: jax.jvp(f, p, (ta, tb, th0)))(a, b, h0)
+    _, jvp_ref = jax.jvp(ref, primals, tuple(x.astype(F64) for x in (ta, tb, th0)))
+    assert_close(h, h_ref, 1e-5, "values")
+    assert_close(vjp(ct), vjp_ref(ct.astype(F64)), 1e-5, "vjp")
+    assert_close(jvp, jvp_ref, 1e-5, "jvp")
+
+
 def test_cases_the_kernel_does_not_cover_use_xla():
     a, b = jnp.full((9, 6, 4), 0.5, F32), jnp.ones((9, 6, 4), F32)
-    resets = jnp.zeros((9,), bool)
-    assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, resets=resets), a, b)
+    resets = jnp.zeros((2, 9), bool)  # resets that differ across a vmapped batch
+
+    def batched_resets(a, b):
+        return jax.vmap(lambda r: ssm.linear_scan(a, b, resets=r))(resets)
+
+    assert not uses_kernel(batched_resets, a, b)
     assert not uses_kernel(lambda a, b: ssm.linear_scan(a[:, :, :1], b), a, b)
     assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, method="chunked"), a, b)
     c = b.astype(C64)  # a real decay on a complex state: mixed dtypes
