@@ -145,58 +145,151 @@ inline typename Vec<R>::type Mul(typename Vec<R>::type m, typename Vec<R>::type 
 
 // Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
 // reals and every column pair (2j, 2j+1) is one complex column.
+// `nv` vectors of columns from j0, row after row (one sequential stream through
+// memory); the state in an array that stays in L1. `a` is read as contiguous vectors
+// (kBroadcast false) or as one value per row broadcast to every lane (kBroadcast: a
+// real decay per step, Da = 1).
+template <bool kBroadcast, typename R, bool kComplex, typename TA, typename TB>
+void PassRows(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
+              const R* __restrict h0, R* __restrict h, int64_t j0, int64_t nv) {
+  using V = typename Vec<R>::type;
+  constexpr int64_t kLanes = Vec<R>::kLanes;
+  const int64_t T = pr.T, D = pr.D;
+  const int64_t dir = pr.reverse ? -1 : 1;
+  const int64_t a_step = pr.Ta == 1 ? 0 : pr.Da;  // a's row stride in time
+  const int64_t ja = kBroadcast ? 0 : j0 % pr.Da;
+  // Non-temporal stores only where rows are a whole number of cache lines apart and
+  // the output is line-aligned (partial lines written around the cache are slow).
+  const bool nt = pr.nontemporal && (D * sizeof(R)) % 64 == 0 && (j0 * sizeof(R)) % 64 == 0 &&
+                  (reinterpret_cast<uintptr_t>(h) & 63) == 0;
+  std::vector<V> state(nv);
+  V* __restrict s = state.data();
+  for (int64_t k = 0; k < nv; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
+  for (int64_t p = 0, t = pr.reverse ? T - 1 : 0; p < T; ++p, t += dir) {
+    const int64_t row = t * D + j0;
+    const int64_t tm = pr.shift ? t - dir : t;  // the multiplier's time
+    const TA* m = a + tm * a_step + ja;
+    if ((pr.shift && p == 0) || pr.Reset(tm)) {  // multiplier 1 (first) or 0
+      const bool keep = pr.shift && p == 0;
+      for (int64_t k = 0; k < nv; ++k) {
+        const V bv = Load<R>(b + row + k * kLanes);
+        s[k] = keep ? s[k] + bv : bv;
+        Store(h + row + k * kLanes, s[k], nt);
+      }
+      continue;
+    }
+    V mb{};
+    if constexpr (kBroadcast) mb = mb + Get<R>(m);
+    for (int64_t k = 0; k < nv; ++k) {
+      const int64_t o = k * kLanes;
+      const V mv = kBroadcast ? mb : Load<R>(m + o);
+      s[k] = Mul<R, kComplex>(mv, s[k]) + Load<R>(b + row + o);
+      Store(h + row + o, s[k], nt);
+    }
+  }
+}
+
+// Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
+// reals and every column pair (2j, 2j+1) is one complex column.
+// NV vectors of columns from j0, every row: the state in registers. `a` is read as
+// contiguous vectors (kBroadcast false) or as one value per row broadcast to every
+// lane (kBroadcast: a real decay per step, Da = 1).
+template <int NV, bool kBroadcast, typename R, bool kComplex, typename TA, typename TB>
+void PassBlock(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
+          const R* __restrict h0, R* __restrict h, int64_t j0) {
+  using V = typename Vec<R>::type;
+  constexpr int64_t kLanes = Vec<R>::kLanes;
+  const int64_t T = pr.T, D = pr.D;
+  const int64_t dir = pr.reverse ? -1 : 1;
+  const int64_t a_step = pr.Ta == 1 ? 0 : pr.Da;  // a's row stride in time
+  const int64_t ja = kBroadcast ? 0 : j0 % pr.Da;
+  // Non-temporal stores only of whole cache lines: a block of vectors from a block
+  // boundary, rows a whole number of lines apart, and a line-aligned output (partial
+  // lines written around the cache are far slower than cached stores).
+  const bool nt = pr.nontemporal && NV == kVectors && (D * sizeof(R)) % 64 == 0 &&
+                  (reinterpret_cast<uintptr_t>(h) & 63) == 0;
+  V s[NV];
+  for (int k = 0; k < NV; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
+  for (int64_t p = 0, t = pr.reverse ? T - 1 : 0; p < T; ++p, t += dir) {
+    const int64_t row = t * D + j0;
+    const int64_t tm = pr.shift ? t - dir : t;  // the multiplier's time
+    const TA* m = a + tm * a_step + ja;
+    if ((pr.shift && p == 0) || pr.Reset(tm)) {  // multiplier 1 (first) or 0
+      const bool keep = pr.shift && p == 0;
+      for (int k = 0; k < NV; ++k) {
+        const V bv = Load<R>(b + row + k * kLanes);
+        s[k] = keep ? s[k] + bv : bv;
+        Store(h + row + k * kLanes, s[k], nt);
+      }
+      continue;
+    }
+    for (int k = 0; k < NV; ++k) {
+      const int64_t o = k * kLanes;
+      V mv;
+      if constexpr (kBroadcast) {
+        mv = V{} + Get<R>(m);
+      } else {
+        mv = Load<R>(m + o);
+      }
+      s[k] = Mul<R, kComplex>(mv, s[k]) + Load<R>(b + row + o);
+      Store(h + row + o, s[k], nt);
+    }
+  }
+}
+
+// Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
+// reals and every column pair (2j, 2j+1) is one complex column.
 template <typename R, bool kComplex, typename TA, typename TB>
 void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
              const R* __restrict h0, R* __restrict h, int64_t c0, int64_t c1) {
-  using V = typename Vec<R>::type;
   constexpr int64_t kLanes = Vec<R>::kLanes;
   constexpr int64_t kBlock = kVectors * kLanes;
   const int64_t T = pr.T, D = pr.D, Da = pr.Da;
-  const int64_t dir = pr.reverse ? -1 : 1;
-  const int64_t t0 = pr.reverse ? T - 1 : 0;
-  const int64_t a_step = pr.Ta == 1 ? 0 : Da;  // a's row stride in time
   int64_t j0 = c0;
-  // Whole blocks of columns, the state in registers, when a block of b's columns
-  // meets a contiguous block of a's.
-  if (Da == D || Da % kBlock == 0) {
+  // One vector pass where b's columns meet contiguous columns of a's, or a single
+  // real decay per step.
+  const bool contiguous = Da == D || Da % kBlock == 0;
+  const bool broadcast = Da == 1 && !kComplex;
+  if ((contiguous || broadcast) && (D * sizeof(R)) % 64 == 0) {
+    // Rows a whole number of cache lines apart: blocks of kVectors vectors with the
+    // state in registers, one block after another (measured fastest here).
     for (; j0 + kBlock <= c1; j0 += kBlock) {
-      V s[kVectors];
-      for (int k = 0; k < kVectors; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
-      const int64_t ja = j0 % Da;
-      for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
-        const int64_t row = t * D + j0;
-        const int64_t tm = pr.shift ? t - dir : t;  // the multiplier's time
-        const TA* m = a + tm * a_step + ja;
-        if ((pr.shift && p == 0) || pr.Reset(tm)) {  // multiplier 1 (first) or 0
-          const bool keep = pr.shift && p == 0;
-          for (int k = 0; k < kVectors; ++k) {
-            const V bv = Load<R>(b + row + k * kLanes);
-            s[k] = keep ? s[k] + bv : bv;
-            Store(h + row + k * kLanes, s[k], pr.nontemporal);
-          }
-          continue;
-        }
-        for (int k = 0; k < kVectors; ++k) {
-          const int64_t o = k * kLanes;
-          s[k] = Mul<R, kComplex>(Load<R>(m + o), s[k]) + Load<R>(b + row + o);
-          Store(h + row + o, s[k], pr.nontemporal);
-        }
+      if (broadcast) {
+        PassBlock<kVectors, true, R, kComplex>(pr, a, b, h0, h, j0);
+      } else {
+        PassBlock<kVectors, false, R, kComplex>(pr, a, b, h0, h, j0);
       }
     }
   }
-  // The remaining columns (fewer than a block, or an `a` that does not line up with
-  // blocks), a row at a time.
+  if (contiguous || broadcast) {
+    // Otherwise (and for what is left): every vector of the range, row after row.
+    const int64_t nv = (c1 - j0) / kLanes;
+    if (nv > 0) {
+      if (broadcast) {
+        PassRows<true, R, kComplex>(pr, a, b, h0, h, j0, nv);
+      } else {
+        PassRows<false, R, kComplex>(pr, a, b, h0, h, j0, nv);
+      }
+      j0 += nv * kLanes;
+    }
+  }
+  // The rest (fewer than a vector of columns, or an `a` shared in a way that does not
+  // line up with vectors), a row at a time.
   if (j0 < c1) {
     const int64_t w = c1 - j0;
-    std::vector<R> s(h0 + j0, h0 + c1);
-    std::vector<int64_t> ja(w);
-    for (int64_t j = 0; j < w; ++j) ja[j] = (j0 + j) % Da;
-    for (int64_t p = 0, t = t0; p < T; ++p, t += dir) {
+    const int64_t dir = pr.reverse ? -1 : 1;
+    const int64_t a_step = pr.Ta == 1 ? 0 : Da;
+    std::vector<R> state(h0 + j0, h0 + c1);
+    std::vector<int64_t> index(w);
+    for (int64_t j = 0; j < w; ++j) index[j] = (j0 + j) % Da;
+    R* __restrict s = state.data();
+    const int64_t* __restrict ja = index.data();
+    for (int64_t p = 0, t = pr.reverse ? T - 1 : 0; p < T; ++p, t += dir) {
       const int64_t row = t * D + j0;
       const int64_t tm = pr.shift ? t - dir : t;
-      const TA* m = a + tm * a_step;
-      R* out = h + row;
-      const TB* in = b + row;
+      const TA* __restrict m = a + tm * a_step;
+      R* __restrict out = h + row;
+      const TB* __restrict in = b + row;
       if (pr.shift && p == 0) {
         for (int64_t j = 0; j < w; ++j) out[j] = s[j] = s[j] + Get<R>(in + j);
       } else if (pr.Reset(tm)) {

@@ -197,13 +197,23 @@ def _a_columns(a_shape, b_shape) -> int | None:
 def covers(a, b, h0, r, *, matrix: bool, has_resets: bool) -> bool:
     """Whether the kernel computes this case (arrays as the primitive passes them)."""
     inputs = _INPUTS.get(np.dtype(h0.dtype), ())
-    return (
-        not matrix
-        and (not has_resets or (r.dtype == np.bool_ and r.size == r.shape[0]))
-        and np.dtype(a.dtype) in inputs
-        and np.dtype(b.dtype) in inputs
-        and _a_columns(a.shape, b.shape) is not None
-    )
+    if (
+        matrix
+        or (has_resets and not (r.dtype == np.bool_ and r.size == r.shape[0]))
+        or np.dtype(a.dtype) not in inputs
+        or np.dtype(b.dtype) not in inputs
+    ):
+        return False
+    Da = _a_columns(a.shape, b.shape)
+    if Da is None:
+        return False
+    # Only where the kernel's vector loops apply (a decay per column of b, one per
+    # step, or shared in whole blocks of its vector loop); elsewhere its per-column
+    # gather is slower forwards than XLA's loop (measured).
+    real = np.dtype(h0.dtype) in (F32, np.dtype(np.float64))
+    reals = Da * (1 if real else 2)
+    block = 64 if np.dtype(h0.dtype) in (F32, np.dtype(np.complex64)) else 32
+    return Da == int(np.prod(b.shape[1:])) or reals % block == 0 or (Da == 1 and real)
 
 
 def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):

@@ -63,7 +63,7 @@ CASES = [
     (29, (4, 3), "per-step", F32, False),
     (37, (3, 70), "full", C64, True),
     (45, (2, 33), "invariant", C128, False),
-    (50, (3, 9), "shared", C64, False),
+    (50, (3, 32), "shared", C64, False),
     (301, (2, 67), "full", BF16, True),
     (64, (2, 64), "invariant", BF16, False),
 ]
@@ -113,8 +113,8 @@ def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
     """The same scan with the kernel turned off (XLA's loop) gives the same values and
     gradients; under `vmap` the kernel is used with `a` batched and with `a` shared
     across the batch (a decay broadcast over a leading state axis)."""
-    a = decay(getkey(), (4, 45, 70)).astype(F32)
-    b = normal(getkey(), (4, 45, 70)).astype(F32)
+    a = decay(getkey(), (4, 45, 128)).astype(F32)
+    b = normal(getkey(), (4, 45, 128)).astype(F32)
 
     def loss(a, b):
         return jnp.sum(ssm.linear_scan(a, b, method="sequential") ** 2)
@@ -172,6 +172,8 @@ def test_cases_the_kernel_does_not_cover_use_xla():
         return jax.vmap(lambda r: ssm.linear_scan(a, b, resets=r))(resets)
 
     assert not uses_kernel(batched_resets, a, b)
+    shared = jnp.full((1, 1, 9), 0.5, F32)  # shared in less than a vector block
+    assert not uses_kernel(lambda b: ssm.linear_scan(shared, b), jnp.ones((9, 6, 9), F32))
     assert not uses_kernel(lambda a, b: ssm.linear_scan(a[:, :, :1], b), a, b)
     assert not uses_kernel(lambda a, b: ssm.linear_scan(a, b, method="chunked"), a, b)
     c = b.astype(C64)  # a real decay on a complex state: mixed dtypes
