@@ -145,33 +145,38 @@ inline typename Vec<R>::type Mul(typename Vec<R>::type m, typename Vec<R>::type 
 
 // Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
 // reals and every column pair (2j, 2j+1) is one complex column.
-// `nv` vectors of columns from j0, row after row (one sequential stream through
-// memory); the state in an array that stays in L1. `a` is read as contiguous vectors
-// (kBroadcast false) or as one value per row broadcast to every lane (kBroadcast: a
-// real decay per step, Da = 1).
-template <bool kBroadcast, typename R, bool kComplex, typename TA, typename TB>
-void PassRows(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
-              const R* __restrict h0, R* __restrict h, int64_t j0, int64_t nv) {
+// Vectors of columns from j0, every row. With NV > 0, NV vectors whose state stays
+// in registers (a block); with NV = 0, `nv` vectors whose state stays in L1, for rows
+// that are not a whole number of cache lines apart, where walking memory a block at
+// a time (a stride per row) is 2x slower than one stream. `a` is read as contiguous
+// vectors (kBroadcast false) or as one value per row broadcast to every lane
+// (kBroadcast: a real decay per step, Da = 1).
+template <int NV, bool kBroadcast, typename R, bool kComplex, typename TA, typename TB>
+void Pass(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
+          const R* __restrict h0, R* __restrict h, int64_t j0, int64_t nv) {
   using V = typename Vec<R>::type;
   constexpr int64_t kLanes = Vec<R>::kLanes;
   const int64_t T = pr.T, D = pr.D;
+  const int64_t n = NV > 0 ? NV : nv;
   const int64_t dir = pr.reverse ? -1 : 1;
   const int64_t a_step = pr.Ta == 1 ? 0 : pr.Da;  // a's row stride in time
   const int64_t ja = kBroadcast ? 0 : j0 % pr.Da;
-  // Non-temporal stores only where rows are a whole number of cache lines apart and
-  // the output is line-aligned (partial lines written around the cache are slow).
-  const bool nt = pr.nontemporal && (D * sizeof(R)) % 64 == 0 && (j0 * sizeof(R)) % 64 == 0 &&
-                  (reinterpret_cast<uintptr_t>(h) & 63) == 0;
-  std::vector<V> state(nv);
-  V* __restrict s = state.data();
-  for (int64_t k = 0; k < nv; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
+  // Non-temporal stores only of whole cache lines: rows a whole number of lines
+  // apart, from a line boundary, into a line-aligned output (partial lines written
+  // around the cache are far slower than cached stores).
+  const bool nt = pr.nontemporal && (D * sizeof(R)) % 64 == 0 &&
+                  (j0 * sizeof(R)) % 64 == 0 && (reinterpret_cast<uintptr_t>(h) & 63) == 0;
+  V registers[NV > 0 ? NV : 1];
+  std::vector<V> spilled(NV > 0 ? 0 : nv);
+  V* __restrict s = NV > 0 ? registers : spilled.data();
+  for (int64_t k = 0; k < n; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
   for (int64_t p = 0, t = pr.reverse ? T - 1 : 0; p < T; ++p, t += dir) {
     const int64_t row = t * D + j0;
     const int64_t tm = pr.shift ? t - dir : t;  // the multiplier's time
     const TA* m = a + tm * a_step + ja;
     if ((pr.shift && p == 0) || pr.Reset(tm)) {  // multiplier 1 (first) or 0
       const bool keep = pr.shift && p == 0;
-      for (int64_t k = 0; k < nv; ++k) {
+      for (int64_t k = 0; k < n; ++k) {
         const V bv = Load<R>(b + row + k * kLanes);
         s[k] = keep ? s[k] + bv : bv;
         Store(h + row + k * kLanes, s[k], nt);
@@ -180,57 +185,10 @@ void PassRows(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
     }
     V mb{};
     if constexpr (kBroadcast) mb = mb + Get<R>(m);
-    for (int64_t k = 0; k < nv; ++k) {
+    for (int64_t k = 0; k < n; ++k) {
       const int64_t o = k * kLanes;
-      const V mv = kBroadcast ? mb : Load<R>(m + o);
-      s[k] = Mul<R, kComplex>(mv, s[k]) + Load<R>(b + row + o);
-      Store(h + row + o, s[k], nt);
-    }
-  }
-}
-
-// Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
-// reals and every column pair (2j, 2j+1) is one complex column.
-// NV vectors of columns from j0, every row: the state in registers. `a` is read as
-// contiguous vectors (kBroadcast false) or as one value per row broadcast to every
-// lane (kBroadcast: a real decay per step, Da = 1).
-template <int NV, bool kBroadcast, typename R, bool kComplex, typename TA, typename TB>
-void PassBlock(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
-          const R* __restrict h0, R* __restrict h, int64_t j0) {
-  using V = typename Vec<R>::type;
-  constexpr int64_t kLanes = Vec<R>::kLanes;
-  const int64_t T = pr.T, D = pr.D;
-  const int64_t dir = pr.reverse ? -1 : 1;
-  const int64_t a_step = pr.Ta == 1 ? 0 : pr.Da;  // a's row stride in time
-  const int64_t ja = kBroadcast ? 0 : j0 % pr.Da;
-  // Non-temporal stores only of whole cache lines: a block of vectors from a block
-  // boundary, rows a whole number of lines apart, and a line-aligned output (partial
-  // lines written around the cache are far slower than cached stores).
-  const bool nt = pr.nontemporal && NV == kVectors && (D * sizeof(R)) % 64 == 0 &&
-                  (reinterpret_cast<uintptr_t>(h) & 63) == 0;
-  V s[NV];
-  for (int k = 0; k < NV; ++k) s[k] = Load<R>(h0 + j0 + k * kLanes);
-  for (int64_t p = 0, t = pr.reverse ? T - 1 : 0; p < T; ++p, t += dir) {
-    const int64_t row = t * D + j0;
-    const int64_t tm = pr.shift ? t - dir : t;  // the multiplier's time
-    const TA* m = a + tm * a_step + ja;
-    if ((pr.shift && p == 0) || pr.Reset(tm)) {  // multiplier 1 (first) or 0
-      const bool keep = pr.shift && p == 0;
-      for (int k = 0; k < NV; ++k) {
-        const V bv = Load<R>(b + row + k * kLanes);
-        s[k] = keep ? s[k] + bv : bv;
-        Store(h + row + k * kLanes, s[k], nt);
-      }
-      continue;
-    }
-    for (int k = 0; k < NV; ++k) {
-      const int64_t o = k * kLanes;
-      V mv;
-      if constexpr (kBroadcast) {
-        mv = V{} + Get<R>(m);
-      } else {
-        mv = Load<R>(m + o);
-      }
+      V mv = mb;
+      if constexpr (!kBroadcast) mv = Load<R>(m + o);
       s[k] = Mul<R, kComplex>(mv, s[k]) + Load<R>(b + row + o);
       Store(h + row + o, s[k], nt);
     }
@@ -255,9 +213,9 @@ void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
     // state in registers, one block after another (measured fastest here).
     for (; j0 + kBlock <= c1; j0 += kBlock) {
       if (broadcast) {
-        PassBlock<kVectors, true, R, kComplex>(pr, a, b, h0, h, j0);
+        Pass<kVectors, true, R, kComplex>(pr, a, b, h0, h, j0, kVectors);
       } else {
-        PassBlock<kVectors, false, R, kComplex>(pr, a, b, h0, h, j0);
+        Pass<kVectors, false, R, kComplex>(pr, a, b, h0, h, j0, kVectors);
       }
     }
   }
@@ -266,9 +224,9 @@ void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
     const int64_t nv = (c1 - j0) / kLanes;
     if (nv > 0) {
       if (broadcast) {
-        PassRows<true, R, kComplex>(pr, a, b, h0, h, j0, nv);
+        Pass<0, true, R, kComplex>(pr, a, b, h0, h, j0, nv);
       } else {
-        PassRows<false, R, kComplex>(pr, a, b, h0, h, j0, nv);
+        Pass<0, false, R, kComplex>(pr, a, b, h0, h, j0, nv);
       }
       j0 += nv * kLanes;
     }
