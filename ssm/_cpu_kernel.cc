@@ -105,7 +105,7 @@ struct Problem {
   const bool* resets;  // (Tr,) with Tr = T or 1, or null: where true, m = 0
   int64_t Tr;
 
-  // Whether step p (at time t, processing its multiplier's time tm) restarts.
+  // Whether the step whose multiplier is read at time tm restarts.
   bool Reset(int64_t tm) const { return resets != nullptr && resets[Tr == 1 ? 0 : tm]; }
 };
 
@@ -143,8 +143,6 @@ inline typename Vec<R>::type Mul(typename Vec<R>::type m, typename Vec<R>::type 
   }
 }
 
-// Columns [c0, c1) of the recurrence, on reals: with kComplex, D, Da, c0 and c1 count
-// reals and every column pair (2j, 2j+1) is one complex column.
 // Vectors of columns from j0, every row. With NV > 0, NV vectors whose state stays
 // in registers (a block); with NV = 0, `nv` vectors whose state stays in L1, for rows
 // that are not a whole number of cache lines apart, where walking memory a block at
@@ -204,8 +202,8 @@ void Columns(const Problem& pr, const TA* __restrict a, const TB* __restrict b,
   constexpr int64_t kBlock = kVectors * kLanes;
   const int64_t T = pr.T, D = pr.D, Da = pr.Da;
   int64_t j0 = c0;
-  // One vector pass where b's columns meet contiguous columns of a's, or a single
-  // real decay per step.
+  // Vector passes where b's columns meet contiguous columns of a's, or a single real
+  // decay per step.
   const bool contiguous = Da == D || Da % kBlock == 0;
   const bool broadcast = Da == 1 && !kComplex;
   if ((contiguous || broadcast) && (D * sizeof(R)) % 64 == 0) {
