@@ -37,6 +37,21 @@ def uses_kernel(f, *args):
     return "@ssm_linear_scan(" in lowered_text(f, *args)
 
 
+def check_kernel(f, ref, primals, tangents, ct, wide, tol, vjp_tol):
+    """`f` runs on the kernel and agrees with `ref`, run on `wide` copies of the inputs,
+    in values, in the VJP of `ct` and in the JVP along `tangents`."""
+    assert uses_kernel(f, *primals)
+    widened = tuple(x.astype(wide) for x in primals)
+    h, vjp = jax.vjp(jax.jit(f), *primals)
+    h_ref, vjp_ref = jax.vjp(ref, *widened)
+    _, jvp = jax.jit(lambda *p: jax.jvp(f, p, tangents))(*primals)
+    _, jvp_ref = jax.jvp(ref, widened, tuple(x.astype(wide) for x in tangents))
+    assert_close(h, h_ref, tol, "values")
+    assert_close(vjp(ct), vjp_ref(ct.astype(wide)), vjp_tol, "vjp")
+    assert_close(jvp, jvp_ref, tol, "jvp")
+    return h
+
+
 @pytest.fixture(params=["cached-stores", "nontemporal-threads"])
 def mode(request, monkeypatch):
     """The kernel's two store paths and its thread split, chosen at trace time."""
@@ -95,18 +110,12 @@ def test_kernel_matches_float64_reference(getkey, mode, case):
     def ref(a, b, h0):
         return ref_linear_scan(a, b, h0, reverse=reverse)
 
-    assert uses_kernel(f, a, b, h0)
-    primals = tuple(x.astype(wide) for x in (a, b, h0))
-    h, vjp = jax.vjp(jax.jit(f), a, b, h0)
-    h_ref, vjp_ref = jax.vjp(ref, *primals)
-    _, jvp = jax.jit(lambda *p: jax.jvp(f, p, (ta, tb, th0)))(a, b, h0)
-    _, jvp_ref = jax.jvp(ref, primals, tuple(x.astype(wide) for x in (ta, tb, th0)))
+    # bfloat16 inputs accumulate in float32; their cotangents come back in bfloat16
+    # (8 bits of mantissa)
     tol = {F32: 1e-5, C64: 1e-5, BF16: 1e-5}.get(dtype, 1e-12)
+    vjp_tol = 1e-2 if dtype == BF16 else tol
+    h = check_kernel(f, ref, (a, b, h0), (ta, tb, th0), ct, wide, tol, vjp_tol)
     assert h.dtype == state
-    assert_close(h, h_ref, tol, "values")  # bfloat16 inputs, accumulated in float32
-    # cotangents come back in each input's dtype: bfloat16's 8 bits of mantissa
-    assert_close(vjp(ct), vjp_ref(ct.astype(wide)), 1e-2 if dtype == BF16 else tol, "vjp")
-    assert_close(jvp, jvp_ref, tol, "jvp")
 
 
 def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
@@ -153,15 +162,7 @@ def test_kernel_with_resets(getkey, mode, reverse):
     def ref(a, b, h0):
         return ref_linear_scan(a, b, h0, reverse=reverse, resets=resets)
 
-    assert uses_kernel(f, a, b, h0)
-    primals = tuple(x.astype(F64) for x in (a, b, h0))
-    h, vjp = jax.vjp(jax.jit(f), a, b, h0)
-    h_ref, vjp_ref = jax.vjp(ref, *primals)
-    _, jvp = jax.jit(lambda *p: jax.jvp(f, p, (ta, tb, th0)))(a, b, h0)
-    _, jvp_ref = jax.jvp(ref, primals, tuple(x.astype(F64) for x in (ta, tb, th0)))
-    assert_close(h, h_ref, 1e-5, "values")
-    assert_close(vjp(ct), vjp_ref(ct.astype(F64)), 1e-5, "vjp")
-    assert_close(jvp, jvp_ref, 1e-5, "jvp")
+    check_kernel(f, ref, (a, b, h0), (ta, tb, th0), ct, F64, 1e-5, 1e-5)
 
 
 def test_cases_the_kernel_does_not_cover_use_xla():
