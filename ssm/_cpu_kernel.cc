@@ -17,8 +17,10 @@
 // row through the cache, and runs on one thread. Here the columns are split across
 // threads (every column is an independent recurrence) and, for outputs larger than
 // the cache, rows are written with non-temporal stores, which skip reading the
-// destination lines in first. The state of a block of columns lives in registers.
-// See scripts/bench_scan.py and the README for the measurements.
+// destination lines in first. Where rows are a whole number of cache lines apart,
+// blocks of columns keep their state in registers; elsewhere each thread streams its
+// rows one after another with the state in L1 (see `Pass`). See
+// scripts/bench_scan.py and the README for the measurements.
 
 #include <algorithm>
 #include <complex>
