@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -39,8 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
+# The sources, built into one library, and the FFI targets it provides: the scan
+# (`scan`) and batched small matrix products (`matmul`).
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("_cpu_kernel.cc", "_cpu_matmul.cc"))
 _TARGET, _SYMBOL = "ssm_linear_scan", "SsmLinearScan"
+_MATMUL_TARGET, _MATMUL_SYMBOL = "ssm_matmul", "SsmMatmul"
 F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
 # The state dtypes (h0, h) and, for each, the dtypes `a` and `b` may have.
 _INPUTS = {
@@ -101,7 +105,13 @@ def _build() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             s.encode()
-            for s in (_SOURCE.read_text(), jax.lib.__version__, version, _cpu_id(), include)
+            for s in (
+                *(source.read_text() for source in _SOURCES),
+                jax.lib.__version__,
+                version,
+                _cpu_id(),
+                include,
+            )
         )
     ).hexdigest()[:16]
     directory = _cache_dir()
@@ -115,7 +125,7 @@ def _build() -> Path:
         # `-march=native` where the compiler knows it (vector width of this CPU),
         # else the compiler's default target.
         for arch in (["-march=native"], []):
-            cmd = [cxx, *flags, *arch, "-I", include, str(_SOURCE), "-o", str(out)]
+            cmd = [cxx, *flags, *arch, "-I", include, *map(str, _SOURCES), "-o", str(out)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode == 0:
                 break
@@ -133,8 +143,9 @@ def _load() -> bool:
             return _state["loaded"]
         try:
             library = ctypes.cdll.LoadLibrary(str(_build()))
-            capsule = jax.ffi.pycapsule(getattr(library, _SYMBOL))
-            jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
+            for target, symbol in ((_TARGET, _SYMBOL), (_MATMUL_TARGET, _MATMUL_SYMBOL)):
+                capsule = jax.ffi.pycapsule(getattr(library, symbol))
+                jax.ffi.register_ffi_target(target, capsule, platform="cpu")
             _state["loaded"] = True
         except Exception as error:  # noqa: BLE001 (any failure means: use XLA's loops)
             warnings.warn(
@@ -239,3 +250,82 @@ def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):
         threads=np.int64(1 if size < THREADS_ELEMENTS else _cpus()),
     )
     return h.reshape(b.shape)
+
+
+# Products with fewer multiply-adds than this per matrix are left to XLA (packing and
+# the call cost more than they save); below `MATMUL_THREADS_MACS` in all, one thread.
+MATMUL_MIN_MACS = 1 << 13
+MATMUL_THREADS_MACS = 1 << 18
+
+
+def _swap(x, transpose):
+    return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+    """``op(a) @ op(b)`` over the leading (batch) axes, ``op`` a transpose of the last
+    two axes where asked.
+
+    On the CPU backend with the kernel available, for float32 or float64 operands of
+    one dtype and products large enough to gain, the compiled kernel does it
+    (threaded over the batch); otherwise, and when lowered for other platforms,
+    ``jnp.matmul``. Reverse-mode differentiable (its derivative is made of the same
+    products); not forward-mode where the kernel is used."""
+    if (
+        a.dtype != b.dtype
+        or np.dtype(a.dtype) not in (F32, np.dtype(np.float64))
+        or a.ndim < 2
+        or b.ndim < 2
+    ):
+        return jnp.matmul(_swap(a, transpose_a), _swap(b, transpose_b))
+    M, K = (a.shape[-1], a.shape[-2]) if transpose_a else a.shape[-2:]
+    N = b.shape[-2] if transpose_b else b.shape[-1]
+    if M * K * N < MATMUL_MIN_MACS or not available():
+        return jnp.matmul(_swap(a, transpose_a), _swap(b, transpose_b))
+    batch = tuple(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    a = jnp.broadcast_to(a, batch + a.shape[-2:])
+    b = jnp.broadcast_to(b, batch + b.shape[-2:])
+    return _matmul(a, b, bool(transpose_a), bool(transpose_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a, b, ta, tb):
+    M, N = (a.shape[-1] if ta else a.shape[-2]), (b.shape[-2] if tb else b.shape[-1])
+    K = a.shape[-2] if ta else a.shape[-1]
+    count = int(np.prod(a.shape[:-2], dtype=np.int64))
+    threads = 1 if count * M * K * N < MATMUL_THREADS_MACS else _cpus()
+
+    def kernel(a, b):
+        call = jax.ffi.ffi_call(
+            _MATMUL_TARGET,
+            jax.ShapeDtypeStruct(a.shape[:-2] + (M, N), a.dtype),
+            vmap_method="broadcast_all",
+        )
+        return call(a, b, transpose_a=ta, transpose_b=tb, threads=np.int64(threads))
+
+    def xla(a, b):
+        return jnp.matmul(_swap(a, ta), _swap(b, tb))
+
+    return jax.lax.platform_dependent(a, b, cpu=kernel, default=xla)
+
+
+def _matmul_fwd(a, b, ta, tb):
+    return _matmul(a, b, ta, tb), (a, b)
+
+
+def _matmul_bwd(ta, tb, res, dc):
+    a, b = res
+    # c = op(a) op(b): d op(a) = dc op(b)^T, d op(b) = op(a)^T dc (transposed back
+    # where the operand is stored transposed).
+    if ta:
+        da = matmul(b, dc, transpose_a=tb, transpose_b=True)
+    else:
+        da = matmul(dc, b, transpose_b=not tb)
+    if tb:
+        db = matmul(dc, a, transpose_a=True, transpose_b=ta)
+    else:
+        db = matmul(a, dc, transpose_a=not ta)
+    return da, db
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from ._cpu_kernel import matmul
 from ._scan import linear_scan
 
 _METHODS = ("chunked", "recurrent")
@@ -169,7 +170,7 @@ def _from_groups(x, T):
 
 def _intra_scalar(q, k, v, b):
     """`((q k^T) * L) v` with `L[i, j] = exp(b_i - b_j)` for `j <= i`, else 0."""
-    return _scalar_attention(q, k, b)[0] @ v
+    return matmul(_scalar_attention(q, k, b)[0], v)
 
 
 def _scalar_attention(q, k, b):
@@ -177,16 +178,16 @@ def _scalar_attention(q, k, b):
     C = b.shape[-1]
     diff = b[..., :, None] - b[..., None, :]
     decay = jnp.exp(jnp.where(_tril(C, diff.ndim), diff, -jnp.inf))
-    return (q @ _mT(k)) * decay, decay
+    return matmul(q, k, transpose_b=True) * decay, decay
 
 
 def _intra_scalar_bwd(q, k, v, b, do):
     scores, decay = _scalar_attention(q, k, b)
-    d_scores = do @ _mT(v)
-    dv = _mT(scores) @ do
+    d_scores = matmul(do, v, transpose_b=True)
+    dv = matmul(scores, do, transpose_a=True)
     d_qk = d_scores * decay
-    dq = d_qk @ k
-    dk = _mT(d_qk) @ q
+    dq = matmul(d_qk, k)
+    dk = matmul(d_qk, q, transpose_a=True)
     z = d_scores * scores  # d/d(b_i - b_j), zero above the diagonal
     db = jnp.sum(z, axis=-1) - jnp.sum(z, axis=-2)
     return dq, dk, dv, db[..., None]
@@ -261,7 +262,7 @@ def _intra_per_key(q, k, v, b):
         q_hat, k_hat, _, _ = _level(q, k, b, p, s)
         v1, _ = _halves(v, p, s)
         o1, o2 = _halves(o, p, s)
-        o = _join(o1, o2 + (q_hat @ _mT(k_hat)) @ v1)
+        o = _join(o1, o2 + matmul(matmul(q_hat, k_hat, transpose_b=True), v1))
     return o
 
 
@@ -287,10 +288,10 @@ def _intra_per_key_bwd(q, k, v, b, do):
         q_hat, k_hat, e2, e1 = _level(q, k, b, p, s)
         v1, _ = _halves(v, p, s)
         _, do2 = _halves(do, p, s)
-        off = q_hat @ _mT(k_hat)
-        d_off = do2 @ _mT(v1)
-        dq_hat = d_off @ k_hat
-        dk_hat = _mT(d_off) @ q_hat
+        off = matmul(q_hat, k_hat, transpose_b=True)
+        d_off = matmul(do2, v1, transpose_b=True)
+        dq_hat = matmul(d_off, k_hat)
+        dk_hat = matmul(d_off, q_hat, transpose_a=True)
         t2 = dq_hat * q_hat
         t1 = dk_hat * k_hat
         d_ref = jnp.sum(t1, axis=-2, keepdims=True) - jnp.sum(t2, axis=-2, keepdims=True)
@@ -302,7 +303,7 @@ def _intra_per_key_bwd(q, k, v, b, do):
         db1 = jnp.concatenate([db1[..., :-1, :], db1[..., -1:, :] + d_ref], axis=-2)
         dq = _join(dq1, dq2 + dq_hat * e2)
         dk = _join(dk1 + dk_hat * e1, dk2)
-        dv = _join(dv1 + _mT(off) @ do2, dv2)
+        dv = _join(dv1 + matmul(off, do2, transpose_a=True), dv2)
         db = _join(db1, db2 + t2)
     return dq, dk, dv, db
 
@@ -315,11 +316,20 @@ def _to_k(x, K):
     return jnp.sum(x, axis=-1, keepdims=True) if K == 1 else x
 
 
-def _decays(g):
-    """Cumulative log decays in a chunk and the factors built from them."""
-    b = _cumsum(g)
+def _chunk_cumsum(x, reverse=False):
+    """Cumulative sums over the chunk axis of `x (..., C, H, K)` (from the end if
+    `reverse`): one product with a triangular matrix per chunk, `(C, C) @ (C, H K)`,
+    on the compiled kernel where it is available."""
+    C = x.shape[-3]
+    flat = jnp.reshape(x, x.shape[:-2] + (-1,))
+    ones = jnp.broadcast_to(jnp.tril(jnp.ones((C, C), x.dtype)), x.shape[:-3] + (C, C))
+    return jnp.reshape(matmul(ones, flat, transpose_a=reverse), x.shape)
+
+
+def _decays(b):
+    """The factors built from a chunk's cumulative log decays `b`."""
     last = b[..., -1:, :]
-    return b, jnp.exp(b), jnp.exp(last - b), jnp.exp(last)
+    return jnp.exp(b), jnp.exp(last - b), jnp.exp(last)
 
 
 def _heads_first(x):
@@ -327,52 +337,53 @@ def _heads_first(x):
     return jnp.swapaxes(x, -3, -2)
 
 
-def _summary(k, v, g):
-    """A chunk's total decay `(..., H, K, 1)` and its input to the state."""
-    k, v, g = (_heads_first(x) for x in (k, v, g))
-    _, _, k_decay, total = _decays(g)
-    return _mT(total), _mT(k * k_decay) @ v
+def _summary(k, v, b):
+    """A chunk's total decay `(..., H, K, 1)` and its input to the state, from its
+    cumulative log decays `b` (here and below: `(..., C, H, K)`, see `_chunk_cumsum`)."""
+    k, v, b = (_heads_first(x) for x in (k, v, b))
+    _, k_decay, total = _decays(b)
+    return _mT(total), matmul(k * k_decay, v, transpose_a=True)
 
 
-def _outputs(q, k, v, g, s0):
+def _outputs(q, k, v, b, s0):
     """A chunk's outputs from its start state `s0` `(..., H, dk, dv)`."""
-    q, k, v, g = (_heads_first(x) for x in (q, k, v, g))
-    b, q_decay, _, _ = _decays(g)
-    intra = (_intra_scalar if g.shape[-1] == 1 else _intra_per_key)(q, k, v, b)
-    return _heads_first(intra + (q * q_decay) @ s0)
+    q, k, v, b = (_heads_first(x) for x in (q, k, v, b))
+    q_decay, _, _ = _decays(b)
+    intra = (_intra_scalar if b.shape[-1] == 1 else _intra_per_key)(q, k, v, b)
+    return _heads_first(intra + matmul(q * q_decay, s0))
 
 
-def _state_cotangent(q, g, do):
+def _state_cotangent(q, b, do):
     """A chunk's total decay and `(q exp(b))^T do`, the cotangent its outputs send to
     its start state."""
-    q, g, do = (_heads_first(x) for x in (q, g, do))
-    _, q_decay, _, total = _decays(g)
-    return _mT(total), _mT(q * q_decay) @ do
+    q, b, do = (_heads_first(x) for x in (q, b, do))
+    q_decay, _, total = _decays(b)
+    return _mT(total), matmul(q * q_decay, do, transpose_a=True)
 
 
-def _local_bwd(q, k, v, g, s0, do, G):
+def _local_bwd(q, k, v, b, s0, do, G):
     """Cotangents of a chunk's inputs, given those of its outputs (`do`) and of its end
     state (`G`), from its start state `s0`."""
-    q, k, v, g, do = (_heads_first(x) for x in (q, k, v, g, do))
-    K = g.shape[-1]
-    b, q_decay, k_decay, total = _decays(g)
+    q, k, v, b, do = (_heads_first(x) for x in (q, k, v, b, do))
+    K = b.shape[-1]
+    q_decay, k_decay, total = _decays(b)
     dq, dk, dv, db = (_intra_scalar_bwd if K == 1 else _intra_per_key_bwd)(q, k, v, b, do)
     # outputs: + (q exp(b)) s0
-    dq_bar = do @ _mT(s0)
+    dq_bar = matmul(do, s0, transpose_b=True)
     dq = dq + dq_bar * q_decay
     db = db + _to_k(dq_bar * q * q_decay, K)
     # end state: exp(b_last) s0 + (k exp(b_last - b))^T v
     k_bar = k * k_decay
-    dk_bar = v @ _mT(G)
+    dk_bar = matmul(v, G, transpose_b=True)
     dk = dk + dk_bar * k_decay
-    dv = dv + k_bar @ G
+    dv = dv + matmul(k_bar, G)
     t = _to_k(dk_bar * k_bar, K)
     d_last = jnp.sum(t, axis=-2, keepdims=True)
     d_last = d_last + _to_k(_mT(jnp.sum(s0 * G, axis=-1, keepdims=True)), K) * total
     db = db - t
     db = jnp.concatenate([db[..., :-1, :], db[..., -1:, :] + d_last], axis=-2)
-    dg = _cumsum(db[..., ::-1, :])[..., ::-1, :]  # b = cumsum(g)
-    return tuple(_heads_first(x) for x in (dq, dk, dv, dg))
+    dq, dk, dv, db = (_heads_first(x) for x in (dq, dk, dv, db))
+    return dq, dk, dv, _chunk_cumsum(db, reverse=True)  # b = cumsum(g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -405,10 +416,10 @@ def _extras(k, v, k_scale, ones):
     return k, v
 
 
-def _chunk_starts(k, v, g, state):
+def _chunk_starts(k, v, b, state):
     """The start states of a group's chunks, from the group's start `state`, and the
     state at its end."""
-    total, u = _summary(k, v, g)
+    total, u = _summary(k, v, b)
     h = linear_scan(total, u, state)  # the state at the end of each chunk
     return jnp.concatenate([state[None], h[:-1]]), h[-1]
 
@@ -421,8 +432,9 @@ def _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones):
     def group(state, xs):
         q, k, v, g, k_scale = xs
         k, v = _extras(k, v, k_scale, ones)
-        s_start, final = _chunk_starts(k, v, g, state)
-        o = _outputs(q, k, v, g, s_start)
+        b = _chunk_cumsum(g)
+        s_start, final = _chunk_starts(k, v, b, state)
+        o = _outputs(q, k, v, b, s_start)
         return final, ((o[..., :-1], o[..., -1:]) if ones else o, state)
 
     final, (o, s_group) = lax.scan(group, h0, groups)
@@ -443,15 +455,16 @@ def _gla_chunked_bwd(C, ones, res, cts):
     def group(G_end, xs):
         q, k_in, v_in, g, k_scale, do, s_group = xs
         k, v = _extras(k_in, v_in, k_scale, ones)
-        s0, _ = _chunk_starts(k, v, g, s_group)
+        b = _chunk_cumsum(g)
+        s0, _ = _chunk_starts(k, v, b, s_group)
         do = jnp.concatenate(do, axis=-1) if ones else do
-        total, x = _state_cotangent(q, g, do)
+        total, x = _state_cotangent(q, b, do)
         # Cotangents of the chunk-end states: G[last] = G_end (from the next group),
         # G[n] = total[n+1] * G[n+1] + x[n+1].
         a_rev = jnp.concatenate([total[1:], jnp.ones_like(total[:1])])
         x_rev = jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
         G = linear_scan(a_rev, x_rev, G_end, reverse=True)
-        dq, dk, dv, dg = _local_bwd(q, k, v, g, s0, do, G)
+        dq, dk, dv, dg = _local_bwd(q, k, v, b, s0, do, G)
         d_scale = None
         if k_scale is not None:
             d_scale = jnp.sum(dk * k_in, axis=-1, keepdims=True)
