@@ -72,32 +72,59 @@ constexpr int kVecBytes = 64, kPanelVectors = 4;  // 6 x 4 accumulators of 32 re
 #else
 constexpr int kVecBytes = 32, kPanelVectors = 2;  // 6 x 2 accumulators of 16 registers
 #endif
-constexpr int kRows = 6;           // rows of c per micro-tile
-constexpr int64_t kUnitRows = 64;  // rows of c per work unit
+constexpr int64_t kUnitRows = 96;       // at most this many rows of c per work unit
+constexpr int64_t kUnitMacs = 1 << 15;  // small products are grouped into units this big
 
 template <typename T>
 struct Kernel {
   typedef T V __attribute__((vector_size(kVecBytes)));
   static constexpr int kLanes = kVecBytes / sizeof(T);
-  static constexpr int kPanel = kPanelVectors * kLanes;  // columns per packed panel
+  static constexpr int kPanel = kPanelVectors * kLanes;  // columns per panel
 
-  // acc[r][j] = sum_k ap[k, r] * bp[k, j-th vector], for a tile of kRows rows and
-  // NV vectors of columns; ap is K x kRows, bp is K x kPanel (both packed).
-  template <int NV>
-  static void Tile(const T* ap, const T* bp, int64_t K, T* out) {
-    V acc[kRows][NV];
-    for (int r = 0; r < kRows; ++r)
+  // Rows i of c[:, 0 : NV lanes) for i < R:  sum_k a[i * ars + k * aks] * b[k * bks, :],
+  // with a's rows from `rows` on replaced by its last valid one (computed, not
+  // stored). c's columns from `w` on are not stored (b is zero-padded there).
+  template <int R, int NV>
+  static void Tile(const T* a, int64_t ars, int64_t aks, int rows, const T* b, int64_t bks,
+                   int64_t K, T* c, int64_t ldc, int64_t w) {
+    const T* ar[R];
+    for (int r = 0; r < R; ++r) ar[r] = a + std::min(r, rows - 1) * ars;
+    V acc[R][NV];
+    for (int r = 0; r < R; ++r)
       for (int j = 0; j < NV; ++j) acc[r][j] = V{};
     for (int64_t k = 0; k < K; ++k) {
       V bv[NV];
-      for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], bp + k * kPanel + j * kLanes, kVecBytes);
-      for (int r = 0; r < kRows; ++r) {
-        const T a = ap[k * kRows + r];
-        for (int j = 0; j < NV; ++j) acc[r][j] += a * bv[j];
+      for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], b + k * bks + j * kLanes, kVecBytes);
+      for (int r = 0; r < R; ++r) {
+        const T x = ar[r][k * aks];
+        for (int j = 0; j < NV; ++j) acc[r][j] += x * bv[j];
       }
     }
-    for (int r = 0; r < kRows; ++r)
-      for (int j = 0; j < NV; ++j) std::memcpy(out + r * kPanel + j * kLanes, &acc[r][j], kVecBytes);
+    if (w == NV * kLanes) {
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < NV; ++j) std::memcpy(c + r * ldc + j * kLanes, &acc[r][j], kVecBytes);
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        T out[NV * kLanes];
+        for (int j = 0; j < NV; ++j) std::memcpy(out + j * kLanes, &acc[r][j], kVecBytes);
+        std::memcpy(c + r * ldc, out, w * sizeof(T));
+      }
+    }
+  }
+
+  // Tile<R, NV> for R >= rows (1, 2, 4 or 6) and NV vectors of columns.
+  template <int NV>
+  static void Rows(const T* a, int64_t ars, int64_t aks, int rows, const T* b, int64_t bks,
+                   int64_t K, T* c, int64_t ldc, int64_t w) {
+    if (rows <= 1) {
+      Tile<1, NV>(a, ars, aks, rows, b, bks, K, c, ldc, w);
+    } else if (rows <= 2) {
+      Tile<2, NV>(a, ars, aks, rows, b, bks, K, c, ldc, w);
+    } else if (rows <= 4) {
+      Tile<4, NV>(a, ars, aks, rows, b, bks, K, c, ldc, w);
+    } else {
+      Tile<6, NV>(a, ars, aks, rows, b, bks, K, c, ldc, w);
+    }
   }
 
   struct Shape {
@@ -105,60 +132,101 @@ struct Kernel {
     bool ta, tb;
   };
 
-  // Rows [r0, r1) of one product.
-  static void Rows(const Shape& s, const T* a, const T* b, T* c, int64_t r0, int64_t r1,
-                   T* bp, T* ap) {
+  // c[i, j] = a[i, :] . b[j, :] with rows of a and b contiguous (a @ b^T), as dot
+  // products along K: for few columns, where packing b for the tiles costs more.
+  static void Dots(const T* a, const T* b, T* c, int64_t r0, int64_t r1, int64_t K,
+                   int64_t N) {
+    const int64_t Kv = K - K % kLanes;
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* ai = a + i * K;
+      for (int64_t j = 0; j < N; ++j) {
+        const T* bj = b + j * K;
+        V acc = V{};
+        for (int64_t k = 0; k < Kv; k += kLanes) {
+          V x, y;
+          std::memcpy(&x, ai + k, kVecBytes);
+          std::memcpy(&y, bj + k, kVecBytes);
+          acc += x * y;
+        }
+        T sum = T(0);
+        for (int l = 0; l < kLanes; ++l) sum += acc[l];
+        for (int64_t k = Kv; k < K; ++k) sum += ai[k] * bj[k];
+        c[i * N + j] = sum;
+      }
+    }
+  }
+
+  // Rows [r0, r1) of one product; `bp` is scratch of K x kPanel.
+  static void Product(const Shape& s, const T* a, const T* b, T* c, int64_t r0, int64_t r1,
+                      T* bp) {
     const int64_t M = s.M, K = s.K, N = s.N;
-    T out[kRows * kPanel];
+    if (s.tb && !s.ta && N < kLanes && K >= kLanes) {
+      Dots(a, b, c, r0, r1, K, N);
+      return;
+    }
+    const int64_t ars = s.ta ? 1 : K, aks = s.ta ? M : 1;
     for (int64_t j0 = 0; j0 < N; j0 += kPanel) {
       const int64_t w = std::min<int64_t>(kPanel, N - j0);
-      // Pack b[:, j0:j0+w] as K x kPanel, zero-padded.
-      for (int64_t k = 0; k < K; ++k) {
-        T* row = bp + k * kPanel;
-        if (!s.tb) {
-          std::memcpy(row, b + k * N + j0, w * sizeof(T));
-        } else {
-          for (int64_t j = 0; j < w; ++j) row[j] = b[(j0 + j) * K + k];
-        }
-        for (int64_t j = w; j < kPanel; ++j) row[j] = T(0);
-      }
       const int nv = static_cast<int>((w + kLanes - 1) / kLanes);
-      for (int64_t i0 = r0; i0 < r1; i0 += kRows) {
-        const int64_t h = std::min<int64_t>(kRows, r1 - i0);
-        // Pack a[i0:i0+h, :] as K x kRows, zero-padded.
+      const int64_t width = nv * kLanes;
+      const T* panel;
+      int64_t bks;
+      if (!s.tb && w == width) {  // b's rows hold whole vectors: read in place
+        panel = b + j0;
+        bks = N;
+      } else {  // pack b[:, j0:j0+w] as K x width, zero-padded
         for (int64_t k = 0; k < K; ++k) {
-          for (int64_t r = 0; r < kRows; ++r) {
-            const int64_t i = i0 + r;
-            ap[k * kRows + r] = r < h ? (s.ta ? a[k * M + i] : a[i * K + k]) : T(0);
+          T* row = bp + k * width;
+          if (!s.tb) {
+            std::memcpy(row, b + k * N + j0, w * sizeof(T));
+          }
+          for (int64_t j = w; j < width; ++j) row[j] = T(0);
+        }
+        if (s.tb) {
+          for (int64_t j = 0; j < w; ++j) {
+            const T* col = b + (j0 + j) * K;
+            for (int64_t k = 0; k < K; ++k) bp[k * width + j] = col[k];
           }
         }
+        panel = bp;
+        bks = width;
+      }
+      for (int64_t i0 = r0; i0 < r1; i0 += 6) {
+        const int rows = static_cast<int>(std::min<int64_t>(6, r1 - i0));
+        const T* ai = a + i0 * ars;
+        T* ci = c + i0 * N + j0;
         switch (nv) {
-          case 1: Tile<1>(ap, bp, K, out); break;
-          case 2: Tile<2>(ap, bp, K, out); break;
+          case 1: Rows<1>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
 #if defined(__AVX512F__)
-          case 3: Tile<3>(ap, bp, K, out); break;
-          default: Tile<4>(ap, bp, K, out); break;
+          case 2: Rows<2>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
+          case 3: Rows<3>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
+          default: Rows<4>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
 #else
-          default: Tile<2>(ap, bp, K, out); break;
+          default: Rows<2>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
 #endif
         }
-        for (int64_t r = 0; r < h; ++r)
-          std::memcpy(c + (i0 + r) * N + j0, out + r * kPanel, w * sizeof(T));
       }
     }
   }
 
   static void Batch(const Shape& s, int64_t batch, const T* a, const T* b, T* c,
                     ffi::ThreadPool& pool, int64_t threads) {
+    // A unit is a block of rows of one product, or several whole small products.
     const int64_t blocks = (s.M + kUnitRows - 1) / kUnitRows;
-    const int64_t total = batch * blocks;
-    auto unit = [s, blocks, a, b, c](int64_t u) {
+    const int64_t macs = s.M * s.K * s.N;
+    const int64_t per = blocks > 1 ? 1 : std::max<int64_t>(1, kUnitMacs / std::max<int64_t>(1, macs));
+    const int64_t total = blocks > 1 ? batch * blocks : (batch + per - 1) / per;
+    auto unit = [s, blocks, per, batch, a, b, c](int64_t u) {
       thread_local std::vector<T> scratch;
-      const size_t need = static_cast<size_t>(s.K) * (kPanel + kRows);
+      const size_t need = static_cast<size_t>(s.K) * kPanel;
       if (scratch.size() < need) scratch.resize(need);
-      const int64_t i = u / blocks, r0 = (u % blocks) * kUnitRows;
-      Rows(s, a + i * s.M * s.K, b + i * s.K * s.N, c + i * s.M * s.N, r0,
-           std::min(s.M, r0 + kUnitRows), scratch.data(), scratch.data() + s.K * kPanel);
+      const int64_t first = blocks > 1 ? u / blocks : u * per;
+      const int64_t last = blocks > 1 ? first + 1 : std::min(batch, first + per);
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t r0 = blocks > 1 ? (u % blocks) * kUnitRows : 0;
+        Product(s, a + i * s.M * s.K, b + i * s.K * s.N, c + i * s.M * s.N, r0,
+                std::min(s.M, r0 + kUnitRows), scratch.data());
+      }
     };
     Parallel(pool, threads, total, unit);
   }

@@ -58,6 +58,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from ._cpu_kernel import matmul
+
 _METHODS = ("chunked", "recurrent")
 
 
@@ -188,7 +190,7 @@ def _unit_lower_inverse(A):
         pairs = inv.reshape(lead + (Cp // (2 * b), 2, b, b))
         X1, X2 = pairs[..., 0, :, :], pairs[..., 1, :, :]
         top = jnp.concatenate([X1, jnp.zeros_like(X1)], axis=-1)
-        bottom = jnp.concatenate([-(X2 @ below[b] @ X1), X2], axis=-1)
+        bottom = jnp.concatenate([-matmul(matmul(X2, below[b]), X1), X2], axis=-1)
         inv = jnp.concatenate([top, bottom], axis=-2)
         b *= 2
     return inv[..., 0, :C, :C]
@@ -214,8 +216,8 @@ class _Factors(NamedTuple):
 def _factors(q, k, v, beta, log_decay) -> _Factors:
     """The factors of one chunk, heads first: ``q, k (..., C, dk)``, ``v (..., C, dv)``,
     ``beta, log_decay (..., C)``."""
-    KK = k @ _mT(k)
-    QK = q @ _mT(k)
+    KK = matmul(k, k, transpose_b=True)
+    QK = matmul(q, k, transpose_b=True)
     causal, strict = _tril(QK.shape), _tril(QK.shape, -1)
     if log_decay is None:
         Gam = gam = e = None
@@ -237,7 +239,7 @@ def _factors(q, k, v, beta, log_decay) -> _Factors:
         Kd = e[..., None] * k
         gam_C = gam[..., -1]
     inverse = _unit_lower_inverse(A)
-    return _Factors(Qg, P, inverse @ rhs, Kd, gam_C, inverse, KK, QK, Gam, gam, e)
+    return _Factors(Qg, P, matmul(inverse, rhs), Kd, gam_C, inverse, KK, QK, Gam, gam, e)
 
 
 def _prepare(compute, q, k, v, beta, log_decay):
@@ -251,8 +253,8 @@ def _prepare(compute, q, k, v, beta, log_decay):
 def _advance(S0, f):
     """The chunk's new values ``W = U - Wk S0`` and its end state, from its factors."""
     dv = S0.shape[-1]
-    W = f.X[..., :dv] - f.X[..., dv:] @ S0
-    return W, f.gam_C[:, None, None] * S0 + _mT(f.Kd) @ W
+    W = f.X[..., :dv] - matmul(f.X[..., dv:], S0)
+    return W, f.gam_C[:, None, None] * S0 + matmul(f.Kd, W, transpose_a=True)
 
 
 def _chunk(S0, xs):
@@ -260,7 +262,7 @@ def _chunk(S0, xs):
     at its end."""
     f = _factors(*_prepare(S0.dtype, *xs))
     W, S = _advance(S0, f)
-    return jnp.swapaxes(f.Qg @ S0 + f.P @ W, 0, 1), S
+    return jnp.swapaxes(matmul(f.Qg, S0) + matmul(f.P, W), 0, 1), S
 
 
 def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
@@ -278,19 +280,23 @@ def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
     dv = v.shape[-1]
     Wk = f.X[..., dv:]
     dO = jnp.swapaxes(dO.astype(S0.dtype), 0, 1)
-    dW = _mT(f.P) @ dO + f.Kd @ G
-    dS0 = _mT(f.Qg) @ dO + f.gam_C[:, None, None] * G - _mT(Wk) @ dW
-    dP = dO @ _mT(W)
-    dQg = dO @ _mT(S0)
-    dKd = W @ _mT(G)
-    dR = _mT(f.inverse) @ jnp.concatenate([dW, -dW @ _mT(S0)], axis=-1)
-    dA = -jnp.where(_tril(dP.shape, -1), dR @ _mT(f.X), 0)
+    dW = matmul(f.P, dO, transpose_a=True) + matmul(f.Kd, G)
+    dS0 = (
+        matmul(f.Qg, dO, transpose_a=True)
+        + f.gam_C[:, None, None] * G
+        - matmul(Wk, dW, transpose_a=True)
+    )
+    dP = matmul(dO, W, transpose_b=True)
+    dQg = matmul(dO, S0, transpose_b=True)
+    dKd = matmul(W, G, transpose_b=True)
+    dR = matmul(f.inverse, jnp.concatenate([dW, -matmul(dW, S0, transpose_b=True)], axis=-1), transpose_a=True)
+    dA = -jnp.where(_tril(dP.shape, -1), matmul(dR, f.X, transpose_b=True), 0)
     dR_v, dR_k = dR[..., :dv], dR[..., dv:]
     if log_decay is None:
         dKK = beta[..., :, None] * dA
         dQK = jnp.where(_tril(dP.shape), dP, 0)
         dbeta = jnp.sum(dA * f.KK, -1)
-        dq = dQK @ k + dQg
+        dq = matmul(dQK, k) + dQg
         dk = dR_k * beta[..., None] + dKd
         dbeta = dbeta + jnp.sum(dR_k * k, -1)
         dlog_decay = None
@@ -301,7 +307,7 @@ def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
         dQK = dP * Gam
         dk_rk = jnp.sum(dR_k * k, -1)
         dbeta = jnp.sum(dAG * f.KK, -1) + dk_rk * gam
-        dq = dQK @ k + dQg * gam[..., None]
+        dq = matmul(dQK, k) + dQg * gam[..., None]
         dk = dR_k * (beta * gam)[..., None] + dKd * e[..., None]
         # the gates: γ = exp(g), e = exp(g[C] - g), Γ = exp(g[t] - g[s]), g = cumsum
         dgam = beta * dk_rk + jnp.sum(dQg * q, -1)
@@ -311,7 +317,7 @@ def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
         dg = dgam * gam - de + jnp.sum(dG, -1) - jnp.sum(dG, -2)
         dg = dg.at[..., -1].add(jnp.sum(de, -1))
         dlog_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, -1), -1), -1)
-    dk = dk + _mT(dQK) @ q + (dKK + _mT(dKK)) @ k
+    dk = dk + matmul(dQK, q, transpose_a=True) + matmul(dKK + _mT(dKK), k)
     dv_ = dR_v * beta[..., None]
     dbeta = dbeta + jnp.sum(dR_v * v, -1)
     grads = (dq, dk, dv_, dbeta, dlog_decay)
