@@ -23,20 +23,22 @@ so ``W = U - Wk S0`` with the WY factors ``U = (I + A)⁻¹ diag(β) V`` and
     S_end  = γ[C] S0 + K̃ᵀ W,          K̃ = diag(exp(g[C] - g)) K,
 
 which is the matrix recurrence ``S_end = (γ[C] I - K̃ᵀ Wk) S0 + K̃ᵀ U`` across
-chunks. It is applied chunk after chunk by a ``lax.scan`` that carries ``S`` (the
-equivalent of ``matrix_scan`` over those transitions, without forming the
-``d_k × d_k`` matrices: ``W = U - Wk S0`` costs the same), so one chunk of work is
-live at a time. Inside a chunk everything is matrix products; the inverse of
+chunks. It is applied chunk after chunk (the equivalent of ``matrix_scan`` over
+those transitions, without forming the ``d_k × d_v`` matrices: ``W = U - Wk S0``
+costs the same). Inside a chunk everything is matrix products; the inverse of
 ``I + A`` is formed by blockwise doubling (``log₂ C`` levels of batched products,
 forward substitution reordered) rather than a triangular solve, which is far slower
 on CPU.
 
-Both scans take two chunks a step (see `_group`), so the derivative
-(``jax.custom_vjp``) keeps only the inputs and the ``T / 2C`` states at the start of
-each pair. Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each pair
-recomputes its chunks' factors from their inputs, reruns the state from the pair's
-start to the second chunk's, and runs each chunk's whole derivative, written by
-hand: the state part
+Both passes are a ``lax.scan`` over groups of chunks of about 256 steps (see
+`_group`): a group's factors, which do not depend on the state, are computed in
+products batched over its chunks; only the two products of `_advance` per chunk run
+one chunk after another; then the outputs, batched again. So one group of work is
+live at a time, and the derivative (``jax.custom_vjp``) keeps only the inputs and
+the state at the start of each group. Backwards, a reverse ``lax.scan`` carries ``G
+= dL/dS``; each group recomputes its chunks' factors from their inputs and their
+start states from the group's, runs the state part of the derivative back through
+its chunks and the rest batched, all written by hand: the state part
 
     dW = Pᵀ dO + K̃ G,     dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,
 
@@ -61,6 +63,9 @@ from jaxtyping import Array, ArrayLike, Float, Shaped
 from ._cpu_kernel import matmul
 
 _METHODS = ("chunked", "recurrent")
+# Chunks are taken in groups of about this many steps (see `_group`); the backward
+# pass keeps one state per group.
+_GROUP_STEPS = 256
 
 
 # ---------------------------------------------------------------------------
@@ -242,54 +247,81 @@ def _factors(q, k, v, beta, log_decay) -> _Factors:
     return _Factors(Qg, P, matmul(inverse, rhs), Kd, gam_C, inverse, KK, QK, Gam, gam, e)
 
 
+def _heads_first(x):
+    """``(..., C, H, d) <-> (..., H, C, d)``."""
+    return jnp.swapaxes(x, -3, -2)
+
+
 def _prepare(compute, q, k, v, beta, log_decay):
-    """One chunk in the compute dtype, heads first: ``(C, H, d) -> (H, C, d)``."""
-    q, k, v = (jnp.swapaxes(x.astype(compute), 0, 1) for x in (q, k, v))
-    beta = beta.astype(compute).T
-    log_decay = None if log_decay is None else log_decay.astype(compute).T
+    """Chunks in the compute dtype, heads first: ``(..., C, H, d) -> (..., H, C, d)``
+    and ``(..., C, H) -> (..., H, C)``."""
+    q, k, v = (_heads_first(x.astype(compute)) for x in (q, k, v))
+    beta = _mT(beta.astype(compute))
+    log_decay = None if log_decay is None else _mT(log_decay.astype(compute))
     return q, k, v, beta, log_decay
 
 
+def _index(f, i):
+    return jax.tree.map(lambda x: x[i], f)
+
+
 def _advance(S0, f):
-    """The chunk's new values ``W = U - Wk S0`` and its end state, from its factors."""
+    """One chunk's new values ``W = U - Wk S0`` and its end state, from its factors
+    and its start state ``S0 (H, dk, dv)``."""
     dv = S0.shape[-1]
     W = f.X[..., :dv] - matmul(f.X[..., dv:], S0)
-    return W, f.gam_C[:, None, None] * S0 + matmul(f.Kd, W, transpose_a=True)
+    return W, f.gam_C[..., None, None] * S0 + matmul(f.Kd, W, transpose_a=True)
 
 
-def _chunk(S0, xs):
-    """One chunk from its start state ``S0 (H, dk, dv)``: ``o (C, H, dv)`` and the state
-    at its end."""
-    f = _factors(*_prepare(S0.dtype, *xs))
-    W, S = _advance(S0, f)
-    return jnp.swapaxes(matmul(f.Qg, S0) + matmul(f.P, W), 0, 1), S
+def _states(S0, f):
+    """The start states ``(g, H, dk, dv)`` and new values of a group's ``g`` chunks, in
+    order from the group's start state ``S0``, and the state at its end."""
+    starts, news = [], []
+    for i in range(f.X.shape[0]):
+        W, S = _advance(S0, _index(f, i))
+        starts.append(S0)
+        news.append(W)
+        S0 = S
+    return jnp.stack(starts), jnp.stack(news), S0
 
 
-def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
-    """The cotangents ``(dS0, dxs)`` of one chunk, given those of its outputs ``dO`` and
-    of the state at its end ``G``: the chunk's whole derivative, written by hand.
-    ``inputs`` are ``xs`` as `_prepare` returns them, ``f`` their factors and ``W`` the
-    new values from ``S0`` (see `_advance`).
+def _state_vjp(f, dO, G):
+    """The reverse pass over a group's chunks of the state part of the derivative
+    (``W = U - Wk S0``, ``O = Qg S0 + P W``, ``S_end = γ[C] S0 + Kdᵀ W``):
 
-    State part (``W = U - Wk S0``, ``O = Qg S0 + P W``, ``S_end = γ[C] S0 + Kdᵀ W``),
-    then the UT transform (``X = (I + A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX`` and
-    ``dA = -dR Xᵀ``, strictly lower), then the products, gates and the cumulative sum
-    of the log gates back to the inputs.
-    """
+        dW = Pᵀ dO + Kd G,     dS0 = Qgᵀ dO + γ[C] G - Wkᵀ dW,
+
+    from the cotangent ``G`` of the state at the group's end. Returns ``dW`` and the
+    cotangents of the chunks' end states (``(g, ...)`` each), and that of the group's
+    start state."""
+    dv = dO.shape[-1]
+    PdO = matmul(f.P, dO, transpose_a=True)  # the parts that do not depend on G
+    QdO = matmul(f.Qg, dO, transpose_a=True)
+    g = dO.shape[0]
+    dW, ends = [None] * g, [None] * g
+    for i in reversed(range(g)):
+        ends[i] = G
+        dW[i] = PdO[i] + matmul(f.Kd[i], G)
+        G = QdO[i] + f.gam_C[i][..., None, None] * G - matmul(
+            f.X[i][..., dv:], dW[i], transpose_a=True
+        )
+    return jnp.stack(dW), jnp.stack(ends), G
+
+
+def _local_vjp(S0, W, dW, G, dO, inputs, f):
+    """The cotangents of a group's chunk inputs (heads first, as `_prepare` returns
+    them), given their start states ``S0``, new values ``W`` (see `_advance`), the
+    cotangents ``dW`` of ``W``, ``G`` of their end states and ``dO`` of their outputs;
+    batched over the group's chunks: the products, then the UT transform (``X = (I +
+    A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX`` and ``dA = -dR Xᵀ``, strictly lower), the
+    gates and the cumulative sum of the log gates back to the inputs."""
     q, k, v, beta, log_decay = inputs
     dv = v.shape[-1]
-    Wk = f.X[..., dv:]
-    dO = jnp.swapaxes(dO.astype(S0.dtype), 0, 1)
-    dW = matmul(f.P, dO, transpose_a=True) + matmul(f.Kd, G)
-    dS0 = (
-        matmul(f.Qg, dO, transpose_a=True)
-        + f.gam_C[:, None, None] * G
-        - matmul(Wk, dW, transpose_a=True)
-    )
     dP = matmul(dO, W, transpose_b=True)
     dQg = matmul(dO, S0, transpose_b=True)
     dKd = matmul(W, G, transpose_b=True)
-    dR = matmul(f.inverse, jnp.concatenate([dW, -matmul(dW, S0, transpose_b=True)], axis=-1), transpose_a=True)
+    dX = jnp.concatenate([dW, -matmul(dW, S0, transpose_b=True)], axis=-1)
+    dR = matmul(f.inverse, dX, transpose_a=True)
     dA = -jnp.where(_tril(dP.shape, -1), matmul(dR, f.X, transpose_b=True), 0)
     dR_v, dR_k = dR[..., :dv], dR[..., dv:]
     if log_decay is None:
@@ -320,12 +352,7 @@ def _chunk_vjp(S0, xs, dO, G, inputs, f, W):
     dk = dk + matmul(dQK, q, transpose_a=True) + matmul(dKK + _mT(dKK), k)
     dv_ = dR_v * beta[..., None]
     dbeta = dbeta + jnp.sum(dR_v * v, -1)
-    grads = (dq, dk, dv_, dbeta, dlog_decay)
-    dxs = tuple(  # back to the inputs' layout (C, H, ...) and dtypes
-        None if g is None else jnp.swapaxes(g, 0, 1).astype(x.dtype)
-        for g, x in zip(grads, xs, strict=True)
-    )
-    return dS0, dxs
+    return dq, dk, dv_, dbeta, dlog_decay
 
 
 def _to_chunks(x, C, g=1):
@@ -349,17 +376,15 @@ def _from_chunks(x, T):
 
 
 def _group(T, C):
-    """How many chunks one step of the scans takes: two, so that only every other
-    chunk-start state is kept for the backward pass (the other is recomputed there at
-    the cost of one ``Kdᵀ W`` product, the chunk's factors being needed anyway),
-    unless ``T`` is so short in chunks that padding it to an even number would cost
-    more than a ninth."""
+    """How many chunks one step of the scans takes: about `_GROUP_STEPS` steps' worth
+    (their factors are computed together, in products batched over the group), but
+    fewer where padding ``T`` to a whole number of groups would add more than an
+    eighth."""
     n = -(-T // C)
-    return 2 if n % 2 == 0 or n >= 8 else 1
-
-
-def _take(xs, i):
-    return tuple(None if x is None else x[i] for x in xs)
+    g = max(1, min(n, _GROUP_STEPS // C))
+    while g > 1 and (-(-n // g) * g - n) * 8 > n:
+        g -= 1
+    return g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -368,17 +393,17 @@ def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 
 def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
-    """Chunks in order: a ``lax.scan`` that carries the state, takes a group of chunks
-    per step and keeps the state at the start of each group."""
+    """Groups of chunks in order: a ``lax.scan`` that carries the state and keeps the
+    state at the start of each group. A group's factors come first, batched; then its
+    chunks' states, one after another; then its outputs, batched."""
     xs = (q, k, v, beta, log_decay)
     g = _group(q.shape[0], C)
 
     def body(S0, xs_g):
-        S, outs = S0, []
-        for i in range(g):
-            o, S = _chunk(S, _take(xs_g, i))
-            outs.append(o.astype(out_dtype))
-        return S, (jnp.stack(outs), S0)
+        f = _factors(*_prepare(S0.dtype, *xs_g))
+        starts, W, S = _states(S0, f)
+        o = matmul(f.Qg, starts) + matmul(f.P, W)
+        return S, (_heads_first(o).astype(out_dtype), S0)
 
     S, (o, S0s) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
     return (_from_chunks(o, q.shape[0]), S), (xs, S0s)
@@ -386,32 +411,27 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
     """Groups of chunks in reverse order, carrying ``dL/dS``. Each group recomputes its
-    chunks' factors from their inputs and its saved start state, runs the states
-    forward through the group and then the chunks' derivatives backward, so nothing of
-    size ``T × d_k × d_v`` is ever held."""
+    chunks' factors from their inputs and its start states from the saved group start,
+    runs the state part of the derivative backward through its chunks and then the
+    rest of it batched over the chunks, so nothing of size ``T × d_k × d_v`` is ever
+    held."""
     xs, S0s = residuals
     do, G = cotangents
     g = _group(xs[0].shape[0], C)
 
     def body(G, inputs):
-        xs_g, S, dO = inputs
-        chunks = []
-        for i in range(g):
-            xs_c = _take(xs_g, i)
-            prepared = _prepare(S.dtype, *xs_c)
-            f = _factors(*prepared)
-            W, S_end = _advance(S, f)
-            chunks.append((S, xs_c, prepared, f, W))
-            S = S_end
-        dxs = [None] * g
-        for i in reversed(range(g)):
-            S, xs_c, prepared, f, W = chunks[i]
-            G, dxs[i] = _chunk_vjp(S, xs_c, dO[i], G, prepared, f, W)
-        stacked = tuple(
-            None if dxs[0][j] is None else jnp.stack([d[j] for d in dxs])
-            for j in range(len(xs))
+        xs_g, S0, dO = inputs
+        prepared = _prepare(S0.dtype, *xs_g)
+        f = _factors(*prepared)
+        starts, W, _ = _states(S0, f)
+        dO = _heads_first(dO.astype(S0.dtype))
+        dW, ends, G = _state_vjp(f, dO, G)
+        grads = _local_vjp(starts, W, dW, ends, dO, prepared, f)
+        dxs = tuple(  # back to the inputs' layout (g, C, H, ...) and dtypes
+            None if d is None else (_heads_first(d) if d.ndim == 4 else _mT(d)).astype(x.dtype)
+            for d, x in zip(grads, xs_g, strict=True)
         )
-        return G, stacked
+        return G, dxs
 
     chunks = (tuple(_to_chunks(x, C, g) for x in xs), S0s, _to_chunks(do, C, g))
     dh0, dxs = lax.scan(body, G.astype(S0s.dtype), chunks, reverse=True)

@@ -90,13 +90,15 @@ def weights(key, T):
 
 @pytest.mark.parametrize(
     "T, chunk_size, gated",
-    [(135, 8, False), (150, 16, True), (100, 16, True), (37, 64, True), (1, 16, False)],
-    ids=["deltanet-135-8", "gated-150-16", "gated-100-16", "gated-37-64", "deltanet-1-16"],
+    [(263, 8, False), (150, 16, True), (300, 4, True), (37, 64, True), (1, 16, False)],
+    ids=["deltanet-263-8", "gated-150-16", "gated-300-4", "gated-37-64", "deltanet-1-16"],
 )
 def test_chunked_matches_float64_reference(T, chunk_size, gated, getkey):
     """Values and gradients to every input, including `h0`, through `o` and the final
     state, at lengths that are not multiples of the chunk size (a padded last chunk;
-    a single chunk shorter than `chunk_size`). Some gates are so strong (`log α =
+    a single chunk shorter than `chunk_size`), in one group of chunks or several (263
+    steps in chunks of 8: two groups of 18 chunks, the second padded by three; 300 in
+    chunks of 4: two of 42, the second padded by nine). Some gates are so strong (`log α =
     -400`) that their products underflow to exact zeros."""
     x = inputs(getkey(), T, gated)
     if gated:
@@ -187,11 +189,25 @@ def test_bfloat16_inputs(getkey):
 # ----------------------------------------------------------------------------- memory
 
 
+def test_groups_of_chunks():
+    """A group is at most `_GROUP_STEPS` steps of chunks and pads `T` by at most an
+    eighth (the cases of the value test above among them)."""
+    from ssm import _delta
+
+    assert _delta._group(263, 8) == 18 and _delta._group(300, 4) == 42
+    for C in (4, 8, 16, 32, 64):
+        for T in range(1, 1200, 7):
+            n, g = -(-T // C), _delta._group(T, C)
+            assert 1 <= g <= max(1, _delta._GROUP_STEPS // C)
+            assert (-(-n // g) * g - n) * 8 <= n, (T, C, g)
+
+
 def test_memory_is_chunk_bounded():
     """Forward+backward temp memory at T = 2048 is a small fraction of the `T × d_k ×
-    d_v` state history that autodiff of the recurrence keeps (one state per two chunks
-    of 64 is 1/128 of it; the rest is `O(T · d)` activations)."""
-    h, d, T = 2, 32, 2048
+    d_v` state history that autodiff of the recurrence keeps (one state per group of
+    256 steps is 1/256 of it; the rest is `O(T · d)` activations and one group's
+    `O(256 · (C + d))` chunk factors)."""
+    h, d, T = 2, 64, 2048
 
     def loss(q, k, v, beta, g):
         o, S = ssm.delta_rule(q, k, v, beta, g, chunk_size=64)
