@@ -24,7 +24,7 @@ so ``W = U - Wk S0`` with the WY factors ``U = (I + A)⁻¹ diag(β) V`` and
 
 which is the matrix recurrence ``S_end = (γ[C] I - K̃ᵀ Wk) S0 + K̃ᵀ U`` across
 chunks. It is applied chunk after chunk (the equivalent of ``matrix_scan`` over
-those transitions, without forming the ``d_k × d_v`` matrices: ``W = U - Wk S0``
+those transitions, without forming the ``d_k × d_k`` matrices: ``W = U - Wk S0``
 costs the same). Inside a chunk everything is matrix products; the inverse of
 ``I + A`` is formed by blockwise doubling (``log₂ C`` levels of batched products,
 forward substitution reordered) rather than a triangular solve, which is far slower
