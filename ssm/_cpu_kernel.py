@@ -255,7 +255,7 @@ def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):
 # Products with fewer multiply-adds than this per matrix are left to XLA (packing and
 # the call cost more than they save); below `MATMUL_THREADS_MACS` in all, one thread.
 MATMUL_MIN_MACS = 0
-MATMUL_THREADS_MACS = 1 << 18
+MATMUL_THREADS_MACS = 1 << 16
 
 
 def _swap(x, transpose):
