@@ -45,7 +45,7 @@ class GLA(AbstractMixer):
     head_dim: int = eqx.field(static=True)
     head_dim_v: int = eqx.field(static=True)
     gate_normalizer: float = eqx.field(static=True)
-    chunk_size: int = eqx.field(static=True)
+    chunk_size: int | None = eqx.field(static=True)
     q_proj: eqx.nn.Linear
     k_proj: eqx.nn.Linear
     v_proj: eqx.nn.Linear
@@ -63,7 +63,7 @@ class GLA(AbstractMixer):
         expand_v: float = 1.0,
         gate_low_rank: int = 16,
         gate_normalizer: float = 16.0,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         *,
         key: PRNGKeyArray,
     ):
@@ -76,7 +76,7 @@ class GLA(AbstractMixer):
         - `gate_normalizer`: `τ`, the exponent `1/τ` on the sigmoid gate (keeps the
           initial decays near 1).
         - `chunk_size`: the chunk length of the chunked operator (a power of two is
-          fastest).
+          fastest); `None` for the operator's default (32 on CPU, 64 elsewhere).
         - `key`: a `jax.random.PRNGKey`.
         """
         kq, kk, kv, k1, k2, kg, ko = jr.split(key, 7)

@@ -529,6 +529,15 @@ def _normalise(q, k, v, log_decay, h0, what):
     return (*cast, h0)
 
 
+def _resolve_chunk(chunk_size):
+    """`chunk_size`, `None` meaning 64, or 32 on the CPU backend (measured faster
+    there for per-key decays and no slower otherwise; see the README)."""
+    if chunk_size is None:
+        return 32 if jax.default_backend() == "cpu" else 64
+    _check_int("chunk_size", chunk_size)
+    return chunk_size
+
+
 def _chunk_length(T, per_key, chunk_size):
     """The chunk length used for `T` steps: `chunk_size`, or less for short inputs."""
     _check_int("chunk_size", chunk_size)
@@ -560,7 +569,7 @@ def gated_linear_attention(
     log_decay: Shaped[Array, "..."] | None = None,
     h0: Shaped[ArrayLike, "..."] | None = None,
     *,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     method: str = "chunked",
 ) -> tuple[Float[Array, "T H dv"], Float[Array, "H dk dv"]]:
     """Gated linear attention, `S[t] = diag(exp(log_decay[t])) S[t-1] + k[t] v[t]^T`,
@@ -578,7 +587,8 @@ def gated_linear_attention(
       `(T, H, d_k)` (per key dimension); `None` for no decay.
     - `h0`: the state before the first step, shape `(H, d_k, d_v)`; zeros if `None`.
     - `chunk_size`: the chunk length `C` of the chunked form (any `T` works; the last
-      chunk is padded).
+      chunk is padded). `None`: 64, or 32 on CPU, where it is measured to be faster
+      for per-key decays at `d_k = d_v = 64` (see the README).
     - `method`: `"chunked"` (training: matrix products inside chunks, the state
       handed across chunks by `ssm.linear_scan`) or `"recurrent"` (a `lax.scan` of
       `gated_linear_attention_step`, for reference and short sequences).
@@ -602,7 +612,7 @@ def gated_linear_attention(
     ```
     """
     q32, k32, v32, g, h0 = _normalise(q, k, v, log_decay, h0, "`q` and `v`")
-    o, state = _gla(q32, k32, v32, g, h0, chunk_size, method)
+    o, state = _gla(q32, k32, v32, g, h0, _resolve_chunk(chunk_size), method)
     return o.astype(q.dtype), state
 
 
@@ -720,7 +730,7 @@ def mlstm(
     h0: MLSTMState | None = None,
     *,
     eps: float = 1e-6,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     method: str = "chunked",
 ) -> tuple[Float[Array, "T H dv"], MLSTMState]:
     """The mLSTM memory cell (Beck et al. 2024, "xLSTM"), per head:
@@ -763,7 +773,7 @@ def mlstm(
 
         state, h = lax.scan(body, h0, (q32, k32, v32, log_f, log_i))
         return h.astype(q.dtype), state
-    _check_int("chunk_size", chunk_size)
+    chunk_size = _resolve_chunk(chunk_size)
     m = _stabiliser(log_f, log_i, h0.m, chunk_size)
     m_prev = jnp.concatenate([h0.m[None], m[:-1]])
     decay = log_f + m_prev - m
