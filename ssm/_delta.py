@@ -35,10 +35,11 @@ Both passes are a ``lax.scan`` over groups of chunks of about 256 steps (see
 products batched over its chunks; only the two products of `_advance` per chunk run
 one chunk after another; then the outputs, batched again. So one group of work is
 live at a time, and the derivative (``jax.custom_vjp``) keeps only the inputs and
-the state at the start of each group. Backwards, a reverse ``lax.scan`` carries ``G
-= dL/dS``; each group recomputes its chunks' factors from their inputs and their
-start states from the group's, runs the state part of the derivative back through
-its chunks and the rest batched, all written by hand: the state part
+the state at the start of each chunk (``T / C`` states, a ``C``-th of the state
+history). Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each group
+recomputes its chunks' factors from their inputs, runs the state part of the
+derivative back through its chunks (one ``d_k × d_k`` product each) and the rest
+batched, all written by hand: the state part
 
     dW = Pᵀ dO + K̃ G,     dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,
 
@@ -285,27 +286,31 @@ def _states(S0, f):
     return jnp.stack(starts), jnp.stack(news), S0
 
 
-def _state_vjp(f, dO, G):
-    """The reverse pass over a group's chunks of the state part of the derivative
-    (``W = U - Wk S0``, ``O = Qg S0 + P W``, ``S_end = γ[C] S0 + Kdᵀ W``):
+def _state_vjp(f, S0, dO, G):
+    """The state part of a group's derivative, given its chunks' start states ``S0``
+    and the cotangent ``G`` of the state at the group's end. With ``W = U - Wk S0``,
+    ``O = Qg S0 + P W`` and ``S_end = γ[C] S0 + Kdᵀ W``,
 
-        dW = Pᵀ dO + Kd G,     dS0 = Qgᵀ dO + γ[C] G - Wkᵀ dW,
+        dW = Pᵀ dO + Kd G,     dS0 = Qgᵀ dO + γ[C] G - Wkᵀ dW
+                                   = (Qgᵀ - Wkᵀ Pᵀ) dO + (γ[C] I - Wkᵀ Kd) G,
 
-    from the cotangent ``G`` of the state at the group's end. Returns ``dW`` and the
-    cotangents of the chunks' end states (``(g, ...)`` each), and that of the group's
-    start state."""
+    so only the product with the ``d_k × d_k`` matrix ``γ[C] I - Wkᵀ Kd`` runs chunk
+    after chunk (backwards); the rest is batched over the group. Returns the new
+    values ``W``, ``dW`` and the cotangents of the chunks' end states (``(g, ...)``
+    each), and that of the group's start state."""
     dv = dO.shape[-1]
-    PdO = matmul(f.P, dO, transpose_a=True)  # the parts that do not depend on G
-    QdO = matmul(f.Qg, dO, transpose_a=True)
-    g = dO.shape[0]
-    dW, ends = [None] * g, [None] * g
-    for i in reversed(range(g)):
+    U, Wk = f.X[..., :dv], f.X[..., dv:]
+    W = U - matmul(Wk, S0)
+    PdO = matmul(f.P, dO, transpose_a=True)
+    c = matmul(f.Qg, dO, transpose_a=True) - matmul(Wk, PdO, transpose_a=True)
+    eye = jnp.eye(Wk.shape[-1], dtype=Wk.dtype).reshape((1,) * (Wk.ndim - 2) + (-1, Wk.shape[-1]))
+    M = f.gam_C[..., None, None] * eye - matmul(Wk, f.Kd, transpose_a=True)
+    ends = [None] * dO.shape[0]
+    for i in reversed(range(dO.shape[0])):
         ends[i] = G
-        dW[i] = PdO[i] + matmul(f.Kd[i], G)
-        G = QdO[i] + f.gam_C[i][..., None, None] * G - matmul(
-            f.X[i][..., dv:], dW[i], transpose_a=True
-        )
-    return jnp.stack(dW), jnp.stack(ends), G
+        G = c[i] + matmul(M[i], G)
+    ends = jnp.stack(ends)
+    return W, PdO + matmul(f.Kd, ends), ends, G
 
 
 def _local_vjp(S0, W, dW, G, dO, inputs, f):
@@ -393,9 +398,10 @@ def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
 
 
 def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
-    """Groups of chunks in order: a ``lax.scan`` that carries the state and keeps the
-    state at the start of each group. A group's factors come first, batched; then its
-    chunks' states, one after another; then its outputs, batched."""
+    """Groups of chunks in order: a ``lax.scan`` that carries the state. A group's
+    factors come first, batched; then its chunks' states, one after another; then
+    its outputs, batched. The chunks' start states are kept for the backward pass
+    (``T / C`` states, a ``C``-th of the state history)."""
     xs = (q, k, v, beta, log_decay)
     g = _group(q.shape[0], C)
 
@@ -403,19 +409,18 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
         f = _factors(*_prepare(S0.dtype, *xs_g))
         starts, W, S = _states(S0, f)
         o = matmul(f.Qg, starts) + matmul(f.P, W)
-        return S, (_heads_first(o).astype(out_dtype), S0)
+        return S, (_heads_first(o).astype(out_dtype), starts)
 
-    S, (o, S0s) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
-    return (_from_chunks(o, q.shape[0]), S), (xs, S0s)
+    S, (o, starts) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
+    return (_from_chunks(o, q.shape[0]), S), (xs, starts)
 
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
     """Groups of chunks in reverse order, carrying ``dL/dS``. Each group recomputes its
-    chunks' factors from their inputs and its start states from the saved group start,
-    runs the state part of the derivative backward through its chunks and then the
-    rest of it batched over the chunks, so nothing of size ``T × d_k × d_v`` is ever
-    held."""
-    xs, S0s = residuals
+    chunks' factors from their inputs, runs the state part of the derivative backward
+    through its chunks and the rest batched over them; nothing of size ``T × d_k ×
+    d_v`` is ever held."""
+    xs, starts = residuals
     do, G = cotangents
     g = _group(xs[0].shape[0], C)
 
@@ -423,18 +428,17 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
         xs_g, S0, dO = inputs
         prepared = _prepare(S0.dtype, *xs_g)
         f = _factors(*prepared)
-        starts, W, _ = _states(S0, f)
         dO = _heads_first(dO.astype(S0.dtype))
-        dW, ends, G = _state_vjp(f, dO, G)
-        grads = _local_vjp(starts, W, dW, ends, dO, prepared, f)
+        W, dW, ends, G = _state_vjp(f, S0, dO, G)
+        grads = _local_vjp(S0, W, dW, ends, dO, prepared, f)
         dxs = tuple(  # back to the inputs' layout (g, C, H, ...) and dtypes
             None if d is None else (_heads_first(d) if d.ndim == 4 else _mT(d)).astype(x.dtype)
             for d, x in zip(grads, xs_g, strict=True)
         )
         return G, dxs
 
-    chunks = (tuple(_to_chunks(x, C, g) for x in xs), S0s, _to_chunks(do, C, g))
-    dh0, dxs = lax.scan(body, G.astype(S0s.dtype), chunks, reverse=True)
+    chunks = (tuple(_to_chunks(x, C, g) for x in xs), starts, _to_chunks(do, C, g))
+    dh0, dxs = lax.scan(body, G.astype(starts.dtype), chunks, reverse=True)
     T = xs[0].shape[0]
     return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
 

@@ -204,9 +204,9 @@ def test_groups_of_chunks():
 
 def test_memory_is_chunk_bounded():
     """Forward+backward temp memory at T = 2048 is a small fraction of the `T × d_k ×
-    d_v` state history that autodiff of the recurrence keeps (one state per group of
-    256 steps is 1/256 of it; the rest is `O(T · d)` activations and one group's
-    `O(256 · (C + d))` chunk factors)."""
+    d_v` state history that autodiff of the recurrence keeps (one state per chunk of
+    64 is 1/64 of it; the rest is `O(T · d)` activations and one group's `O(256 · (C
+    + d))` chunk factors)."""
     h, d, T = 2, 64, 2048
 
     def loss(q, k, v, beta, g):
