@@ -36,8 +36,9 @@ products batched over its chunks; only the two products of `_advance` per chunk 
 one chunk after another; then the outputs, batched again. So one group of work is
 live at a time, and the derivative (``jax.custom_vjp``) keeps only the inputs and
 the state at the start of each chunk (``T / C`` states, a ``C``-th of the state
-history). Backwards, a reverse ``lax.scan`` carries ``G = dL/dS``; each group
-recomputes its chunks' factors from their inputs, runs the state part of the
+history), with each chunk's ``(I + A)⁻¹`` and ``Γ`` (``C × C`` each). Backwards, a
+reverse ``lax.scan`` carries ``G = dL/dS``; each group recomputes its chunks' other
+factors from their inputs, runs the state part of the
 derivative back through its chunks (one ``d_k × d_k`` product each) and the rest
 batched, all written by hand: the state part
 
@@ -219,9 +220,11 @@ class _Factors(NamedTuple):
     e: Array | None  # exp(g[C] - g)
 
 
-def _factors(q, k, v, beta, log_decay) -> _Factors:
-    """The factors of one chunk, heads first: ``q, k (..., C, dk)``, ``v (..., C, dv)``,
-    ``beta, log_decay (..., C)``."""
+def _factors(q, k, v, beta, log_decay, saved=None) -> _Factors:
+    """The factors of chunks, heads first: ``q, k (..., C, dk)``, ``v (..., C, dv)``,
+    ``beta, log_decay (..., C)``; ``saved``, if given, is ``(inverse, Gam)`` as an
+    earlier call returned them (the backward pass reuses them rather than compute
+    the exponentials and the inverse again)."""
     KK = matmul(k, k, transpose_b=True)
     QK = matmul(q, k, transpose_b=True)
     causal, strict = _tril(QK.shape), _tril(QK.shape, -1)
@@ -234,8 +237,11 @@ def _factors(q, k, v, beta, log_decay) -> _Factors:
         gam_C = jnp.ones(q.shape[:-2], q.dtype)
     else:
         g = jnp.cumsum(log_decay, axis=-1)
-        diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0)
-        Gam = jnp.where(causal, jnp.exp(diff), 0)  # every exponent ≤ 0
+        if saved is None:
+            diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0)
+            Gam = jnp.where(causal, jnp.exp(diff), 0)  # every exponent ≤ 0
+        else:
+            Gam = saved[1]
         A = jnp.where(strict, beta[..., :, None] * Gam * KK, 0)
         P = Gam * QK
         gam = jnp.exp(g)
@@ -244,7 +250,7 @@ def _factors(q, k, v, beta, log_decay) -> _Factors:
         Qg = gam[..., None] * q
         Kd = e[..., None] * k
         gam_C = gam[..., -1]
-    inverse = _unit_lower_inverse(A)
+    inverse = _unit_lower_inverse(A) if saved is None else saved[0]
     return _Factors(Qg, P, matmul(inverse, rhs), Kd, gam_C, inverse, KK, QK, Gam, gam, e)
 
 
@@ -401,7 +407,8 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
     """Groups of chunks in order: a ``lax.scan`` that carries the state. A group's
     factors come first, batched; then its chunks' states, one after another; then
     its outputs, batched. The chunks' start states are kept for the backward pass
-    (``T / C`` states, a ``C``-th of the state history)."""
+    (``T / C`` states, a ``C``-th of the state history), with the inverses ``(I +
+    A)⁻¹`` and gate matrices ``Γ`` (``T × C`` numbers per head each)."""
     xs = (q, k, v, beta, log_decay)
     g = _group(q.shape[0], C)
 
@@ -409,10 +416,10 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
         f = _factors(*_prepare(S0.dtype, *xs_g))
         starts, W, S = _states(S0, f)
         o = matmul(f.Qg, starts) + matmul(f.P, W)
-        return S, (_heads_first(o).astype(out_dtype), starts)
+        return S, (_heads_first(o).astype(out_dtype), (starts, f.inverse, f.Gam))
 
-    S, (o, starts) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
-    return (_from_chunks(o, q.shape[0]), S), (xs, starts)
+    S, (o, saved) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
+    return (_from_chunks(o, q.shape[0]), S), (xs, saved)
 
 
 def _chunked_bwd(C, out_dtype, residuals, cotangents):
@@ -420,14 +427,15 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
     chunks' factors from their inputs, runs the state part of the derivative backward
     through its chunks and the rest batched over them; nothing of size ``T × d_k ×
     d_v`` is ever held."""
-    xs, starts = residuals
+    xs, saved = residuals
+    starts = saved[0]
     do, G = cotangents
     g = _group(xs[0].shape[0], C)
 
     def body(G, inputs):
-        xs_g, S0, dO = inputs
+        xs_g, (S0, inverse, Gam), dO = inputs
         prepared = _prepare(S0.dtype, *xs_g)
-        f = _factors(*prepared)
+        f = _factors(*prepared, saved=(inverse, Gam))
         dO = _heads_first(dO.astype(S0.dtype))
         W, dW, ends, G = _state_vjp(f, S0, dO, G)
         grads = _local_vjp(S0, W, dW, ends, dO, prepared, f)
@@ -437,7 +445,7 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
         )
         return G, dxs
 
-    chunks = (tuple(_to_chunks(x, C, g) for x in xs), starts, _to_chunks(do, C, g))
+    chunks = (tuple(_to_chunks(x, C, g) for x in xs), saved, _to_chunks(do, C, g))
     dh0, dxs = lax.scan(body, G.astype(starts.dtype), chunks, reverse=True)
     T = xs[0].shape[0]
     return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
