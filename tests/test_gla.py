@@ -259,6 +259,22 @@ def test_gla_vmap_and_zero_initial_state(rng):
     assert_close(o[1], 8 * o[0], 1e-5, "scaling")  # o(2q, 2k, 2v) = 8 o(q, k, v)
 
 
+def test_default_chunk_size(rng):
+    """`chunk_size=None` is 32 on the CPU backend (64 elsewhere), for both operators."""
+    assert jax.default_backend() == "cpu"
+    q, k, v, g, h0 = gla_inputs(rng, 70, "per_key", f64)
+    default = ssm.gated_linear_attention(q, k, v, g, h0)
+    for C, same in ((32, True), (64, False)):
+        other = ssm.gated_linear_attention(q, k, v, g, h0, chunk_size=C)
+        assert same == all(
+            np.array_equal(x, y) for x, y in zip(jax.tree.leaves(default), jax.tree.leaves(other))
+        ), C
+        assert_close(other, default, 1e-10, f"chunk {C}")
+    log_f, log_i = g[..., 0], g[..., 1]
+    default = ssm.mlstm(q, k, v, log_f, log_i)
+    assert_close(ssm.mlstm(q, k, v, log_f, log_i, chunk_size=32), default, 0.0, "mlstm")
+
+
 def test_gla_backward_memory_is_chunk_bounded():
     """Forward+backward temp memory stays far below the state history `T x S`, and
     grows with `T` by much less than one state per step."""

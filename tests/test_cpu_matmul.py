@@ -1,0 +1,176 @@
+"""The compiled CPU kernel of batched small matrix products (``ssm/_cpu_matmul.cc``).
+
+The chunked operators (``ssm.gated_linear_attention``, ``ssm.mlstm``,
+``ssm.delta_rule``) take their products through ``ssm._cpu_kernel.matmul``, which
+runs them as an XLA FFI call on the CPU backend. These tests check it against
+float64 NumPy products (every transpose, float32 and float64, shapes off its
+register tiles and vector widths, row blocks, batches that broadcast, a zero-length
+contraction, one thread and several), its derivative, ``vmap``, that it is really
+used (and not when lowered for a GPU), and that the operators agree with and
+without it.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssm
+from ssm import _cpu_kernel
+
+from .helpers import assert_close
+
+F32, F64 = jnp.float32, jnp.float64
+
+pytestmark = pytest.mark.skipif(
+    _cpu_kernel._compiler() is None, reason="no C++ compiler to build the kernel"
+)
+
+
+def uses_kernel(f, *args):
+    return "@ssm_matmul(" in jax.jit(f).lower(*args).as_text()
+
+
+def op(x, transpose):
+    return np.swapaxes(x, -1, -2) if transpose else x
+
+
+def operands(rng, batch_a, batch_b, M, K, N, ta, tb, dtype):
+    a = rng.standard_normal(batch_a + ((K, M) if ta else (M, K))).astype(dtype)
+    b = rng.standard_normal(batch_b + ((N, K) if tb else (K, N))).astype(dtype)
+    return a, b
+
+
+# (batch of a, batch of b, M, K, N): tiles of 6 rows and panels of whole vectors with
+# tails; few columns (the dot-product path when b is transposed, with and without a
+# contraction tail); more rows than a work unit (96); a contraction shorter than a
+# vector; batches that broadcast.
+SHAPES = [
+    ((3,), (3,), 37, 29, 70),
+    ((2, 2), (2, 2), 64, 64, 64),
+    ((1,), (1,), 6, 130, 17),
+    ((5,), (5,), 70, 3, 200),
+    ((), (), 197, 64, 65),
+    ((7,), (7,), 1, 5, 1),
+    ((40,), (40,), 2, 64, 3),
+    ((6,), (6,), 4, 37, 5),
+    ((4, 3), (3,), 12, 16, 9),
+    ((1, 5), (2, 1), 8, 33, 40),
+]
+
+
+@pytest.mark.parametrize("threads", ["one-thread", "threads"])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("tb", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("ta", [False, True], ids=["a", "aT"])
+def test_matches_float64_products(ta, tb, dtype, threads, monkeypatch):
+    if threads == "threads":
+        monkeypatch.setattr(_cpu_kernel, "MATMUL_THREADS_MACS", 0)
+    else:
+        monkeypatch.setattr(_cpu_kernel, "MATMUL_THREADS_MACS", 1 << 62)
+    rng = np.random.default_rng([ta, tb, dtype == F64])
+    tol = 1e-5 if dtype == F32 else 1e-13
+    for batch_a, batch_b, M, K, N in SHAPES:
+        a, b = operands(rng, batch_a, batch_b, M, K, N, ta, tb, dtype)
+        f = functools.partial(_cpu_kernel.matmul, transpose_a=ta, transpose_b=tb)
+        assert uses_kernel(f, a, b)
+        c = jax.jit(f)(a, b)
+        ref = op(a.astype(np.float64), ta) @ op(b.astype(np.float64), tb)
+        assert c.dtype == dtype and c.shape == ref.shape
+        assert_close(c, ref, tol, f"{batch_a} {batch_b} {(M, K, N)}")
+
+
+def test_empty_contraction_and_outputs():
+    f = jax.jit(_cpu_kernel.matmul)
+    a, b = jnp.ones((2, 9, 0), F32), jnp.ones((2, 0, 20), F32)
+    assert uses_kernel(_cpu_kernel.matmul, a, b)
+    np.testing.assert_array_equal(f(a, b), np.zeros((2, 9, 20)))
+    assert f(jnp.ones((0, 9, 4)), jnp.ones((0, 4, 20))).shape == (0, 9, 20)
+
+
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_gradient_and_vmap(ta, tb):
+    """Reverse-mode derivatives (its own rule, made of the same products, to second
+    order) and `vmap` agree with `jnp.matmul` in float64."""
+    rng = np.random.default_rng([ta, tb])
+    a, b = operands(rng, (3,), (3,), 11, 17, 23, ta, tb, np.float64)
+    ct = rng.standard_normal((3, 11, 23))
+
+    def ours(a, b):
+        return jnp.sum(_cpu_kernel.matmul(a, b, transpose_a=ta, transpose_b=tb) * ct) ** 2
+
+    def ref(a, b):
+        return jnp.sum((op(a, ta) @ op(b, tb)) * ct) ** 2
+
+    def second(f):  # reverse over reverse: the gradient of a function of the gradient
+        return jax.grad(lambda a, b: jnp.sum(jnp.sin(jax.grad(f, (0, 1))(a, b)[0])), (0, 1))
+
+    for d in (functools.partial(jax.grad, argnums=(0, 1)), second):
+        assert_close(jax.jit(d(ours))(a, b), d(ref)(a, b), 1e-10, "derivatives")
+    batched = jax.jit(jax.vmap(functools.partial(_cpu_kernel.matmul, transpose_a=ta, transpose_b=tb)))
+    assert_close(batched(a, b), op(a, ta) @ op(b, tb), 1e-12, "vmap")
+
+
+def test_dtypes_it_does_not_take_use_xla():
+    """bfloat16 and integers go to `jnp.matmul`."""
+    for a, b in [
+        (jnp.ones((2, 8, 8), jnp.bfloat16), jnp.ones((2, 8, 8), jnp.bfloat16)),
+        (jnp.ones((2, 8, 8), jnp.int32), jnp.ones((2, 8, 8), jnp.int32)),
+    ]:
+        assert not uses_kernel(_cpu_kernel.matmul, a, b)
+        np.testing.assert_allclose(_cpu_kernel.matmul(a, b), np.full((2, 8, 8), 8.0))
+
+
+def test_not_lowered_for_gpus():
+    """Lowered for a GPU, the products are XLA dots (the kernel is a CPU call)."""
+    f = jax.jit(functools.partial(_cpu_kernel.matmul, transpose_a=True))
+    a, b = jnp.ones((3, 16, 8), F32), jnp.ones((3, 16, 32), F32)
+    text = jax.export.export(f, platforms=["cuda"])(a, b).mlir_module()
+    assert "ssm_matmul" not in text and "dot_general" in text
+
+
+def operator_cases(key):
+    """Each chunked operator as `(fn, inputs)`, float64, in several chunks of 8."""
+    k = jax.random.split(key, 6)
+    T, H, dk, dv = 45, 2, 8, 6
+    q, kk = (jax.random.normal(x, (T, H, dk), F64) for x in k[:2])
+    v = jax.random.normal(k[2], (T, H, dv), F64)
+    per_key = jax.nn.log_sigmoid(jax.random.normal(k[3], (T, H, dk), F64) + 2)
+    scalar = jax.nn.log_sigmoid(jax.random.normal(k[4], (T, H), F64) + 2)
+    beta = jax.nn.sigmoid(jax.random.normal(k[5], (T, H), F64))
+    unit = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
+    gla = functools.partial(ssm.gated_linear_attention, chunk_size=8)
+    return {
+        "gla-per-key": (gla, (q, kk, v, per_key)),
+        "gla-scalar": (gla, (q, kk, v, scalar)),
+        "mlstm": (functools.partial(ssm.mlstm, chunk_size=8), (q, kk, v, scalar, scalar)),
+        "gated-deltanet": (
+            functools.partial(ssm.delta_rule, chunk_size=8),
+            (q, unit, v, beta, scalar),
+        ),
+    }
+
+
+def values_and_grads(fn, inputs):
+    def loss(*inputs):
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(fn(*inputs)))
+
+    return jax.jit(fn)(*inputs), jax.jit(jax.grad(loss, range(len(inputs))))(*inputs)
+
+
+def test_operators_agree_without_the_kernel(getkey):
+    """The chunked operators take the kernel's products on CPU (forwards and in their
+    derivative rules) and give the same values and gradients through `jnp.matmul`
+    (their path on other platforms)."""
+    cases = operator_cases(getkey())
+    for fn, inputs in cases.values():
+        assert uses_kernel(jax.grad(lambda *x: jnp.sum(fn(*x)[0])), *inputs)
+    with_kernel = {name: values_and_grads(*case) for name, case in cases.items()}
+    with _cpu_kernel.disabled():
+        for fn, inputs in cases.values():
+            assert not uses_kernel(jax.grad(lambda *x: jnp.sum(fn(*x)[0])), *inputs)
+        without = {name: values_and_grads(*case) for name, case in cases.items()}
+    for name in cases:
+        assert_close(with_kernel[name], without[name], 1e-11, name)
