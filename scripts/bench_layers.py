@@ -335,7 +335,8 @@ def operators(names, lengths, runs, H=4, d=64):
     """
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {H} heads, "
-        f"d_k = d_v = {d}, one sequence, chunk 64 unless the name says otherwise, "
+        f"d_k = d_v = {d}, one sequence, the operators' default chunk (32 on CPU, 64 "
+        f"elsewhere) unless the name says otherwise, "
         f"median of {runs} interleaved rounds, float32, {_allocator.describe()}; "
         f"load average {os.getloadavg()[0]:.2f} at the start\n"
     )
