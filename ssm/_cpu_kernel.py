@@ -252,9 +252,8 @@ def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):
     return h.reshape(b.shape)
 
 
-# Products with fewer multiply-adds than this per matrix are left to XLA (packing and
-# the call cost more than they save); below `MATMUL_THREADS_MACS` in all, one thread.
-MATMUL_MIN_MACS = 0
+# Products of fewer multiply-adds than this in all run on one thread (handing work to
+# another costs more than it saves; measured on the chunked operators).
 MATMUL_THREADS_MACS = 1 << 16
 
 
@@ -262,34 +261,35 @@ def _swap(x, transpose):
     return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
-def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, precision=None):
     """``op(a) @ op(b)`` over the leading (batch) axes, ``op`` a transpose of the last
     two axes where asked.
 
     On the CPU backend with the kernel available, for float32 or float64 operands of
-    one dtype and products large enough to gain, the compiled kernel does it
-    (threaded over the batch); otherwise, and when lowered for other platforms,
-    ``jnp.matmul``. Reverse-mode differentiable (its derivative is made of the same
+    one dtype, the compiled kernel does it (in full precision, threaded over the
+    batch); otherwise, and when lowered for other platforms, ``jnp.matmul`` with
+    ``precision``. Reverse-mode differentiable (its derivative is made of the same
     products); not forward-mode where the kernel is used."""
+
+    def xla(a, b):
+        return jnp.matmul(_swap(a, transpose_a), _swap(b, transpose_b), precision=precision)
+
     if (
         a.dtype != b.dtype
         or np.dtype(a.dtype) not in (F32, np.dtype(np.float64))
         or a.ndim < 2
         or b.ndim < 2
+        or not available()
     ):
-        return jnp.matmul(_swap(a, transpose_a), _swap(b, transpose_b))
-    M, K = (a.shape[-1], a.shape[-2]) if transpose_a else a.shape[-2:]
-    N = b.shape[-2] if transpose_b else b.shape[-1]
-    if M * K * N < MATMUL_MIN_MACS or not available():
-        return jnp.matmul(_swap(a, transpose_a), _swap(b, transpose_b))
+        return xla(a, b)
     batch = tuple(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     a = jnp.broadcast_to(a, batch + a.shape[-2:])
     b = jnp.broadcast_to(b, batch + b.shape[-2:])
-    return _matmul(a, b, bool(transpose_a), bool(transpose_b))
+    return _matmul(a, b, bool(transpose_a), bool(transpose_b), precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(a, b, ta, tb):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(a, b, ta, tb, precision):
     M, N = (a.shape[-1] if ta else a.shape[-2]), (b.shape[-2] if tb else b.shape[-1])
     K = a.shape[-2] if ta else a.shape[-1]
     count = int(np.prod(a.shape[:-2], dtype=np.int64))
@@ -304,27 +304,28 @@ def _matmul(a, b, ta, tb):
         return call(a, b, transpose_a=ta, transpose_b=tb, threads=np.int64(threads))
 
     def xla(a, b):
-        return jnp.matmul(_swap(a, ta), _swap(b, tb))
+        return jnp.matmul(_swap(a, ta), _swap(b, tb), precision=precision)
 
     return jax.lax.platform_dependent(a, b, cpu=kernel, default=xla)
 
 
-def _matmul_fwd(a, b, ta, tb):
-    return _matmul(a, b, ta, tb), (a, b)
+def _matmul_fwd(a, b, ta, tb, precision):
+    return _matmul(a, b, ta, tb, precision), (a, b)
 
 
-def _matmul_bwd(ta, tb, res, dc):
+def _matmul_bwd(ta, tb, precision, res, dc):
     a, b = res
     # c = op(a) op(b): d op(a) = dc op(b)^T, d op(b) = op(a)^T dc (transposed back
     # where the operand is stored transposed).
+    mm = functools.partial(matmul, precision=precision)
     if ta:
-        da = matmul(b, dc, transpose_a=tb, transpose_b=True)
+        da = mm(b, dc, transpose_a=tb, transpose_b=True)
     else:
-        da = matmul(dc, b, transpose_b=not tb)
+        da = mm(dc, b, transpose_b=not tb)
     if tb:
-        db = matmul(dc, a, transpose_a=True, transpose_b=ta)
+        db = mm(dc, a, transpose_a=True, transpose_b=ta)
     else:
-        db = matmul(a, dc, transpose_a=not ta)
+        db = mm(a, dc, transpose_a=not ta)
     return da, db
 
 

@@ -319,11 +319,13 @@ def _to_k(x, K):
 def _chunk_cumsum(x, reverse=False):
     """Cumulative sums over the chunk axis of `x (..., C, H, K)` (from the end if
     `reverse`): one product with a triangular matrix per chunk, `(C, C) @ (C, H K)`,
-    on the compiled kernel where it is available."""
+    on the compiled kernel where it is available, elsewhere in full precision (the
+    default of accelerators would round the log decays)."""
     C = x.shape[-3]
     flat = jnp.reshape(x, x.shape[:-2] + (-1,))
     ones = jnp.broadcast_to(jnp.tril(jnp.ones((C, C), x.dtype)), x.shape[:-3] + (C, C))
-    return jnp.reshape(matmul(ones, flat, transpose_a=reverse), x.shape)
+    product = matmul(ones, flat, transpose_a=reverse, precision=lax.Precision.HIGHEST)
+    return jnp.reshape(product, x.shape)
 
 
 def _decays(b):

@@ -124,11 +124,14 @@ def test_dtypes_it_does_not_take_use_xla():
 
 
 def test_not_lowered_for_gpus():
-    """Lowered for a GPU, the products are XLA dots (the kernel is a CPU call)."""
-    f = jax.jit(functools.partial(_cpu_kernel.matmul, transpose_a=True))
+    """Lowered for a GPU, the products are XLA dots (the kernel is a CPU call), with
+    the precision asked for."""
     a, b = jnp.ones((3, 16, 8), F32), jnp.ones((3, 16, 32), F32)
-    text = jax.export.export(f, platforms=["cuda"])(a, b).mlir_module()
-    assert "ssm_matmul" not in text and "dot_general" in text
+    for precision in (None, jax.lax.Precision.HIGHEST):
+        f = functools.partial(_cpu_kernel.matmul, transpose_a=True, precision=precision)
+        text = jax.export.export(jax.jit(f), platforms=["cuda"])(a, b).mlir_module()
+        assert "ssm_matmul" not in text and "dot_general" in text
+        assert ("HIGHEST" in text) == (precision is not None)
 
 
 def operator_cases(key):
