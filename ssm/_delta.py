@@ -309,7 +309,9 @@ def _state_vjp(f, S0, dO, G):
     W = U - matmul(Wk, S0)
     PdO = matmul(f.P, dO, transpose_a=True)
     c = matmul(f.Qg, dO, transpose_a=True) - matmul(Wk, PdO, transpose_a=True)
-    eye = jnp.eye(Wk.shape[-1], dtype=Wk.dtype).reshape((1,) * (Wk.ndim - 2) + (-1, Wk.shape[-1]))
+    eye = jnp.eye(Wk.shape[-1], dtype=Wk.dtype).reshape(
+        (1,) * (Wk.ndim - 2) + (-1, Wk.shape[-1])
+    )
     M = f.gam_C[..., None, None] * eye - matmul(Wk, f.Kd, transpose_a=True)
     ends = [None] * dO.shape[0]
     for i in reversed(range(dO.shape[0])):
@@ -440,7 +442,9 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
         W, dW, ends, G = _state_vjp(f, S0, dO, G)
         grads = _local_vjp(S0, W, dW, ends, dO, prepared, f)
         dxs = tuple(  # back to the inputs' layout (g, C, H, ...) and dtypes
-            None if d is None else (_heads_first(d) if d.ndim == 4 else _mT(d)).astype(x.dtype)
+            None
+            if d is None
+            else (_heads_first(d) if d.ndim == 4 else _mT(d)).astype(x.dtype)
             for d, x in zip(grads, xs_g, strict=True)
         )
         return G, dxs

@@ -267,7 +267,8 @@ def test_default_chunk_size(rng):
     for C, same in ((32, True), (64, False)):
         other = ssm.gated_linear_attention(q, k, v, g, h0, chunk_size=C)
         assert same == all(
-            np.array_equal(x, y) for x, y in zip(jax.tree.leaves(default), jax.tree.leaves(other))
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(default), jax.tree.leaves(other), strict=True)
         ), C
         assert_close(other, default, 1e-10, f"chunk {C}")
     log_f, log_i = g[..., 0], g[..., 1]
