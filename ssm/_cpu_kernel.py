@@ -1,4 +1,6 @@
-"""The compiled CPU kernel of the diagonal linear scan (``_cpu_kernel.cc``).
+"""The compiled CPU kernels: the diagonal linear scan (``_cpu_kernel.cc``, `scan`) and
+batched small matrix products for the chunked operators (``_cpu_matmul.cc``,
+`matmul`; see its docstring). Both are built into one library, as described below.
 
 XLA's CPU loops run one thread, zero-fill their output and write it row by row
 through the cache; on a memory-bound scan that costs about half the time (see
@@ -10,7 +12,7 @@ its C++ source with the system compiler the first time it is needed and cached:
   ``~/.cache/ssm-jax``; one library per source, jaxlib version, compiler and CPU;
 - the compiler is ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found,
   with ``-O3 -march=native`` (without ``-march=native`` if the compiler refuses it);
-- ``SSM_CPU_KERNEL=0`` turns it off.
+- ``SSM_CPU_KERNEL=0`` turns both kernels off.
 
 Without a compiler (or if the build fails: a warning says why) everything runs on
 XLA's loops, with the same results and derivatives, only slower. The kernel is used
@@ -149,8 +151,9 @@ def _load() -> bool:
             _state["loaded"] = True
         except Exception as error:  # noqa: BLE001 (any failure means: use XLA's loops)
             warnings.warn(
-                f"ssm: the compiled CPU scan kernel is unavailable, so linear scans on "
-                f"CPU run on XLA's loops (same results, slower): {error}",
+                f"ssm: the compiled CPU kernels are unavailable, so linear scans and the "
+                f"chunked operators' products on CPU run on XLA's loops and dots (same "
+                f"results, slower): {error}",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -6,9 +6,11 @@
 // (batch, N, K) when `transpose_b`, c (batch, M, N), all row-major, float32 or
 // float64. The chunked operators (`_gla.py`, `_delta.py`) spend most of their time in
 // products of this size (tens of rows and columns, a batch of heads times chunks).
-// XLA's CPU backend runs them on one thread at 30-45 GFLOP/s; here a register-blocked
-// micro-kernel on packed panels runs at about twice that per core, and the work
-// units (one product, or 64 of its rows) are shared with XLA's intra-op threads.
+// XLA's CPU backend runs those with a transposed left operand 2-3x slower than plain
+// ones, and small batched ones in a slow generic loop (README, "Compiled CPU
+// products"). Here a register-blocked micro-kernel reads a and b in place (packing
+// only transposed or ragged panels of b), and the work units (one product, several
+// small ones, or 96 rows of a large one) are shared with XLA's intra-op threads.
 
 #include <algorithm>
 #include <atomic>
