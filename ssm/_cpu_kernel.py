@@ -260,8 +260,10 @@ def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):
 MATMUL_THREADS_MACS = 1 << 16
 
 
-def _swap(x, transpose):
-    return jnp.swapaxes(x, -1, -2) if transpose else x
+def _xla_matmul(a, b, ta, tb, precision):
+    """``op(a) @ op(b)`` by ``jnp.matmul``: the path off the kernel."""
+    a, b = (jnp.swapaxes(x, -1, -2) if t else x for x, t in ((a, ta), (b, tb)))
+    return jnp.matmul(a, b, precision=precision)
 
 
 def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, precision=None):
@@ -273,10 +275,6 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, precis
     batch); otherwise, and when lowered for other platforms, ``jnp.matmul`` with
     ``precision``. Reverse-mode differentiable (its derivative is made of the same
     products); not forward-mode where the kernel is used."""
-
-    def xla(a, b):
-        return jnp.matmul(_swap(a, transpose_a), _swap(b, transpose_b), precision=precision)
-
     if (
         a.dtype != b.dtype
         or np.dtype(a.dtype) not in (F32, np.dtype(np.float64))
@@ -284,7 +282,7 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, precis
         or b.ndim < 2
         or not available()
     ):
-        return xla(a, b)
+        return _xla_matmul(a, b, transpose_a, transpose_b, precision)
     batch = tuple(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     a = jnp.broadcast_to(a, batch + a.shape[-2:])
     b = jnp.broadcast_to(b, batch + b.shape[-2:])
@@ -306,9 +304,7 @@ def _matmul(a, b, ta, tb, precision):
         )
         return call(a, b, transpose_a=ta, transpose_b=tb, threads=np.int64(threads))
 
-    def xla(a, b):
-        return jnp.matmul(_swap(a, ta), _swap(b, tb), precision=precision)
-
+    xla = functools.partial(_xla_matmul, ta=ta, tb=tb, precision=precision)
     return jax.lax.platform_dependent(a, b, cpu=kernel, default=xla)
 
 

@@ -63,10 +63,11 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from ._cpu_kernel import matmul
+from ._gla import _heads_first
 
 _METHODS = ("chunked", "recurrent")
-# Chunks are taken in groups of about this many steps (see `_group`); the backward
-# pass keeps one state per group.
+# Chunks are taken in groups of about this many steps (see `_group`): a scan step's
+# factors are computed together, in products batched over the group.
 _GROUP_STEPS = 256
 
 
@@ -254,11 +255,6 @@ def _factors(q, k, v, beta, log_decay, saved=None) -> _Factors:
     return _Factors(Qg, P, matmul(inverse, rhs), Kd, gam_C, inverse, KK, QK, Gam, gam, e)
 
 
-def _heads_first(x):
-    """``(..., C, H, d) <-> (..., H, C, d)``."""
-    return jnp.swapaxes(x, -3, -2)
-
-
 def _prepare(compute, q, k, v, beta, log_decay):
     """Chunks in the compute dtype, heads first: ``(..., C, H, d) -> (..., H, C, d)``
     and ``(..., C, H) -> (..., H, C)``."""
@@ -430,7 +426,6 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
     through its chunks and the rest batched over them; nothing of size ``T × d_k ×
     d_v`` is ever held."""
     xs, saved = residuals
-    starts = saved[0]
     do, G = cotangents
     g = _group(xs[0].shape[0], C)
 
@@ -450,7 +445,7 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
         return G, dxs
 
     chunks = (tuple(_to_chunks(x, C, g) for x in xs), saved, _to_chunks(do, C, g))
-    dh0, dxs = lax.scan(body, G.astype(starts.dtype), chunks, reverse=True)
+    dh0, dxs = lax.scan(body, G.astype(saved[0].dtype), chunks, reverse=True)
     T = xs[0].shape[0]
     return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
 
