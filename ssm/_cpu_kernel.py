@@ -47,6 +47,7 @@ import numpy as np
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("_cpu_kernel.cc", "_cpu_matmul.cc"))
 _TARGET, _SYMBOL = "ssm_linear_scan", "SsmLinearScan"
 _MATMUL_TARGET, _MATMUL_SYMBOL = "ssm_matmul", "SsmMatmul"
+_CHAIN_TARGET, _CHAIN_SYMBOL = "ssm_delta_chain", "SsmDeltaChain"
 F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
 # The state dtypes (h0, h) and, for each, the dtypes `a` and `b` may have.
 _INPUTS = {
@@ -145,7 +146,11 @@ def _load() -> bool:
             return _state["loaded"]
         try:
             library = ctypes.cdll.LoadLibrary(str(_build()))
-            for target, symbol in ((_TARGET, _SYMBOL), (_MATMUL_TARGET, _MATMUL_SYMBOL)):
+            for target, symbol in (
+                (_TARGET, _SYMBOL),
+                (_MATMUL_TARGET, _MATMUL_SYMBOL),
+                (_CHAIN_TARGET, _CHAIN_SYMBOL),
+            ):
                 capsule = jax.ffi.pycapsule(getattr(library, symbol))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
             _state["loaded"] = True
@@ -329,3 +334,102 @@ def _matmul_bwd(ta, tb, precision, res, dc):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _xla_chain(y0, a, b, gamma, s0, c, a_offset, b_offset, negate_a, negate_b, reverse):
+    """`chain` by a loop of ``jnp.matmul`` (unrolled: ``n`` is a group's few chunks)."""
+    dk, dv = s0.shape[-2:]
+    y0, a = y0[..., :dv], a[..., a_offset : a_offset + dk]
+    b = b[..., b_offset : b_offset + dk]
+    states, ys, s = [None] * y0.shape[-4], [None] * y0.shape[-4], s0
+    for i in reversed(range(len(ys))) if reverse else range(len(ys)):
+        states[i] = s
+        ay = jnp.matmul(a[..., i, :, :, :], s)
+        ys[i] = y0[..., i, :, :, :] + (-ay if negate_a else ay)
+        by = jnp.matmul(jnp.swapaxes(b[..., i, :, :, :], -1, -2), ys[i])
+        s = gamma[..., i, :, None, None] * s + (-by if negate_b else by)
+        if c is not None:
+            s = s + c[..., i, :, :, :]
+    return jnp.stack(states, -4), jnp.stack(ys, -4), s
+
+
+def chain(
+    y0,
+    a,
+    b,
+    gamma,
+    s0,
+    c=None,
+    *,
+    a_offset=0,
+    b_offset=0,
+    negate_a=False,
+    negate_b=False,
+    reverse=False,
+):
+    """The sequential part of the delta rule's chunked form (`_delta.py`): for each
+    head, over the links ``i`` of a chain in order (or reversed), from ``s = s0``,
+
+        states[i] = s
+        y[i] = y0[i] ± a[i] @ s
+        s = gamma[i] s ± b[i]ᵀ @ y[i]  (+ c[i])
+
+    Shapes, with any leading batch ``L...``: ``s0 (L..., H, dk, dv)``; ``y0 (L..., n,
+    H, C, ≥ dv)``, of which the first ``dv`` columns are read; ``a``, ``b (L..., n, H,
+    C, ≥ offset + dk)``, of which ``dk`` columns from ``a_offset`` (``b_offset``) are
+    read (slices of a wider array, without a copy); ``gamma (L..., n, H)``; ``c``
+    like the states or ``None``. Returns ``(states, y, s)``, ``states (L..., n, H, dk,
+    dv)``, ``y (L..., n, H, C, dv)``. Not differentiable (the delta rule's derivative
+    is written by hand).
+
+    On the CPU backend with the kernel available, for float32 or float64, one call of
+    the compiled kernel runs every chain (threaded over heads and batch); otherwise,
+    and when lowered for other platforms, a loop of ``jnp.matmul``.
+    """
+    args = (y0, a, b, gamma, s0, c)
+    static = (a_offset, b_offset, negate_a, negate_b, reverse)
+    dtypes = {np.dtype(x.dtype) for x in args if x is not None}
+    if (
+        len(dtypes) != 1
+        or dtypes.pop() not in (F32, np.dtype(np.float64))
+        or not available()
+    ):
+        return _xla_chain(*args, *static)
+    dk, dv = s0.shape[-2:]
+    n, H, C = y0.shape[-4:-1]
+    lead = s0.shape[:-3]
+    dtype = s0.dtype
+    count = int(np.prod(lead, dtype=np.int64)) * H
+    threads = 1 if count * n * C * dk * dv * 2 < MATMUL_THREADS_MACS else _cpus()
+
+    def kernel(y0, a, b, gamma, s0, c):
+        call = jax.ffi.ffi_call(
+            _CHAIN_TARGET,
+            (
+                jax.ShapeDtypeStruct(lead + (n, H, dk, dv), dtype),
+                jax.ShapeDtypeStruct(lead + (n, H, C, dv), dtype),
+                jax.ShapeDtypeStruct(s0.shape, dtype),
+            ),
+            vmap_method="broadcast_all",
+        )
+        has_c = c is not None
+        return call(
+            y0,
+            a,
+            b,
+            gamma,
+            c if has_c else jnp.zeros((1,), dtype),
+            s0,
+            a_offset=np.int64(a_offset),
+            b_offset=np.int64(b_offset),
+            negate_a=bool(negate_a),
+            negate_b=bool(negate_b),
+            reverse=bool(reverse),
+            has_c=has_c,
+            threads=np.int64(threads),
+        )
+
+    def xla(*args):
+        return _xla_chain(*args, *static)
+
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)

@@ -193,20 +193,27 @@ struct Kernel {
         panel = bp;
         bks = width;
       }
-      for (int64_t i0 = r0; i0 < r1; i0 += 6) {
-        const int rows = static_cast<int>(std::min<int64_t>(6, r1 - i0));
-        const T* ai = a + i0 * ars;
-        T* ci = c + i0 * N + j0;
-        switch (nv) {
-          case 1: Rows<1>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
+      Block(a + r0 * ars, ars, aks, r1 - r0, panel, bks, K, c + r0 * N + j0, N, nv, w);
+    }
+  }
+
+  // Rows [0, M) of c[:, 0:w) = a @ panel, a's row i and column k at a[i * ars + k * aks],
+  // the panel K x (nv vectors) with rows bks apart, whole vectors readable.
+  static void Block(const T* a, int64_t ars, int64_t aks, int64_t M, const T* panel,
+                    int64_t bks, int64_t K, T* c, int64_t ldc, int nv, int64_t w) {
+    for (int64_t i0 = 0; i0 < M; i0 += 6) {
+      const int rows = static_cast<int>(std::min<int64_t>(6, M - i0));
+      const T* ai = a + i0 * ars;
+      T* ci = c + i0 * ldc;
+      switch (nv) {
+        case 1: Rows<1>(ai, ars, aks, rows, panel, bks, K, ci, ldc, w); break;
 #if defined(__AVX512F__)
-          case 2: Rows<2>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
-          case 3: Rows<3>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
-          default: Rows<4>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
+        case 2: Rows<2>(ai, ars, aks, rows, panel, bks, K, ci, ldc, w); break;
+        case 3: Rows<3>(ai, ars, aks, rows, panel, bks, K, ci, ldc, w); break;
+        default: Rows<4>(ai, ars, aks, rows, panel, bks, K, ci, ldc, w); break;
 #else
-          default: Rows<2>(ai, ars, aks, rows, panel, bks, K, ci, N, w); break;
+        default: Rows<2>(ai, ars, aks, rows, panel, bks, K, ci, ldc, w); break;
 #endif
-        }
       }
     }
   }
@@ -231,6 +238,70 @@ struct Kernel {
       }
     };
     Parallel(pool, threads, total, unit);
+  }
+
+  // The arguments of `Chain`; arrays row-major, `lead` independent sequences of `n`
+  // links (a leading batch times the heads, the links in between: (L, n, H, ...)).
+  struct Links {
+    const T *y0, *a, *b, *gamma, *c, *s0;
+    T *states, *y, *last;
+    int64_t L, n, H, C, dk, dv, ld0, lda, ldb, a_off, b_off;
+    T sign_a, sign_b;
+    bool reverse, has_c;
+  };
+
+  // For each sequence, the links i in order (or reversed), from s = s0 (dk x dv):
+  //
+  //     states[i] = s,  y[i] = y0[i] + sign_a a[i] s,  s = gamma[i] s + sign_b b[i]^T y[i] (+ c[i])
+  //
+  // with a[i], b[i] (C x dk) read at column offsets of wider rows, and last = s. A work
+  // unit is one sequence's columns in one panel (columns of s never mix), its s and
+  // y kept in zero-padded scratch.
+  static void Chain(const Links& g, ffi::ThreadPool& pool, int64_t threads) {
+    const int64_t panels = (g.dv + kPanel - 1) / kPanel;
+    auto unit = [g, panels](int64_t u) {
+      const int64_t p = u % panels, lh = u / panels, l = lh / g.H, h = lh % g.H;
+      const int64_t j0 = p * kPanel, w = std::min<int64_t>(kPanel, g.dv - j0);
+      const int nv = static_cast<int>((w + kLanes - 1) / kLanes);
+      const int64_t width = nv * kLanes, dk = g.dk, dv = g.dv, C = g.C;
+      thread_local std::vector<T> scratch;
+      const size_t need = static_cast<size_t>((2 * dk + C) * width);
+      if (scratch.size() < need) scratch.resize(need);
+      T* s = scratch.data();
+      T* t = s + dk * width;  // b^T y
+      T* y = t + dk * width;
+      std::fill(s, s + need, T(0));
+      const T* s0 = g.s0 + lh * dk * dv + j0;
+      for (int64_t r = 0; r < dk; ++r) std::memcpy(s + r * width, s0 + r * dv, w * sizeof(T));
+      for (int64_t step = 0; step < g.n; ++step) {
+        const int64_t i = g.reverse ? g.n - 1 - step : step;
+        const int64_t link = (l * g.n + i) * g.H + h;
+        T* state = g.states + link * dk * dv + j0;
+        for (int64_t r = 0; r < dk; ++r)
+          std::memcpy(state + r * dv, s + r * width, w * sizeof(T));
+        Block(g.a + link * C * g.lda + g.a_off, g.lda, 1, C, s, width, dk, y, width, nv, width);
+        const T* y0 = g.y0 + link * C * g.ld0 + j0;
+        T* yo = g.y + link * C * dv + j0;
+        for (int64_t r = 0; r < C; ++r) {
+          T* yr = y + r * width;
+          for (int64_t j = 0; j < w; ++j) yr[j] = y0[r * g.ld0 + j] + g.sign_a * yr[j];
+          std::memcpy(yo + r * dv, yr, w * sizeof(T));
+        }
+        Block(g.b + link * C * g.ldb + g.b_off, 1, g.ldb, dk, y, width, C, t, width, nv, width);
+        const T gamma = g.gamma[link];
+        const T* c = g.has_c ? g.c + link * dk * dv + j0 : nullptr;
+        for (int64_t r = 0; r < dk; ++r) {
+          T* sr = s + r * width;
+          const T* tr = t + r * width;
+          for (int64_t j = 0; j < w; ++j) sr[j] = gamma * sr[j] + g.sign_b * tr[j];
+          if (c)
+            for (int64_t j = 0; j < w; ++j) sr[j] += c[r * dv + j];
+        }
+      }
+      T* last = g.last + lh * dk * dv + j0;
+      for (int64_t r = 0; r < dk; ++r) std::memcpy(last + r * dv, s + r * width, w * sizeof(T));
+    };
+    Parallel(pool, threads, g.L * g.H * panels, unit);
   }
 };
 
@@ -280,7 +351,104 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
+template <typename T>
+void RunChainAs(ffi::ThreadPool& pool, const ffi::AnyBuffer& y0, const ffi::AnyBuffer& a,
+                const ffi::AnyBuffer& b, const ffi::AnyBuffer& gamma, const ffi::AnyBuffer& c,
+                const ffi::AnyBuffer& s0, ffi::AnyBuffer& states, ffi::AnyBuffer& y,
+                ffi::AnyBuffer& last, int64_t L, int64_t n, int64_t H, int64_t C, int64_t dk,
+                int64_t dv, int64_t a_offset, int64_t b_offset, bool negate_a, bool negate_b,
+                bool reverse, bool has_c, int64_t threads) {
+  const auto ld = [](const ffi::AnyBuffer& x) { return x.dimensions().back(); };
+  typename Kernel<T>::Links g{
+      static_cast<const T*>(y0.untyped_data()), static_cast<const T*>(a.untyped_data()),
+      static_cast<const T*>(b.untyped_data()), static_cast<const T*>(gamma.untyped_data()),
+      static_cast<const T*>(c.untyped_data()), static_cast<const T*>(s0.untyped_data()),
+      static_cast<T*>(states.untyped_data()), static_cast<T*>(y.untyped_data()),
+      static_cast<T*>(last.untyped_data()), L, n, H, C, dk, dv, ld(y0), ld(a), ld(b),
+      a_offset, b_offset, negate_a ? T(-1) : T(1), negate_b ? T(-1) : T(1), reverse, has_c};
+  Kernel<T>::Chain(g, pool, threads);
+}
+
+// Shapes (L... for any leading batch): y0 (L..., n, H, C, >= dv), a and b (L..., n, H,
+// C, >= offset + dk), gamma (L..., n, H), c (L..., n, H, dk, dv) if has_c, s0 (L..., H,
+// dk, dv); results states (L..., n, H, dk, dv), y (L..., n, H, C, dv), last as s0.
+ffi::Error RunChain(ffi::ThreadPool pool, ffi::AnyBuffer y0, ffi::AnyBuffer a,
+                    ffi::AnyBuffer b, ffi::AnyBuffer gamma, ffi::AnyBuffer c,
+                    ffi::AnyBuffer s0, ffi::Result<ffi::AnyBuffer> states,
+                    ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> last,
+                    int64_t a_offset, int64_t b_offset, bool negate_a, bool negate_b,
+                    bool reverse, bool has_c, int64_t threads) {
+  using DT = ffi::DataType;
+  const DT t = y0.element_type();
+  const auto yd = y0.dimensions(), sd = s0.dimensions();
+  const size_t r = yd.size();
+  bool ok = r >= 4 && sd.size() == r - 1 && (t == DT::F32 || t == DT::F64);
+  for (const ffi::AnyBuffer* x : {&a, &b, &gamma, &c, &s0})
+    ok = ok && x->element_type() == t;
+  for (const ffi::AnyBuffer* x : {&*states, &*y, &*last}) ok = ok && x->element_type() == t;
+  int64_t L = 1, n = 0, H = 0, C = 0, dk = 0, dv = 0;
+  std::vector<int64_t> lead;
+  if (ok) {
+    lead.assign(yd.begin(), yd.end() - 4);
+    for (int64_t d : lead) L *= d;
+    n = yd[r - 4], H = yd[r - 3], C = yd[r - 2], dk = sd[r - 3], dv = sd[r - 2];
+  }
+  // x's shape is lead + tail, with its last dimension at least `last` if given.
+  const auto is = [&lead](ffi::Span<const int64_t> x, std::vector<int64_t> tail,
+                          int64_t last = -1) {
+    std::vector<int64_t> want(lead);
+    want.insert(want.end(), tail.begin(), tail.end());
+    std::vector<int64_t> got(x.begin(), x.end());
+    if (last >= 0) {  // the last dimension only bounded below
+      if (got.size() != want.size() || got.back() < last) return false;
+      got.back() = want.back();
+    }
+    return got == want;
+  };
+  ok = ok && is(yd, {n, H, C, 0}, dv) && is(sd, {H, dk, dv}) &&
+       is(a.dimensions(), {n, H, C, 0}, a_offset + dk) &&
+       is(b.dimensions(), {n, H, C, 0}, b_offset + dk) && is(gamma.dimensions(), {n, H}) &&
+       (!has_c || is(c.dimensions(), {n, H, dk, dv})) &&
+       is(states->dimensions(), {n, H, dk, dv}) && is(y->dimensions(), {n, H, C, dv}) &&
+       is(last->dimensions(), {H, dk, dv}) && a_offset >= 0 && b_offset >= 0;
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "ssm delta chain kernel: arrays must be float32 or float64 of one dtype, y0 "
+        "(..., n, H, C, >= dv), a and b (..., n, H, C, >= offset + dk), gamma (..., n, "
+        "H), c (..., n, H, dk, dv), s0 (..., H, dk, dv)");
+  }
+  if (L * H * dv == 0) return ffi::Error::Success();
+  if (t == DT::F32) {
+    RunChainAs<float>(pool, y0, a, b, gamma, c, s0, *states, *y, *last, L, n, H, C, dk, dv,
+                      a_offset, b_offset, negate_a, negate_b, reverse, has_c, threads);
+  } else {
+    RunChainAs<double>(pool, y0, a, b, gamma, c, s0, *states, *y, *last, L, n, H, C, dk, dv,
+                       a_offset, b_offset, negate_a, negate_b, reverse, has_c, threads);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmDeltaChain, RunChain,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // y0
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // gamma
+                                  .Arg<ffi::AnyBuffer>()  // c
+                                  .Arg<ffi::AnyBuffer>()  // s0
+                                  .Ret<ffi::AnyBuffer>()  // states
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // last
+                                  .Attr<int64_t>("a_offset")
+                                  .Attr<int64_t>("b_offset")
+                                  .Attr<bool>("negate_a")
+                                  .Attr<bool>("negate_b")
+                                  .Attr<bool>("reverse")
+                                  .Attr<bool>("has_c")
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmMatmul, Run,
                               ffi::Ffi::Bind()

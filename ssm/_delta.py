@@ -62,7 +62,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
-from ._cpu_kernel import matmul
+from ._cpu_kernel import chain, matmul
 from ._gla import _heads_first
 
 _METHODS = ("chunked", "recurrent")
@@ -264,57 +264,24 @@ def _prepare(compute, q, k, v, beta, log_decay):
     return q, k, v, beta, log_decay
 
 
-def _index(f, i):
-    return jax.tree.map(lambda x: x[i], f)
-
-
-def _advance(S0, f):
-    """One chunk's new values ``W = U - Wk S0`` and its end state, from its factors
-    and its start state ``S0 (H, dk, dv)``."""
-    dv = S0.shape[-1]
-    W = f.X[..., :dv] - matmul(f.X[..., dv:], S0)
-    return W, f.gam_C[..., None, None] * S0 + matmul(f.Kd, W, transpose_a=True)
-
-
-def _states(S0, f):
-    """The start states ``(g, H, dk, dv)`` and new values of a group's ``g`` chunks, in
-    order from the group's start state ``S0``, and the state at its end."""
-    starts, news = [], []
-    for i in range(f.X.shape[0]):
-        W, S = _advance(S0, _index(f, i))
-        starts.append(S0)
-        news.append(W)
-        S0 = S
-    return jnp.stack(starts), jnp.stack(news), S0
-
-
 def _state_vjp(f, S0, dO, G):
     """The state part of a group's derivative, given its chunks' start states ``S0``
     and the cotangent ``G`` of the state at the group's end. With ``W = U - Wk S0``,
-    ``O = Qg S0 + P W`` and ``S_end = γ[C] S0 + Kdᵀ W``,
+    ``O = Qg S0 + P W`` and ``S_end = γ[C] S0 + Kdᵀ W``, chunk after chunk backwards
 
-        dW = Pᵀ dO + Kd G,     dS0 = Qgᵀ dO + γ[C] G - Wkᵀ dW
-                                   = (Qgᵀ - Wkᵀ Pᵀ) dO + (γ[C] I - Wkᵀ Kd) G,
+        dW = Pᵀ dO + Kd G,     dS0 = Qgᵀ dO + γ[C] G - Wkᵀ dW,
 
-    so only the product with the ``d_k × d_k`` matrix ``γ[C] I - Wkᵀ Kd`` runs chunk
-    after chunk (backwards); the rest is batched over the group. Returns the new
-    values ``W``, ``dW`` and the cotangents of the chunks' end states (``(g, ...)``
-    each), and that of the group's start state."""
+    the same chain as forwards (`chain`), with ``Pᵀ dO`` and ``Qgᵀ dO`` batched over
+    the group. Returns the new values ``W``, ``dW`` and the cotangents of the chunks'
+    end states (``(g, ...)`` each), and that of the group's start state."""
     dv = dO.shape[-1]
-    U, Wk = f.X[..., :dv], f.X[..., dv:]
-    W = U - matmul(Wk, S0)
+    W = f.X[..., :dv] - matmul(f.X[..., dv:], S0)
     PdO = matmul(f.P, dO, transpose_a=True)
-    c = matmul(f.Qg, dO, transpose_a=True) - matmul(Wk, PdO, transpose_a=True)
-    eye = jnp.eye(Wk.shape[-1], dtype=Wk.dtype).reshape(
-        (1,) * (Wk.ndim - 2) + (-1, Wk.shape[-1])
+    QdO = matmul(f.Qg, dO, transpose_a=True)
+    ends, dW, G = chain(
+        PdO, f.Kd, f.X, f.gam_C, G, QdO, b_offset=dv, negate_b=True, reverse=True
     )
-    M = f.gam_C[..., None, None] * eye - matmul(Wk, f.Kd, transpose_a=True)
-    ends = [None] * dO.shape[0]
-    for i in reversed(range(dO.shape[0])):
-        ends[i] = G
-        G = c[i] + matmul(M[i], G)
-    ends = jnp.stack(ends)
-    return W, PdO + matmul(f.Kd, ends), ends, G
+    return W, dW, ends, G
 
 
 def _local_vjp(S0, W, dW, G, dO, inputs, f):
@@ -412,7 +379,8 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
 
     def body(S0, xs_g):
         f = _factors(*_prepare(S0.dtype, *xs_g))
-        starts, W, S = _states(S0, f)
+        dv = S0.shape[-1]  # chunk after chunk: W = U - Wk S0, S_end = γ[C] S0 + Kdᵀ W
+        starts, W, S = chain(f.X, f.X, f.Kd, f.gam_C, S0, a_offset=dv, negate_a=True)
         o = matmul(f.Qg, starts) + matmul(f.P, W)
         return S, (_heads_first(o).astype(out_dtype), (starts, f.inverse, f.Gam))
 
