@@ -32,15 +32,16 @@ on CPU.
 
 Both passes are a ``lax.scan`` over groups of chunks of about 256 steps (see
 `_group`): a group's factors, which do not depend on the state, are computed in
-products batched over its chunks; only the two products of `_advance` per chunk run
-one chunk after another; then the outputs, batched again. So one group of work is
-live at a time, and the derivative (``jax.custom_vjp``) keeps only the inputs and
-the state at the start of each chunk (``T / C`` states, a ``C``-th of the state
-history), with each chunk's ``(I + A)⁻¹`` and ``Γ`` (``C × C`` each). Backwards, a
-reverse ``lax.scan`` carries ``G = dL/dS``; each group recomputes its chunks' other
-factors from their inputs, runs the state part of the
-derivative back through its chunks (one ``d_k × d_k`` product each) and the rest
-batched, all written by hand: the state part
+products batched over its chunks; then the chunks one after another, ``W = U - Wk
+S0`` and ``S_end`` (two products per chunk, all of a group's chunks and heads in one
+call of `chain`, a compiled kernel on CPU); then the outputs, batched again. So one
+group of work is live at a time, and the derivative (``jax.custom_vjp``) keeps only
+the inputs, the state at the start of each chunk (``T / C`` states, a ``C``-th of
+the state history) and its new values ``W`` (as large as ``v``), with each chunk's
+``(I + A)⁻¹`` and ``Γ`` (``C × C`` each). Backwards, a reverse ``lax.scan`` carries
+``G = dL/dS``; each group recomputes its chunks' other factors from their inputs,
+runs the state part of the derivative back through its chunks (the same `chain`,
+reversed) and the rest batched, all written by hand: the state part
 
     dW = Pᵀ dO + K̃ G,     dS0 = (diag(γ) Q)ᵀ dO + γ[C] G - Wkᵀ dW,
 
@@ -239,8 +240,10 @@ def _factors(q, k, v, beta, log_decay, saved=None) -> _Factors:
     else:
         g = jnp.cumsum(log_decay, axis=-1)
         if saved is None:
-            diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0)
-            Gam = jnp.where(causal, jnp.exp(diff), 0)  # every exponent ≤ 0
+            # the differences materialised first: fused with them, XLA's exponential
+            # costs twice as long (index arithmetic of the broadcasts, measured)
+            diff = lax.optimization_barrier(g[..., :, None] - g[..., None, :])
+            Gam = jnp.where(causal, jnp.exp(jnp.minimum(diff, 0)), 0)  # ≤ 0 where kept
         else:
             Gam = saved[1]
         A = jnp.where(strict, beta[..., :, None] * Gam * KK, 0)
@@ -264,29 +267,28 @@ def _prepare(compute, q, k, v, beta, log_decay):
     return q, k, v, beta, log_decay
 
 
-def _state_vjp(f, S0, dO, G):
-    """The state part of a group's derivative, given its chunks' start states ``S0``
-    and the cotangent ``G`` of the state at the group's end. With ``W = U - Wk S0``,
-    ``O = Qg S0 + P W`` and ``S_end = γ[C] S0 + Kdᵀ W``, chunk after chunk backwards
+def _state_vjp(f, dO, G):
+    """The state part of a group's derivative, given the cotangents ``dO`` of its
+    outputs and ``G`` of the state at its end. With ``W = U - Wk S0``, ``O = Qg S0 +
+    P W`` and ``S_end = γ[C] S0 + Kdᵀ W``, chunk after chunk backwards
 
         dW = Pᵀ dO + Kd G,     dS0 = Qgᵀ dO + γ[C] G - Wkᵀ dW,
 
     the same chain as forwards (`chain`), with ``Pᵀ dO`` and ``Qgᵀ dO`` batched over
-    the group. Returns the new values ``W``, ``dW`` and the cotangents of the chunks'
-    end states (``(g, ...)`` each), and that of the group's start state."""
+    the group. Returns ``dW`` and the cotangents of the chunks' end states (``(g,
+    ...)`` each), and that of the group's start state."""
     dv = dO.shape[-1]
-    W = f.X[..., :dv] - matmul(f.X[..., dv:], S0)
     PdO = matmul(f.P, dO, transpose_a=True)
     QdO = matmul(f.Qg, dO, transpose_a=True)
     ends, dW, G = chain(
         PdO, f.Kd, f.X, f.gam_C, G, QdO, b_offset=dv, negate_b=True, reverse=True
     )
-    return W, dW, ends, G
+    return dW, ends, G
 
 
 def _local_vjp(S0, W, dW, G, dO, inputs, f):
     """The cotangents of a group's chunk inputs (heads first, as `_prepare` returns
-    them), given their start states ``S0``, new values ``W`` (see `_advance`), the
+    them), given their start states ``S0``, new values ``W = U - Wk S0``, the
     cotangents ``dW`` of ``W``, ``G`` of their end states and ``dO`` of their outputs;
     batched over the group's chunks: the products, then the UT transform (``X = (I +
     A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX`` and ``dA = -dR Xᵀ``, strictly lower), the
@@ -372,8 +374,9 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
     """Groups of chunks in order: a ``lax.scan`` that carries the state. A group's
     factors come first, batched; then its chunks' states, one after another; then
     its outputs, batched. The chunks' start states are kept for the backward pass
-    (``T / C`` states, a ``C``-th of the state history), with the inverses ``(I +
-    A)⁻¹`` and gate matrices ``Γ`` (``T × C`` numbers per head each)."""
+    (``T / C`` states, a ``C``-th of the state history), with their new values ``W``
+    (``T × d_v`` per head), the inverses ``(I + A)⁻¹`` and gate matrices ``Γ`` (``T ×
+    C`` numbers per head each)."""
     xs = (q, k, v, beta, log_decay)
     g = _group(q.shape[0], C)
 
@@ -382,7 +385,7 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
         dv = S0.shape[-1]  # chunk after chunk: W = U - Wk S0, S_end = γ[C] S0 + Kdᵀ W
         starts, W, S = chain(f.X, f.X, f.Kd, f.gam_C, S0, a_offset=dv, negate_a=True)
         o = matmul(f.Qg, starts) + matmul(f.P, W)
-        return S, (_heads_first(o).astype(out_dtype), (starts, f.inverse, f.Gam))
+        return S, (_heads_first(o).astype(out_dtype), (starts, W, f.inverse, f.Gam))
 
     S, (o, saved) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
     return (_from_chunks(o, q.shape[0]), S), (xs, saved)
@@ -398,11 +401,11 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
     g = _group(xs[0].shape[0], C)
 
     def body(G, inputs):
-        xs_g, (S0, inverse, Gam), dO = inputs
+        xs_g, (S0, W, inverse, Gam), dO = inputs
         prepared = _prepare(S0.dtype, *xs_g)
         f = _factors(*prepared, saved=(inverse, Gam))
         dO = _heads_first(dO.astype(S0.dtype))
-        W, dW, ends, G = _state_vjp(f, S0, dO, G)
+        dW, ends, G = _state_vjp(f, dO, G)
         grads = _local_vjp(S0, W, dW, ends, dO, prepared, f)
         dxs = tuple(  # back to the inputs' layout (g, C, H, ...) and dtypes
             None
@@ -473,8 +476,9 @@ def delta_rule(
     shape `(H, d_k, d_v)`, float32 (float64 if any input is float64).
 
     The chunked form costs `O(T C (d_k + d_v) + T d_k d_v)` per head in matrix
-    products; its derivative keeps only the inputs and one state per two chunks, and
-    differentiates through `h0` and the final state. It is reverse-mode only
+    products; its derivative keeps the inputs, one state per chunk and `O(T (C + d_v))`
+    chunk factors (nothing of size `T × d_k × d_v`), and differentiates through `h0`
+    and the final state. It is reverse-mode only
     (`jax.grad`, `jax.vjp`), and composes with `jax.vmap` and `jax.jit`.
 
     ```python

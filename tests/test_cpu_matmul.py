@@ -1,4 +1,5 @@
-"""The compiled CPU kernel of batched small matrix products (``ssm/_cpu_matmul.cc``).
+"""The compiled CPU kernels of ``ssm/_cpu_matmul.cc``: batched small matrix products
+and the delta rule's chain of chunks.
 
 The chunked operators (``ssm.gated_linear_attention``, ``ssm.mlstm``,
 ``ssm.delta_rule``) take their products through ``ssm._cpu_kernel.matmul``, which
@@ -7,7 +8,8 @@ float64 NumPy products (every transpose, float32 and float64, shapes off its
 register tiles and vector widths, row blocks, batches that broadcast, a zero-length
 contraction, one thread and several), its derivative, ``vmap``, that it is really
 used (and not when lowered for a GPU), and that the operators agree with and
-without it.
+without it. The chain (``ssm._cpu_kernel.chain``) is checked against a float64 loop of
+its recurrence, in both directions, under ``vmap``, and through the delta rule.
 """
 
 import functools
@@ -177,9 +179,110 @@ def test_operators_agree_without_the_kernel(getkey):
         return uses_kernel(jax.grad(lambda *x: jnp.sum(fn(*x)[0])), *inputs)
 
     assert all(kernel_in_gradient(*case) for case in cases.values())
+    fn, inputs = cases["gated-deltanet"]
+    assert (
+        "@ssm_delta_chain("
+        in jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x)[0]))).lower(*inputs).as_text()
+    )
     with_kernel = {name: values_and_grads(*case) for name, case in cases.items()}
     with _cpu_kernel.disabled():
         assert not any(kernel_in_gradient(*case) for case in cases.values())
         without = {name: values_and_grads(*case) for name, case in cases.items()}
     for name in cases:
         assert_close(with_kernel[name], without[name], 1e-11, name)
+
+
+# ------------------------------------------------------------------ delta chain
+
+
+def chain_reference(y0, a, b, gamma, s0, c, a_off, b_off, negate_a, negate_b, reverse):
+    """The chain written as a float64 loop over links, for one sequence per leading
+    index: ``y[i] = y0[i] ± a[i] s``, ``s ← gamma[i] s ± b[i]ᵀ y[i] (+ c[i])``."""
+    f = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
+    y0, a, b, gamma, s0, c = map(f, (y0, a, b, gamma, s0, c))
+    dk, dv = s0.shape[-2:]
+    n = y0.shape[-4]
+    states = np.zeros(y0.shape[:-2] + (dk, dv))
+    y = np.zeros(y0.shape[:-1] + (dv,))
+    s = s0.copy()
+    for i in reversed(range(n)) if reverse else range(n):
+        states[..., i, :, :, :] = s
+        ai = a[..., i, :, :, a_off : a_off + dk]
+        bi = b[..., i, :, :, b_off : b_off + dk]
+        y[..., i, :, :, :] = y0[..., i, :, :, :dv] + (-1 if negate_a else 1) * (ai @ s)
+        bty = np.swapaxes(bi, -1, -2) @ y[..., i, :, :, :]
+        s = gamma[..., i, :, None, None] * s + (-1 if negate_b else 1) * bty
+        if c is not None:
+            s = s + c[..., i, :, :, :]
+    return states, y, s
+
+
+# (lead, n, H, C, dk, dv): a delta-rule group, odd sizes off the vector widths, more
+# columns than a panel (64 float32 or 32 float64 lanes with AVX-512), a single link
+CHAINS = [
+    ((), 8, 4, 32, 64, 64),
+    ((2,), 5, 3, 7, 13, 29),
+    ((), 3, 2, 33, 17, 130),
+    ((2, 3), 2, 2, 8, 16, 5),
+    ((), 1, 1, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("threads", ["one-thread", "threads"])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_chain_matches_float64_loop(dtype, threads, monkeypatch):
+    monkeypatch.setattr(
+        _cpu_kernel, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
+    )
+    rng = np.random.default_rng([dtype == F64, threads == "threads"])
+    tol = 1e-5 if dtype == F32 else 1e-12
+    for case, (lead, n, H, C, dk, dv) in enumerate(CHAINS):
+        a_off, b_off = case % 3, 2 * (case % 2)
+        with_c, reverse, negate_a, negate_b = (
+            case % 2 == 0,
+            case % 2 == 1,
+            case < 3,
+            case > 1,
+        )
+
+        def normal(*shape, lead=lead):
+            return rng.standard_normal(lead + shape).astype(dtype)
+
+        args = (
+            normal(n, H, C, dv + case),
+            normal(n, H, C, a_off + dk + 1),
+            normal(n, H, C, b_off + dk),
+            rng.uniform(0.3, 1.0, lead + (n, H)).astype(dtype),
+            normal(H, dk, dv),
+            normal(n, H, dk, dv) if with_c else None,
+        )
+        kw = dict(a_offset=a_off, b_offset=b_off, negate_a=negate_a, negate_b=negate_b)
+        f = jax.jit(lambda *x, kw=kw, r=reverse: _cpu_kernel.chain(*x, **kw, reverse=r))
+        assert "@ssm_delta_chain(" in f.lower(*args).as_text()
+        got = f(*args)
+        want = chain_reference(*args, a_off, b_off, negate_a, negate_b, reverse)
+        for x, ref, name in zip(got, want, ("states", "y", "last"), strict=True):
+            assert x.dtype == dtype and x.shape == ref.shape, name
+            assert_close(x, ref, tol, f"{name} of {(lead, n, H, C, dk, dv)}")
+
+
+def test_chain_vmap_and_gpu_lowering():
+    """Under `vmap` the chain takes the batch as leading sequences; lowered for a GPU it
+    is a loop of XLA dots, as is the delta rule (no custom call in either)."""
+    rng = np.random.default_rng(0)
+    n, H, C, dk, dv = 3, 2, 5, 4, 6
+    args = [rng.standard_normal((4, n, H, C, dv)), rng.standard_normal((4, n, H, C, dk))]
+    args += [rng.standard_normal((4, n, H, C, dk)), rng.uniform(0.5, 1, (4, n, H))]
+    args += [rng.standard_normal((4, H, dk, dv))]
+    kw = dict(negate_a=True, reverse=True)
+    batched = jax.jit(jax.vmap(lambda *x: _cpu_kernel.chain(*x, **kw)))(*args)
+    want = chain_reference(*args, None, 0, 0, True, False, True)
+    assert_close(batched, want, 1e-12, "vmap")
+    x = [jnp.ones((9, 2, 4), F32)] * 3 + [
+        jnp.full((9, 2), 0.5, F32),
+        -jnp.ones((9, 2), F32),
+    ]
+    text = jax.export.export(
+        jax.jit(lambda *x: ssm.delta_rule(*x, chunk_size=4)), platforms=["cuda"]
+    )(*x).mlir_module()
+    assert "ssm_delta_chain" not in text and "ssm_matmul" not in text
