@@ -48,6 +48,7 @@ _SOURCES = tuple(Path(__file__).with_name(n) for n in ("_cpu_kernel.cc", "_cpu_m
 _TARGET, _SYMBOL = "ssm_linear_scan", "SsmLinearScan"
 _MATMUL_TARGET, _MATMUL_SYMBOL = "ssm_matmul", "SsmMatmul"
 _CHAIN_TARGET, _CHAIN_SYMBOL = "ssm_delta_chain", "SsmDeltaChain"
+_TREE_TARGET, _TREE_SYMBOL = "ssm_gla_tree", "SsmGlaTree"
 F32, BF16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
 # The state dtypes (h0, h) and, for each, the dtypes `a` and `b` may have.
 _INPUTS = {
@@ -150,6 +151,7 @@ def _load() -> bool:
                 (_TARGET, _SYMBOL),
                 (_MATMUL_TARGET, _MATMUL_SYMBOL),
                 (_CHAIN_TARGET, _CHAIN_SYMBOL),
+                (_TREE_TARGET, _TREE_SYMBOL),
             ):
                 capsule = jax.ffi.pycapsule(getattr(library, symbol))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
@@ -431,5 +433,40 @@ def chain(
 
     def xla(*args):
         return _xla_chain(*args, *static)
+
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+
+
+def per_key_tree(q, k, v, b, do=None, *, xla):
+    """The within-chunk outputs of gated linear attention with a decay per key
+    (``_gla._intra_per_key``: the binary tree over a chunk), or with ``do`` their
+    derivative ``(dq, dk, dv, db)``; ``q, k, b (..., C, d_k)``, ``v, do (..., C, d_v)``.
+
+    On the CPU backend with the kernel available, for float32 or float64 and ``C`` a
+    power of two, one call of the compiled kernel (chunks shared across threads, the
+    exponentials vectorised); otherwise, and when lowered for other platforms,
+    ``xla(q, k, v, b[, do])``, the same tree in XLA ops. Not differentiable (the
+    operator's derivative is written by hand)."""
+    args = (q, k, v, b) if do is None else (q, k, v, b, do)
+    C, dk, dv = q.shape[-2], q.shape[-1], v.shape[-1]
+    dtypes = {np.dtype(x.dtype) for x in args}
+    shapes = {x.shape[:-1] for x in args}
+    if (
+        len(dtypes) != 1
+        or dtypes.pop() not in (F32, np.dtype(np.float64))
+        or len(shapes) != 1
+        or C & (C - 1)
+        or not available()
+    ):
+        return xla(*args)
+    count = int(np.prod(q.shape[:-2], dtype=np.int64))
+    threads = 1 if count * C * C * (dk + dv) < MATMUL_THREADS_MACS else _cpus()
+    out = (v,) if do is None else (q, k, v, b)
+    out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in out)
+
+    def kernel(*args):
+        call = jax.ffi.ffi_call(_TREE_TARGET, out, vmap_method="broadcast_all")
+        result = call(*args, threads=np.int64(threads))
+        return result[0] if do is None else tuple(result)
 
     return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)

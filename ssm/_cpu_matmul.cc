@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -351,6 +352,191 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------ per-key GLA tree
+
+// exp(x) lane by lane for x <= 0 (the tree's factors): float32 by a Cephes-style
+// polynomial after 2^n range reduction (relative error about 2e-7), 0 below -87;
+// float64 by std::exp.
+template <typename T>
+struct Exp;
+
+template <>
+struct Exp<float> {
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
+  static V Of(V x) {
+    const V lo = x < -87.0f ? V{} + 1.0f : V{};  // lanes that underflow
+    x = x < -87.0f ? V{} - 87.0f : x;
+    const V big = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    V n = (x * 1.44269504088896341f + big) - big;
+    V r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    V p = V{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    const V e = p * scale;
+    return lo > 0.0f ? V{} : e;
+  }
+};
+
+template <>
+struct Exp<double> {
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  static V Of(V x) {
+    for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(double)); ++l) x[l] = std::exp(x[l]);
+    return x;
+  }
+};
+
+// The within-chunk outputs of gated linear attention with a decay per key (`_gla.py`,
+// `_intra_per_key` and its derivative), for chunks of C = 2^m steps:
+//
+//     o[i] = sum_{j <= i} (sum_d q[i, d] k[j, d] exp(b[i, d] - b[j, d])) v[j]
+//
+// by the same binary tree: the diagonal directly, then at each level the pairs that
+// straddle the middle of a block of 2s steps, weighted by exp(b[i] - r) exp(r - b[j])
+// with r = b at the end of the block's first half (both factors <= 1). One unit is a
+// chunk of one head, its rows copied to zero-padded scratch of whole vectors.
+template <typename T>
+struct Tree {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int kLanes = kVecBytes / sizeof(T);
+
+  static T Dot(const V* x, const V* y, int nv) {
+    V acc = V{};
+    for (int j = 0; j < nv; ++j) acc += x[j] * y[j];
+    T sum = T(0);
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    return sum;
+  }
+
+  // Rows of width w (whole vectors nv of them) of x (C rows, stride ld) into scratch.
+  static void Load(V* dst, const T* x, int64_t C, int64_t w, int nv) {
+    for (int64_t i = 0; i < C; ++i) {
+      V* row = dst + i * nv;
+      for (int j = 0; j < nv; ++j) row[j] = V{};
+      std::memcpy(row, x + i * w, w * sizeof(T));
+    }
+  }
+
+  static void Store(T* x, const V* src, int64_t C, int64_t w, int nv) {
+    for (int64_t i = 0; i < C; ++i) std::memcpy(x + i * w, src + i * nv, w * sizeof(T));
+  }
+
+  // q, k, b: (C, dk); v, o: (C, dv); with do given, the derivative instead: dq, dk,
+  // db (C, dk) and dv (C, dv) (b's cotangent, the cumulative log decays').
+  static void Chunk(const T* q, const T* k, const T* v, const T* b, const T* d_o, T* o,
+                    T* dq, T* dk, T* dv, T* db, int64_t C, int64_t dkw, int64_t dvw) {
+    const int nk = static_cast<int>((dkw + kLanes - 1) / kLanes);
+    const int nvv = static_cast<int>((dvw + kLanes - 1) / kLanes);
+    const bool bwd = d_o != nullptr;
+    // (a vector of T, aligned by hand: a std::vector of V would drop V's attributes)
+    thread_local std::vector<T> scratch;
+    const size_t need = (static_cast<size_t>(C) * (9 * nk + 4 * nvv) + 3 * nk + 1) * kLanes;
+    if (scratch.size() < need) scratch.resize(need);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(scratch.data());
+    V *Q = reinterpret_cast<V*>((at + kVecBytes - 1) / kVecBytes * kVecBytes), *K = Q + C * nk, *B = K + C * nk, *QH = B + C * nk;
+    V *KH = QH + C * nk, *DQ = KH + C * nk, *DK = DQ + C * nk, *DB = DK + C * nk;
+    V *DQH = DB + C * nk, *VV = DQH + C * nk, *DO = VV + C * nvv, *O = DO + C * nvv;
+    V *DV = O + C * nvv, *ref = DV + C * nvv, *t1sum = ref + nk, *t2sum = t1sum + nk;
+    Load(Q, q, C, dkw, nk);
+    Load(K, k, C, dkw, nk);
+    Load(B, b, C, dkw, nk);
+    Load(VV, v, C, dvw, nvv);
+    if (bwd) {
+      Load(DO, d_o, C, dvw, nvv);
+      for (int64_t i = 0; i < C * nk; ++i) DQ[i] = DK[i] = DB[i] = V{};
+      for (int64_t i = 0; i < C * nvv; ++i) DV[i] = V{};
+    } else {
+      for (int64_t i = 0; i < C * nvv; ++i) O[i] = V{};
+    }
+    // the diagonal: o[i] += (q[i] . k[i]) v[i]
+    for (int64_t i = 0; i < C; ++i) {
+      const T a = Dot(Q + i * nk, K + i * nk, nk);
+      if (!bwd) {
+        for (int j = 0; j < nvv; ++j) O[i * nvv + j] += a * VV[i * nvv + j];
+        continue;
+      }
+      const T da = Dot(DO + i * nvv, VV + i * nvv, nvv);
+      for (int j = 0; j < nk; ++j) {
+        DQ[i * nk + j] += da * K[i * nk + j];
+        DK[i * nk + j] += da * Q[i * nk + j];
+      }
+      for (int j = 0; j < nvv; ++j) DV[i * nvv + j] += a * DO[i * nvv + j];
+    }
+    for (int64_t s = 1; s < C; s *= 2) {
+      for (int64_t blk = 0; blk < C; blk += 2 * s) {
+        const int64_t h1 = blk, h2 = blk + s;  // first rows of the two halves
+        for (int j = 0; j < nk; ++j) ref[j] = B[(h2 - 1) * nk + j];
+        // rescaled: QH[i] = q[h2 + i] e2[i], KH[j] = k[h1 + j] e1[j]; backwards the
+        // factors e2, e1 are kept too (interleaved in DQH's 2s rows).
+        for (int64_t i = 0; i < s; ++i)
+          for (int j = 0; j < nk; ++j) {
+            const V e2 = Exp<T>::Of(B[(h2 + i) * nk + j] - ref[j]);
+            const V e1 = Exp<T>::Of(ref[j] - B[(h1 + i) * nk + j]);
+            QH[i * nk + j] = Q[(h2 + i) * nk + j] * e2;
+            KH[i * nk + j] = K[(h1 + i) * nk + j] * e1;
+            if (bwd) {
+              DQH[(2 * i) * nk + j] = e2;  // 2s rows of scratch: e2, e1 interleaved
+              DQH[(2 * i + 1) * nk + j] = e1;
+            }
+          }
+        if (!bwd) {
+          for (int64_t i = 0; i < s; ++i)
+            for (int64_t j = 0; j < s; ++j) {
+              const T a = Dot(QH + i * nk, KH + j * nk, nk);
+              for (int l = 0; l < nvv; ++l) O[(h2 + i) * nvv + l] += a * VV[(h1 + j) * nvv + l];
+            }
+          continue;
+        }
+        for (int j = 0; j < nk; ++j) t1sum[j] = t2sum[j] = V{};
+        // dq̂[i] = sum_j dA[i, j] k̂[j], dA = do2 v1^T; dv1 += A^T do2
+        for (int64_t i = 0; i < s; ++i) {
+          for (int64_t j = 0; j < s; ++j) {
+            const T a = Dot(QH + i * nk, KH + j * nk, nk);
+            const T da = Dot(DO + (h2 + i) * nvv, VV + (h1 + j) * nvv, nvv);
+            for (int l = 0; l < nvv; ++l) DV[(h1 + j) * nvv + l] += a * DO[(h2 + i) * nvv + l];
+            V* dq2 = DQ + (h2 + i) * nk;
+            const V* e2 = DQH + (2 * i) * nk;
+            for (int l = 0; l < nk; ++l) {
+              const V g = da * KH[j * nk + l];  // a part of dq̂[i]
+              dq2[l] += g * e2[l];
+              const V t2 = g * QH[i * nk + l];
+              DB[(h2 + i) * nk + l] += t2;
+              t2sum[l] += t2;
+            }
+            V* dk1 = DK + (h1 + j) * nk;
+            const V* e1 = DQH + (2 * j + 1) * nk;
+            for (int l = 0; l < nk; ++l) {
+              const V g = da * QH[i * nk + l];  // a part of dk̂[j]
+              dk1[l] += g * e1[l];
+              const V t1 = g * KH[j * nk + l];
+              DB[(h1 + j) * nk + l] -= t1;
+              t1sum[l] += t1;
+            }
+          }
+        }
+        for (int l = 0; l < nk; ++l) DB[(h2 - 1) * nk + l] += t1sum[l] - t2sum[l];
+      }
+    }
+    if (!bwd) {
+      Store(o, O, C, dvw, nvv);
+      return;
+    }
+    Store(dq, DQ, C, dkw, nk);
+    Store(dk, DK, C, dkw, nk);
+    Store(dv, DV, C, dvw, nvv);
+    Store(db, DB, C, dkw, nk);
+  }
+};
+
 template <typename T>
 void RunChainAs(ffi::ThreadPool& pool, const ffi::AnyBuffer& y0, const ffi::AnyBuffer& a,
                 const ffi::AnyBuffer& b, const ffi::AnyBuffer& gamma, const ffi::AnyBuffer& c,
@@ -428,7 +614,99 @@ ffi::Error RunChain(ffi::ThreadPool pool, ffi::AnyBuffer y0, ffi::AnyBuffer a,
   return ffi::Error::Success();
 }
 
+// The tree over chunks: q, k, b (..., C, dk) and v (..., C, dv), C a power of two;
+// forwards o (..., C, dv); backwards (with do) dq, dk, db and dv.
+template <typename T>
+void RunTreeAs(ffi::ThreadPool& pool, int64_t threads, int64_t N, int64_t C, int64_t dkw,
+               int64_t dvw, const T* q, const T* k, const T* v, const T* b, const T* d_o, T* o,
+               T* dq, T* dk, T* dv, T* db) {
+  const int64_t per = std::max<int64_t>(1, kUnitMacs / std::max<int64_t>(1, C * C * (dkw + dvw)));
+  auto unit = [=](int64_t u) {
+    for (int64_t n = u * per; n < std::min(N, (u + 1) * per); ++n) {
+      const int64_t ok = n * C * dkw, ov = n * C * dvw;
+      Tree<T>::Chunk(q + ok, k + ok, v + ov, b + ok, d_o ? d_o + ov : nullptr,
+                     o ? o + ov : nullptr, dq ? dq + ok : nullptr, dk ? dk + ok : nullptr,
+                     dv ? dv + ov : nullptr, db ? db + ok : nullptr, C, dkw, dvw);
+    }
+  };
+  Parallel(pool, threads, (N + per - 1) / per, unit);
+}
+
+ffi::Error RunTree(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                   int64_t threads) {
+  using DT = ffi::DataType;
+  const bool bwd = args.size() == 5;
+  bool ok = (args.size() == 4 && rets.size() == 1) || (bwd && rets.size() == 4);
+  std::vector<ffi::AnyBuffer> in, out;
+  for (size_t i = 0; ok && i < args.size(); ++i) {
+    auto x = args.get<ffi::AnyBuffer>(i);
+    ok = x.has_value();
+    if (ok) in.push_back(*x);
+  }
+  for (size_t i = 0; ok && i < rets.size(); ++i) {
+    auto x = rets.get<ffi::AnyBuffer>(i);
+    ok = x.has_value();
+    if (ok) out.push_back(**x);
+  }
+  const DT t = ok ? in[0].element_type() : DT::INVALID;
+  ok = ok && (t == DT::F32 || t == DT::F64);
+  for (const auto& x : in) ok = ok && x.element_type() == t;
+  for (const auto& x : out) ok = ok && x.element_type() == t;
+  const auto qd = ok ? in[0].dimensions() : ffi::Span<const int64_t>();
+  const size_t r = qd.size();
+  ok = ok && r >= 2;
+  const int64_t C = ok ? qd[r - 2] : 0, dkw = ok ? qd[r - 1] : 0;
+  const int64_t dvw = ok ? in[2].dimensions().back() : 0;
+  ok = ok && C > 0 && (C & (C - 1)) == 0;
+  // q, k, b, dq, dk, db: qd; v, do, o, dv: qd with dv columns
+  const auto is = [&](const ffi::AnyBuffer& x, int64_t w) {
+    const auto d = x.dimensions();
+    if (d.size() != r || d.back() != w) return false;
+    for (size_t i = 0; i + 1 < r; ++i)
+      if (d[i] != qd[i]) return false;
+    return true;
+  };
+  ok = ok && is(in[1], dkw) && is(in[2], dvw) && is(in[3], dkw) && (!bwd || is(in[4], dvw));
+  if (ok && bwd) ok = is(out[0], dkw) && is(out[1], dkw) && is(out[2], dvw) && is(out[3], dkw);
+  if (ok && !bwd) ok = is(out[0], dvw);
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "ssm GLA tree kernel: q, k, b (..., C, d_k), v (..., C, d_v) and do (..., C, d_v) "
+        "of one dtype, float32 or float64, C a power of two");
+  }
+  const int64_t N = in[0].element_count() / (C * dkw);
+  if (N == 0 || dkw == 0) {
+    for (auto& x : out) std::memset(x.untyped_data(), 0, x.size_bytes());
+    return ffi::Error::Success();
+  }
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const auto p = [](const ffi::AnyBuffer& x) { return static_cast<const T*>(x.untyped_data()); };
+    const auto w = [](ffi::AnyBuffer& x) { return static_cast<T*>(x.untyped_data()); };
+    if (bwd) {
+      RunTreeAs<T>(pool, threads, N, C, dkw, dvw, p(in[0]), p(in[1]), p(in[2]), p(in[3]),
+                   p(in[4]), nullptr, w(out[0]), w(out[1]), w(out[2]), w(out[3]));
+    } else {
+      RunTreeAs<T>(pool, threads, N, C, dkw, dvw, p(in[0]), p(in[1]), p(in[2]), p(in[3]),
+                   nullptr, w(out[0]), nullptr, nullptr, nullptr, nullptr);
+    }
+  };
+  if (t == DT::F32) {
+    run(0.0f);
+  } else {
+    run(0.0);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmGlaTree, RunTree,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()  // q, k, v, b (and do: the derivative)
+                                  .RemainingRets()  // o (or dq, dk, dv, db)
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SsmDeltaChain, RunChain,
                               ffi::Ffi::Bind()

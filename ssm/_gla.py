@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
-from ._cpu_kernel import matmul
+from ._cpu_kernel import matmul, per_key_tree
 from ._scan import linear_scan
 
 _METHODS = ("chunked", "recurrent")
@@ -241,6 +241,16 @@ def _leaf(q, k, b, c):
 
 
 def _intra_per_key(q, k, v, b):
+    """Within-chunk outputs for a per-key decay: `_tree` in XLA ops, or the compiled
+    kernel that does the same on CPU (`ssm._cpu_kernel.per_key_tree`)."""
+    return per_key_tree(q, k, v, b, xla=_tree)
+
+
+def _intra_per_key_bwd(q, k, v, b, do):
+    return per_key_tree(q, k, v, b, do, xla=_tree_bwd)
+
+
+def _tree(q, k, v, b):
     """Within-chunk outputs for a per-key decay: a binary tree over the chunk.
 
     The chunk is halved recursively down to leaves of `c` steps (`c` the odd part of
@@ -266,7 +276,7 @@ def _intra_per_key(q, k, v, b):
     return o
 
 
-def _intra_per_key_bwd(q, k, v, b, do):
+def _tree_bwd(q, k, v, b, do):
     C = q.shape[-2]
     c = _leaf_size(C)
     if c == 1:

@@ -64,6 +64,10 @@ def _mult_shape(a_shape, r_shape, has_resets):
     return shape
 
 
+# Scans of at most this many steps are unrolled (see `sequential`).
+UNROLLED_STEPS = 16
+
+
 def sequential(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, unroll=None):
     """One step per time index: the chunked kernel with a single chunk.
 
@@ -72,7 +76,15 @@ def sequential(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, unroll=Non
     3x slower on our CPU (hardware prefetchers follow ascending streams), so rows
     are read in blocks of ``unroll`` = 64 in ascending memory order and stepped
     through backwards inside the block (see ``scripts/bench_scan.py``).
+
+    Scans of at most `UNROLLED_STEPS` steps (the chunked operators hand their state
+    across a group's few chunks with one) are a Python loop instead, which XLA fuses
+    into a few ops: a loop costs several small ops per step, each a call of its own.
     """
+    if b.shape[0] <= UNROLLED_STEPS:
+        return _unrolled(
+            a, b, h0, r, ops=ops, reverse=reverse, shift=shift, has_resets=has_resets
+        )
     if unroll is None:
         unroll = 64 if reverse else 1
     return chunked(
@@ -87,6 +99,23 @@ def sequential(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets, unroll=Non
         chunk_size=b.shape[0],
         unroll=unroll,
     )
+
+
+def _unrolled(a, b, h0, r, *, ops: _Ops, reverse, shift, has_resets):
+    """The recurrence step by step in a Python loop (short scans)."""
+    dtype = h0.dtype
+
+    def row(x, t):
+        return x[0] if x.shape[0] == 1 else x[t]
+
+    out, h, previous = [None] * b.shape[0], h0, None
+    for t in reversed(range(b.shape[0])) if reverse else range(b.shape[0]):
+        at = previous if shift else t  # the step whose multiplier applies
+        if at is not None:
+            h = ops.apply(ops.mult(row(a, at), row(r, at), dtype, has_resets), h)
+        h = h + b[t].astype(dtype)
+        out[t], previous = h, t
+    return jnp.stack(out)
 
 
 def _combine_diag(x, y):
