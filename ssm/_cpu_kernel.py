@@ -1,6 +1,8 @@
-"""The compiled CPU kernels: the diagonal linear scan (``_cpu_kernel.cc``, `scan`) and
-batched small matrix products for the chunked operators (``_cpu_matmul.cc``,
-`matmul`; see its docstring). Both are built into one library, as described below.
+"""The compiled CPU kernels: the diagonal linear scan (``_cpu_kernel.cc``, `scan`) and,
+for the chunked operators (``_cpu_matmul.cc``), batched small matrix products
+(`matmul`), the delta rule's chain of chunks (`chain`) and the per-key gated linear
+attention's within-chunk tree (`per_key_tree`); see their docstrings. All are built
+into one library, as described below.
 
 XLA's CPU loops run one thread, zero-fill their output and write it row by row
 through the cache; on a memory-bound scan that costs about half the time (see
@@ -12,7 +14,7 @@ its C++ source with the system compiler the first time it is needed and cached:
   ``~/.cache/ssm-jax``; one library per source, jaxlib version, compiler and CPU;
 - the compiler is ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found,
   with ``-O3 -march=native`` (without ``-march=native`` if the compiler refuses it);
-- ``SSM_CPU_KERNEL=0`` turns both kernels off.
+- ``SSM_CPU_KERNEL=0`` turns them all off.
 
 Without a compiler (or if the build fails: a warning says why) everything runs on
 XLA's loops, with the same results and derivatives, only slower. The kernel is used

@@ -402,8 +402,10 @@ struct Exp<double> {
 //
 // by the same binary tree: the diagonal directly, then at each level the pairs that
 // straddle the middle of a block of 2s steps, weighted by exp(b[i] - r) exp(r - b[j])
-// with r = b at the end of the block's first half (both factors <= 1). One unit is a
-// chunk of one head, its rows copied to zero-padded scratch of whole vectors.
+// with r = b at the end of the block's first half (both factors <= 1). The product
+// of the two factors does not depend on r, so neither does the derivative: r is
+// held constant. One unit is a chunk of one head, its rows copied to zero-padded
+// scratch of whole vectors.
 template <typename T>
 struct Tree {
   typedef T V __attribute__((vector_size(kVecBytes)));
@@ -439,13 +441,13 @@ struct Tree {
     const bool bwd = d_o != nullptr;
     // (a vector of T, aligned by hand: a std::vector of V would drop V's attributes)
     thread_local std::vector<T> scratch;
-    const size_t need = (static_cast<size_t>(C) * (9 * nk + 4 * nvv) + 3 * nk + 1) * kLanes;
+    const size_t need = (static_cast<size_t>(C) * (9 * nk + 4 * nvv) + nk + 1) * kLanes;
     if (scratch.size() < need) scratch.resize(need);
     const uintptr_t at = reinterpret_cast<uintptr_t>(scratch.data());
     V *Q = reinterpret_cast<V*>((at + kVecBytes - 1) / kVecBytes * kVecBytes), *K = Q + C * nk, *B = K + C * nk, *QH = B + C * nk;
     V *KH = QH + C * nk, *DQ = KH + C * nk, *DK = DQ + C * nk, *DB = DK + C * nk;
     V *DQH = DB + C * nk, *VV = DQH + C * nk, *DO = VV + C * nvv, *O = DO + C * nvv;
-    V *DV = O + C * nvv, *ref = DV + C * nvv, *t1sum = ref + nk, *t2sum = t1sum + nk;
+    V *DV = O + C * nvv, *ref = DV + C * nvv;
     Load(Q, q, C, dkw, nk);
     Load(K, k, C, dkw, nk);
     Load(B, b, C, dkw, nk);
@@ -496,7 +498,6 @@ struct Tree {
             }
           continue;
         }
-        for (int j = 0; j < nk; ++j) t1sum[j] = t2sum[j] = V{};
         // dq̂[i] = sum_j dA[i, j] k̂[j], dA = do2 v1^T; dv1 += A^T do2
         for (int64_t i = 0; i < s; ++i) {
           for (int64_t j = 0; j < s; ++j) {
@@ -510,7 +511,6 @@ struct Tree {
               dq2[l] += g * e2[l];
               const V t2 = g * QH[i * nk + l];
               DB[(h2 + i) * nk + l] += t2;
-              t2sum[l] += t2;
             }
             V* dk1 = DK + (h1 + j) * nk;
             const V* e1 = DQH + (2 * j + 1) * nk;
@@ -519,11 +519,9 @@ struct Tree {
               dk1[l] += g * e1[l];
               const V t1 = g * KH[j * nk + l];
               DB[(h1 + j) * nk + l] -= t1;
-              t1sum[l] += t1;
             }
           }
         }
-        for (int l = 0; l < nk; ++l) DB[(h2 - 1) * nk + l] += t1sum[l] - t2sum[l];
       }
     }
     if (!bwd) {

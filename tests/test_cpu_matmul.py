@@ -286,3 +286,84 @@ def test_chain_vmap_and_gpu_lowering():
         jax.jit(lambda *x: ssm.delta_rule(*x, chunk_size=4)), platforms=["cuda"]
     )(*x).mlir_module()
     assert "ssm_delta_chain" not in text and "ssm_matmul" not in text
+
+
+# ------------------------------------------------------------- per-key GLA tree
+
+
+def dense_intra(q, k, v, b):
+    """Within-chunk outputs of per-key gated linear attention as written, float64:
+    `o[i] = Σ_{j ≤ i} (Σ_d q[i, d] k[j, d] exp(b[i, d] - b[j, d])) v[j]`."""
+    C = q.shape[-2]
+    causal = jnp.tril(jnp.ones((C, C), bool))[..., None]
+    diff = b[..., :, None, :] - b[..., None, :, :]
+    decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))
+    scores = jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1)
+    return scores @ v
+
+
+# (lead, C, d_k, d_v): a GLA group (chunks x heads), sizes off the vector widths, a
+# value width over a panel, the smallest chunks
+TREES = [
+    ((2, 3), 32, 64, 64),
+    ((5,), 16, 13, 29),
+    ((2,), 2, 3, 70),
+    ((3,), 1, 4, 4),
+    ((2,), 64, 17, 5),
+]
+
+
+@pytest.mark.parametrize("threads", ["one-thread", "threads"])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_per_key_tree_matches_dense_float64(dtype, threads, monkeypatch):
+    """The kernel's outputs and derivative (to q, k, v and the cumulative log decays
+    b) against the dense formula differentiated by JAX in float64; decays down to
+    exp(-200) a step, so some weights underflow to zero."""
+    from ssm import _gla
+
+    monkeypatch.setattr(
+        _cpu_kernel, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
+    )
+    rng = np.random.default_rng([dtype == F64, threads == "threads"])
+    tol = 2e-4 if dtype == F32 else 1e-11
+    for lead, C, dk, dv in TREES:
+        log_decay = np.log(rng.uniform(0.05, 1.0, lead + (C, dk)))
+        log_decay[..., 3::7, :] = -200.0
+        x = [rng.standard_normal(lead + (C, d)) for d in (dk, dk, dv)]
+        x += [np.cumsum(log_decay, axis=-2), rng.standard_normal(lead + (C, dv))]
+        q, k, v, b, do = (jnp.asarray(y, dtype) for y in x)
+        fwd = jax.jit(_gla._intra_per_key)
+        assert "@ssm_gla_tree(" in fwd.lower(q, k, v, b).as_text()
+        o = fwd(q, k, v, b)
+        grads = jax.jit(_gla._intra_per_key_bwd)(q, k, v, b, do)
+        x64 = [jnp.asarray(y, F64) for y in x]
+        o_ref, vjp = jax.vjp(dense_intra, *x64[:4])
+        what = f"{(lead, C, dk, dv)}"
+        assert o.dtype == dtype and o.shape == o_ref.shape
+        assert_close(o, o_ref, tol, f"outputs {what}")
+        for g, g_ref, name in zip(grads, vjp(x64[4]), "qkvb", strict=True):
+            assert g.dtype == dtype and g.shape == g_ref.shape
+            assert_close(g, g_ref, tol, f"d{name} {what}")
+
+
+def test_per_key_tree_dispatch():
+    """Under `vmap` the kernel takes the batch as more chunks; chunks that are not a
+    power of two, and any lowering for a GPU, use the tree in XLA ops."""
+    from ssm import _gla
+
+    rng = np.random.default_rng(1)
+    x = [rng.standard_normal((3, 2, 8, d)) for d in (5, 5, 6)]
+    x.append(np.cumsum(-rng.uniform(0, 1, (3, 2, 8, 5)), axis=-2))
+    batched = jax.jit(jax.vmap(_gla._intra_per_key))(*x)
+    assert_close(batched, dense_intra(*map(jnp.asarray, x)), 1e-12, "vmap")
+    odd = [jnp.asarray(y[..., :6, :]) for y in x]  # leaves of 3 steps, then one level
+    assert "ssm_gla_tree" not in jax.jit(_gla._intra_per_key).lower(*odd).as_text()
+    o_ref, vjp = jax.vjp(dense_intra, *odd)
+    assert_close(_gla._intra_per_key(*odd), o_ref, 1e-12, "C=6")
+    do = jnp.asarray(rng.standard_normal(o_ref.shape))
+    assert_close(_gla._intra_per_key_bwd(*odd, do), vjp(do), 1e-12, "C=6 derivative")
+    f32 = [jnp.asarray(y, F32) for y in x]
+    text = jax.export.export(jax.jit(_gla._intra_per_key), platforms=["cuda"])(
+        *f32
+    ).mlir_module()
+    assert "ssm_gla_tree" not in text
