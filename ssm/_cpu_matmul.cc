@@ -365,8 +365,8 @@ struct Exp<float> {
   typedef float V __attribute__((vector_size(kVecBytes)));
   typedef int32_t VI __attribute__((vector_size(kVecBytes)));
   static V Of(V x) {
-    const V lo = x < -87.0f ? V{} + 1.0f : V{};  // lanes that underflow
-    x = x < -87.0f ? V{} - 87.0f : x;
+    const VI under = x < -87.0f;  // lanes whose result underflows: 0
+    x = under ? V{} - 87.0f : x;
     const V big = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     V n = (x * 1.44269504088896341f + big) - big;
     V r = x - n * 0.693359375f;
@@ -381,8 +381,7 @@ struct Exp<float> {
     const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
     V scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    const V e = p * scale;
-    return lo > 0.0f ? V{} : e;
+    return under ? V{} : p * scale;
   }
 };
 
@@ -419,7 +418,7 @@ struct Tree {
     return sum;
   }
 
-  // Rows of width w (whole vectors nv of them) of x (C rows, stride ld) into scratch.
+  // The C rows of x (w wide, contiguous) into scratch rows of nv whole vectors.
   static void Load(V* dst, const T* x, int64_t C, int64_t w, int nv) {
     for (int64_t i = 0; i < C; ++i) {
       V* row = dst + i * nv;
@@ -444,8 +443,9 @@ struct Tree {
     const size_t need = (static_cast<size_t>(C) * (9 * nk + 4 * nvv) + nk + 1) * kLanes;
     if (scratch.size() < need) scratch.resize(need);
     const uintptr_t at = reinterpret_cast<uintptr_t>(scratch.data());
-    V *Q = reinterpret_cast<V*>((at + kVecBytes - 1) / kVecBytes * kVecBytes), *K = Q + C * nk, *B = K + C * nk, *QH = B + C * nk;
-    V *KH = QH + C * nk, *DQ = KH + C * nk, *DK = DQ + C * nk, *DB = DK + C * nk;
+    V* Q = reinterpret_cast<V*>((at + kVecBytes - 1) / kVecBytes * kVecBytes);
+    V *K = Q + C * nk, *B = K + C * nk, *QH = B + C * nk, *KH = QH + C * nk;
+    V *DQ = KH + C * nk, *DK = DQ + C * nk, *DB = DK + C * nk;
     V *DQH = DB + C * nk, *VV = DQH + C * nk, *DO = VV + C * nvv, *O = DO + C * nvv;
     V *DV = O + C * nvv, *ref = DV + C * nvv;
     Load(Q, q, C, dkw, nk);
@@ -672,14 +672,16 @@ ffi::Error RunTree(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remaining
         "ssm GLA tree kernel: q, k, b (..., C, d_k), v (..., C, d_v) and do (..., C, d_v) "
         "of one dtype, float32 or float64, C a power of two");
   }
-  const int64_t N = in[0].element_count() / (C * dkw);
-  if (N == 0 || dkw == 0) {
+  if (in[0].element_count() == 0 || in[2].element_count() == 0) {  // zero-sized: zeros
     for (auto& x : out) std::memset(x.untyped_data(), 0, x.size_bytes());
     return ffi::Error::Success();
   }
+  const int64_t N = in[0].element_count() / (C * dkw);
   const auto run = [&](auto zero) {
     using T = decltype(zero);
-    const auto p = [](const ffi::AnyBuffer& x) { return static_cast<const T*>(x.untyped_data()); };
+    const auto p = [](const ffi::AnyBuffer& x) {
+      return static_cast<const T*>(x.untyped_data());
+    };
     const auto w = [](ffi::AnyBuffer& x) { return static_cast<T*>(x.untyped_data()); };
     if (bwd) {
       RunTreeAs<T>(pool, threads, N, C, dkw, dvw, p(in[0]), p(in[1]), p(in[2]), p(in[3]),
