@@ -269,6 +269,12 @@ def scan(a, b, h0, r, *, reverse: bool, shift: bool, has_resets: bool):
 MATMUL_THREADS_MACS = 1 << 16
 
 
+def _one_float_dtype(*arrays) -> bool:
+    """Whether the arrays share one dtype the kernels compute in: float32 or float64."""
+    dtypes = {np.dtype(x.dtype) for x in arrays}
+    return len(dtypes) == 1 and dtypes.pop() in (F32, np.dtype(np.float64))
+
+
 def _xla_matmul(a, b, ta, tb, precision):
     """``op(a) @ op(b)`` by ``jnp.matmul``: the path off the kernel."""
     a, b = (jnp.swapaxes(x, -1, -2) if t else x for x, t in ((a, ta), (b, tb)))
@@ -284,13 +290,7 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, precis
     batch); otherwise, and when lowered for other platforms, ``jnp.matmul`` with
     ``precision``. Reverse-mode differentiable (its derivative is made of the same
     products); not forward-mode where the kernel is used."""
-    if (
-        a.dtype != b.dtype
-        or np.dtype(a.dtype) not in (F32, np.dtype(np.float64))
-        or a.ndim < 2
-        or b.ndim < 2
-        or not available()
-    ):
+    if not _one_float_dtype(a, b) or a.ndim < 2 or b.ndim < 2 or not available():
         return _xla_matmul(a, b, transpose_a, transpose_b, precision)
     batch = tuple(jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     a = jnp.broadcast_to(a, batch + a.shape[-2:])
@@ -392,12 +392,7 @@ def chain(
     """
     args = (y0, a, b, gamma, s0, c)
     static = (a_offset, b_offset, negate_a, negate_b, reverse)
-    dtypes = {np.dtype(x.dtype) for x in args if x is not None}
-    if (
-        len(dtypes) != 1
-        or dtypes.pop() not in (F32, np.dtype(np.float64))
-        or not available()
-    ):
+    if not _one_float_dtype(*(x for x in args if x is not None)) or not available():
         return _xla_chain(*args, *static)
     dk, dv = s0.shape[-2:]
     n, H, C = y0.shape[-4:-1]
@@ -451,15 +446,9 @@ def per_key_tree(q, k, v, b, do=None, *, xla):
     operator's derivative is written by hand)."""
     args = (q, k, v, b) if do is None else (q, k, v, b, do)
     C, dk, dv = q.shape[-2], q.shape[-1], v.shape[-1]
-    dtypes = {np.dtype(x.dtype) for x in args}
-    shapes = {x.shape[:-1] for x in args}
-    if (
-        len(dtypes) != 1
-        or dtypes.pop() not in (F32, np.dtype(np.float64))
-        or len(shapes) != 1
-        or C & (C - 1)
-        or not available()
-    ):
+    power_of_two = C >= 1 and C & (C - 1) == 0
+    same_rows = len({x.shape[:-1] for x in args}) == 1
+    if not (_one_float_dtype(*args) and power_of_two and same_rows and available()):
         return xla(*args)
     count = int(np.prod(q.shape[:-2], dtype=np.int64))
     threads = 1 if count * C * C * (dk + dv) < MATMUL_THREADS_MACS else _cpus()
