@@ -19,8 +19,19 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Inexact, Int
 
-from ._nonlinear import _fill_float0
 from ._scan import linear_scan, matrix_scan
+
+
+def _fill_float0(primal, grads):
+    """Cotangents for ``primal`` from ``grads`` (None at non-inexact leaves)."""
+    leaves, treedef = jax.tree.flatten(primal)
+    gl = jax.tree.leaves(grads, is_leaf=lambda x: x is None)
+    return treedef.unflatten(
+        [
+            np.zeros(np.shape(p), jax.dtypes.float0) if g is None else g
+            for p, g in zip(leaves, gl, strict=True)
+        ]
+    )
 
 
 def _diag_jacobian(fn, h, x):

@@ -30,36 +30,20 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from ._autodiff import fast_vjp
 from ._scan import linear_scan, matrix_scan
 
 # ---------------------------------------------------------------------------
-# Pytree helpers: only inexact leaves are differentiated; the rest get float0.
+# Pytree helpers. Cotangents are None where a leaf is not inexact, not wanted, or
+# (for cotangents coming in) symbolically zero.
 
 
 def _inexact(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _only_diff(primal, other):
-    """``other`` (same structure as ``primal``) with non-inexact leaves set to None."""
-    leaves, treedef = jax.tree.flatten(primal)
-    others = treedef.flatten_up_to(other)
-    return treedef.unflatten(
-        [o if _inexact(p) else None for p, o in zip(leaves, others, strict=True)]
-    )
-
-
-def _fill_float0(primal, grads):
-    """Cotangents for ``primal`` from ``grads`` (None at non-inexact leaves)."""
-    leaves, treedef = jax.tree.flatten(primal)
-    gl = jax.tree.leaves(grads, is_leaf=lambda x: x is None)
-    assert len(gl) == len(leaves)
-    return treedef.unflatten(
-        [
-            np.zeros(np.shape(p), jax.dtypes.float0) if g is None else g
-            for p, g in zip(leaves, gl, strict=True)
-        ]
-    )
+def _is_none(x) -> bool:
+    return x is None
 
 
 def _index(tree, i):
@@ -76,19 +60,38 @@ def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def _step_vjp(step, consts, carry, x, ct_carry, ct_y):
-    """Cotangents (consts, carry, x) of one step, None at non-inexact leaves."""
+def _zeros_where(tree, want):
+    """Zeros at the wanted inexact leaves of ``tree``, None elsewhere."""
+    return jax.tree.map(
+        lambda x, w: jnp.zeros_like(x) if w and _inexact(x) else None, tree, want
+    )
+
+
+def _cotangent(primal, ct):
+    """A cotangent for every leaf of ``primal``: ``ct`` (None means zero), float0 for
+    non-inexact leaves, as ``jax.vjp`` wants them."""
+    leaves, treedef = jax.tree.flatten(primal)
+    cts = treedef.flatten_up_to(ct) if ct is not None else [None] * len(leaves)
+    out = []
+    for p, c in zip(leaves, cts, strict=True):
+        if not _inexact(p):
+            out.append(np.zeros(np.shape(p), jax.dtypes.float0))
+        elif c is None:
+            out.append(jnp.zeros(np.shape(p), jnp.result_type(p)))
+        else:
+            out.append(jnp.asarray(c).astype(jnp.result_type(p)))
+    return treedef.unflatten(out)
+
+
+def _step_vjp(step, consts, carry, x, ct_carry, ct_y, want_consts, want_x):
+    """Cotangents ``(consts, carry, x)`` of one step, None at leaves that are not
+    inexact or not wanted (the carry's are always wanted: they chain the steps)."""
     args = (consts, carry, x)
-    diff, static = eqx.partition(args, eqx.is_inexact_array)
-
-    def fn(d):
-        c2, y = step(*eqx.combine(d, static))
-        return eqx.filter((c2, y), eqx.is_inexact_array)
-
-    out, vjp = jax.vjp(fn, diff)
-    ct = (_only_diff(out[0], ct_carry), _only_diff(out[1], ct_y))
-    ct = jax.tree.map(lambda o, c: c.astype(o.dtype), out, ct)
-    return vjp(ct)[0]
+    want = (want_consts, jax.tree.map(lambda _: True, carry), want_x)
+    mask = jax.tree.map(lambda a, w: bool(w) and _inexact(a), args, want)
+    diff, static = eqx.partition(args, mask)
+    out, vjp = jax.vjp(lambda d: step(*eqx.combine(d, static)), diff)
+    return vjp((_cotangent(out[0], ct_carry), _cotangent(out[1], ct_y)))[0]
 
 
 # ---------------------------------------------------------------------------
@@ -127,16 +130,20 @@ def _advance(step, consts, carry, xs, start, stop):
     return lax.fori_loop(start, stop, body, carry)
 
 
-def _reverse_sweep(step, budget, consts, init, xs, ct_carry, ct_ys, length):
-    """Backward pass holding at most ``budget`` carries (the initial one included)."""
+def _reverse_sweep(
+    step, budget, consts, init, xs, ct_carry, ct_ys, length, want_consts, want_x
+):
+    """Backward pass holding at most ``budget`` carries (the initial one included).
+
+    Returns the cotangents ``(consts, init, xs)``, None where not wanted."""
     tab = jnp.asarray(_binomial_table(budget, length))
     stack = jax.tree.map(
         lambda c: jnp.zeros((budget,) + c.shape, c.dtype).at[0].set(c), init
     )
     where = jnp.zeros((budget,), jnp.int32)
-    d_consts = jax.tree.map(jnp.zeros_like, eqx.filter(consts, eqx.is_inexact_array))
-    d_xs = jax.tree.map(jnp.zeros_like, eqx.filter(xs, eqx.is_inexact_array))
-    lam = _only_diff(init, ct_carry)
+    d_consts = _zeros_where(consts, want_consts)
+    d_xs = _zeros_where(xs, want_x)
+    lam = _cotangent_or_none(init, ct_carry)
 
     def cond(state):
         return state[1] > 0
@@ -155,7 +162,9 @@ def _reverse_sweep(step, budget, consts, init, xs, ct_carry, ct_ys, length):
 
         # Only small values cross the cond: the big buffers are updated in place below.
         def do_step(_):
-            return _step_vjp(step, consts, carry, x_t, lam, _index(ct_ys, t))
+            return _step_vjp(
+                step, consts, carry, x_t, lam, _index(ct_ys, t), want_consts, want_x
+            )
 
         def no_step(_):
             return jax.tree.map(jnp.zeros_like, d_consts), lam, old_dx
@@ -177,33 +186,92 @@ def _reverse_sweep(step, budget, consts, init, xs, ct_carry, ct_ys, length):
     return d_consts, lam, d_xs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _checkpointed(step, budget, unroll, consts, init, xs):
-    return lax.scan(lambda c, x: step(consts, c, x), init, xs, unroll=unroll)
-
-
-def _checkpointed_fwd(step, budget, unroll, consts, init, xs):
-    out = _checkpointed(step, budget, unroll, consts, init, xs)
-    return out, (consts, init, xs)
-
-
-def _checkpointed_bwd(step, budget, unroll, res, ct):
-    consts, init, xs = res
-    ct_carry, ct_ys = ct
-    ys_shape = jax.eval_shape(lambda: _checkpointed(step, budget, unroll, consts, init, xs))
-    ct_ys = _only_diff(ys_shape[1], ct_ys)
-    length = jax.tree.leaves(xs)[0].shape[0]
-    d_consts, d_init, d_xs = _reverse_sweep(
-        step, min(budget, length), consts, init, xs, ct_carry, ct_ys, length
-    )
-    return (
-        _fill_float0(consts, d_consts),
-        _fill_float0(init, d_init),
-        _fill_float0(xs, d_xs),
+def _cotangent_or_none(primal, ct):
+    """``ct`` with zeros for missing inexact leaves and None at the others."""
+    leaves, treedef = jax.tree.flatten(primal)
+    cts = treedef.flatten_up_to(ct) if ct is not None else [None] * len(leaves)
+    return treedef.unflatten(
+        [
+            (jnp.zeros_like(p) if c is None else c.astype(p.dtype)) if _inexact(p) else None
+            for p, c in zip(leaves, cts, strict=True)
+        ]
     )
 
 
-_checkpointed.defvjp(_checkpointed_fwd, _checkpointed_bwd)
+def _time_slice(tree, start, stop):
+    return jax.tree.map(lambda x: x[start:stop], tree)
+
+
+def _budget_bwd(step, budget, length):
+    """Binomial checkpointing with at most ``budget`` stored carries."""
+
+    def bwd(args, res, cts, want):
+        (consts, init, xs), (ct_carry, ct_ys) = args, cts
+        return _reverse_sweep(
+            step,
+            min(budget, length),
+            consts,
+            init,
+            xs,
+            ct_carry,
+            ct_ys,
+            length,
+            want[0],
+            want[2],
+        )
+
+    return bwd
+
+
+def _auto_chunk(length: int) -> int:
+    return max(1, math.isqrt(max(length - 1, 0)) + 1)
+
+
+def _auto_bwd(step, unroll, length):
+    """``"auto"``: a carry at every chunk boundary, one chunk's residuals at a time.
+
+    The first ``T mod K`` steps form a head that is reversed last, in one piece."""
+    K = _auto_chunk(length)
+    n = length // K
+    rem = length - n * K
+
+    def scan_step(consts, c, xk):
+        return lax.scan(lambda c, x: step(consts, c, x), c, xk, unroll=unroll)
+
+    def bwd(args, res, cts, want):
+        (consts, init, xs), (ct_carry, ct_ys) = args, cts
+        want_consts, _, want_x = want
+        chunks = lambda t: jax.tree.map(lambda x: x[rem:].reshape((n, K) + x.shape[1:]), t)
+        carry = scan_step(consts, init, _time_slice(xs, 0, rem))[0] if rem else init
+        d_consts, lam, d_body = _reverse_sweep(
+            scan_step,
+            n,
+            consts,
+            carry,
+            chunks(xs),
+            ct_carry,
+            chunks(ct_ys),
+            n,
+            want_consts,
+            want_x,
+        )
+        d_body = jax.tree.map(lambda d: d.reshape((n * K,) + d.shape[2:]), d_body)
+        if not rem:
+            return d_consts, lam, d_body
+        g_consts, d_init, d_head = _step_vjp(
+            scan_step,
+            consts,
+            init,
+            _time_slice(xs, 0, rem),
+            lam,
+            _time_slice(ct_ys, 0, rem),
+            want_consts,
+            want_x,
+        )
+        d_xs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), d_head, d_body)
+        return _add(d_consts, g_consts), d_init, d_xs
+
+    return bwd
 
 
 # ---------------------------------------------------------------------------
@@ -214,81 +282,75 @@ def _carry_jacobians(step, consts, c_prev, xs, jacobian):
     """Per-step Jacobians of the inexact carry, ``(T, N, N)`` or diagonals ``(T, N)``."""
 
     def flat_step(c, x):
-        diff, static = eqx.partition(c, eqx.is_inexact_array)
+        diff, static = eqx.partition(c, _inexact)
         vec, unravel = ravel_pytree(diff)
 
         def g(v):
             c2 = step(consts, eqx.combine(unravel(v), static), x)[0]
-            return ravel_pytree(eqx.filter(c2, eqx.is_inexact_array))[0]
+            return ravel_pytree(eqx.filter(c2, _inexact))[0]
 
         if jacobian == "dense":
             return jax.jacfwd(g)(vec)
         return jax.jvp(g, (vec,), (jnp.ones_like(vec),))[1]
 
-    return jax.vmap(flat_step)(c_prev, xs)
+    try:
+        return jax.vmap(flat_step)(c_prev, xs)
+    except TypeError as e:
+        if "custom_vjp" not in str(e):
+            raise
+        raise TypeError(
+            'ssm.scan(backward="parallel") builds the carry Jacobians by forward mode, '
+            "and the step calls a jax.custom_vjp function, which has none. Use "
+            'backward="sequential" (with any `checkpoints`), or give that function a '
+            "forward-mode rule."
+        ) from e
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _parallel_backward(step, jacobian, unroll, consts, init, xs):
-    return lax.scan(lambda c, x: step(consts, c, x), init, xs, unroll=unroll)
+def _parallel_rules(step, jacobian, unroll):
+    def fwd(consts, init, xs):
+        def body(c, x):
+            c2, y = step(consts, c, x)
+            return c2, (y, c2)
 
+        carry, (ys, carries) = lax.scan(body, init, xs, unroll=unroll)
+        c_prev = jax.tree.map(
+            lambda i, c: jnp.concatenate([i[None], c[:-1]]), init, carries
+        )
+        return (carry, ys), c_prev
 
-def _parallel_fwd(step, jacobian, unroll, consts, init, xs):
-    def body(c, x):
-        c2, y = step(consts, c, x)
-        return c2, (y, c2)
+    def bwd(args, c_prev, cts, want):
+        (consts, init, xs), (ct_carry, ct_ys) = args, cts
+        want_consts, _, want_x = want
+        lam_end, unravel = ravel_pytree(
+            eqx.filter(_cotangent_or_none(init, ct_carry), _inexact)
+        )
 
-    carry, (ys, carries) = lax.scan(body, init, xs, unroll=unroll)
-    c_prev = jax.tree.map(lambda i, c: jnp.concatenate([i[None], c[:-1]]), init, carries)
-    return (carry, ys), (consts, c_prev, xs)
+        # v[t]: what y[t] sends back to the carry entering step t.
+        def y_part(c, x, cty):
+            g = _step_vjp(step, consts, c, x, None, cty, want_consts, want_x)[1]
+            return ravel_pytree(eqx.filter(g, _inexact))[0]
 
+        v = jax.vmap(y_part)(c_prev, xs, ct_ys)
+        J = _carry_jacobians(step, consts, c_prev, xs, jacobian)
+        if jacobian == "dense":
+            g = matrix_scan(jnp.swapaxes(J, 1, 2), v, lam_end, reverse=True)
+        else:
+            g = linear_scan(J, v, lam_end, reverse=True)
+        # lam[t] = dL/d(carry after step t); then one batched vjp gives everything else.
+        lam = jnp.concatenate([g[1:], lam_end[None]]).astype(lam_end.dtype)
+        lam = jax.vmap(unravel)(lam)
+        vjp = lambda c, x, lt, cty: _step_vjp(
+            step, consts, c, x, lt, cty, want_consts, want_x
+        )
+        d_consts, d_carry, d_xs = jax.vmap(vjp)(c_prev, xs, lam, ct_ys)
+        d_consts = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_consts)
+        return d_consts, _index(d_carry, 0), d_xs
 
-def _parallel_bwd(step, jacobian, unroll, res, ct):
-    consts, c_prev, xs = res
-    ct_carry, ct_ys = ct
-    init = _index(c_prev, 0)
-    out_shape = jax.eval_shape(lambda: step(consts, init, _index(xs, 0)))
-    ct_carry = _only_diff(out_shape[0], ct_carry)
-    ct_ys = _only_diff(out_shape[1], ct_ys)
-    lam_end, unravel = ravel_pytree(ct_carry)
-    zeros_carry = jax.tree.map(
-        lambda c: jnp.zeros(c.shape[1:], c.dtype), eqx.filter(c_prev, eqx.is_inexact_array)
-    )
-
-    # v[t]: what y[t] sends back to the carry entering step t.
-    def y_part(c, x, cty):
-        return ravel_pytree(_step_vjp(step, consts, c, x, zeros_carry, cty)[1])[0]
-
-    v = jax.vmap(y_part)(c_prev, xs, ct_ys)
-    J = _carry_jacobians(step, consts, c_prev, xs, jacobian)
-    if jacobian == "dense":
-        g = matrix_scan(jnp.swapaxes(J, 1, 2), v, lam_end, reverse=True)
-    else:
-        g = linear_scan(J, v, lam_end, reverse=True)
-    # lam[t] = dL/d(carry after step t); then one batched vjp gives everything else.
-    lam = jnp.concatenate([g[1:], lam_end[None]]).astype(lam_end.dtype)
-    lam = jax.vmap(unravel)(lam)
-    grads = jax.vmap(functools.partial(_step_vjp, step), in_axes=(None, 0, 0, 0, 0))(
-        consts, c_prev, xs, lam, ct_ys
-    )
-    d_consts = jax.tree.map(lambda d: jnp.sum(d, axis=0), grads[0])
-    d_init = _index(grads[1], 0)
-    return (
-        _fill_float0(consts, d_consts),
-        _fill_float0(init, d_init),
-        _fill_float0(xs, grads[2]),
-    )
-
-
-_parallel_backward.defvjp(_parallel_fwd, _parallel_bwd)
+    return fwd, bwd
 
 
 # ---------------------------------------------------------------------------
 # The public function.
-
-
-def _auto_chunk(length: int) -> int:
-    return max(1, math.isqrt(max(length - 1, 0)) + 1)
 
 
 def _check_checkpoints(checkpoints):
@@ -419,34 +481,20 @@ def scan(
         return converted(c, x, *consts)
 
     consts = tuple(consts)
+
+    def reference(consts, init, xs):
+        return lax.scan(lambda c, x: step(consts, c, x), init, xs, unroll=unroll)
+
+    def plain(consts, init, xs):
+        return reference(consts, init, xs), ()
+
     if backward == "parallel":
-        carry, ys = _parallel_backward(step, jacobian, unroll, consts, init, xs)
+        fwd, bwd = _parallel_rules(step, jacobian, unroll)
     elif checkpoints == "auto":
-        carry, ys = _chunked(step, unroll, consts, init, xs, T)
+        fwd, bwd = plain, _auto_bwd(step, unroll, T)
     else:
-        carry, ys = _checkpointed(step, int(checkpoints), unroll, consts, init, xs)
+        fwd, bwd = plain, _budget_bwd(step, int(checkpoints), T)
+    carry, ys = fast_vjp(fwd, bwd, reference)(consts, init, xs)
     if reverse:
         ys = jax.tree.map(lambda y: jnp.flip(y, 0), ys)
-    return carry, ys
-
-
-def _chunked(step, unroll, consts, init, xs, T):
-    """``"auto"``: checkpoint every chunk boundary, reverse one chunk at a time."""
-    K = _auto_chunk(T)
-    n = T // K
-    rem = T - n * K
-    head = jax.tree.map(lambda x: x[:rem], xs)
-    body = jax.tree.map(lambda x: x[rem:].reshape((n, K) + x.shape[1:]), xs)
-
-    def chunk_step(consts, c, xk):
-        return lax.scan(lambda c, x: step(consts, c, x), c, xk, unroll=unroll)
-
-    carry = init
-    ys_head = None
-    if rem:
-        carry, ys_head = lax.scan(lambda c, x: step(consts, c, x), carry, head)
-    carry, ys = _checkpointed(chunk_step, n, 1, consts, carry, body)
-    ys = jax.tree.map(lambda y: y.reshape((n * K,) + y.shape[2:]), ys)
-    if rem:
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys)
     return carry, ys
