@@ -1,5 +1,11 @@
 """Equinox sequence-mixer layers built on the ``ssm`` scan core."""
 
+from ._attention import (
+    AbstractAttention as AbstractAttention,
+    Attention as Attention,
+    AttentionState as AttentionState,
+    LocalAttention as LocalAttention,
+)
 from ._block import Block as Block, GatedMLP as GatedMLP
 from ._deltanet import DeltaNet as DeltaNet, GatedDeltaNet as GatedDeltaNet
 from ._gla import GLA as GLA
@@ -29,13 +35,17 @@ __all__ = [
     "RGLRU",
     "S4D",
     "S5",
+    "AbstractAttention",
     "AbstractMixer",
+    "Attention",
+    "AttentionState",
     "Block",
     "ConvState",
     "DeltaNet",
     "GatedDeltaNet",
     "GatedMLP",
     "LinearAttention",
+    "LocalAttention",
     "MLSTMLayerState",
     "Mamba",
     "Mamba2",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._attention import Attention, LocalAttention
 from ._deltanet import DeltaNet, GatedDeltaNet
 from ._gla import GLA
 from ._gru import GRU
@@ -32,6 +33,8 @@ MIXERS: dict[str, type[AbstractMixer]] = {
     "mamba2": Mamba2,
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
+    "attention": Attention,
+    "local_attention": LocalAttention,
 }
 """Sequence-mixer classes by registry name; `MIXERS[name](d_model, ..., key=key)`."""
 
