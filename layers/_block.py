@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
 from ._registry import make_mixer
@@ -120,31 +120,51 @@ class Block(eqx.Module):
         y = self.mlp(rms_norm(self.norm2, x))
         return x + (self._drop(y, key) if train else y)
 
-    def _forward(self, x, key):
+    def _forward(self, x, resets, key):
         k1, k2 = (None, None) if key is None else jr.split(key)
-        x = x + self._drop(self.mixer(rms_norm(self.norm1, x)), k1)
-        return self._mlp(x, k2)
+        u = rms_norm(self.norm1, x)
+        y = self.mixer(u) if resets is None else self.mixer(u, resets=resets)
+        return self._mlp(x + self._drop(y, k1), k2)
 
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq d_model"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` for dropout
-        (needed only when training with `dropout > 0`).
+        """**Arguments:**
+
+        - `x`: one sequence `(seq, d_model)`.
+        - `resets`: true at the first token of each packed document, passed to the
+          mixer (only when given: not every mixer takes it yet).
+        - `key`: for dropout (needed only when training with `dropout > 0`).
 
         **Returns:** `(seq, d_model)`.
         """
         check_sequence(x, self.d_model, "Block")
         if self.remat:
-            return eqx.filter_checkpoint(type(self)._forward)(self, x, key)
-        return self._forward(x, key)
+            return eqx.filter_checkpoint(type(self)._forward)(self, x, resets, key)
+        return self._forward(x, resets, key)
 
     def init_state(self) -> PyTree[Array]:
         return self.mixer.init_state()
 
-    def prefill(self, x: Float[Array, "seq d_model"], state: PyTree[Array]):
-        """Run `x` from `state` (inference: no dropout); returns `(y, state)`."""
+    def prefill(
+        self,
+        x: Float[Array, "seq d_model"],
+        state: PyTree[Array],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run `x` from `state` (inference: no dropout); returns `(y, state)`.
+        `resets` as in `__call__`."""
         check_sequence(x, self.d_model, "Block")
-        y, state = self.mixer.prefill(rms_norm(self.norm1, x), state)
+        u = rms_norm(self.norm1, x)
+        if resets is None:
+            y, state = self.mixer.prefill(u, state)
+        else:
+            y, state = self.mixer.prefill(u, state, resets=resets)
         return self._mlp(x + y, None, train=False), state
 
     def step(self, x_t: Float[Array, " d_model"], state: PyTree[Array]):

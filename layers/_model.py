@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._block import Block, rms_norm
 from ._mixer import AbstractMixer, linear
+from ._registry import mixer_pattern
 
 
 class SequenceModel(eqx.Module):
@@ -32,6 +34,17 @@ class SequenceModel(eqx.Module):
     logits, state = model.prefill(prompt, model.init_state())
     next_logits, state = model.step(next_token, state)
     ```
+
+    A hybrid stack gives a list of mixers, repeated to `n_layers`, and keys
+    `mixer_kwargs` by mixer name (Griffin: two recurrent blocks per local-attention
+    block):
+
+    ```python
+    model = layers.SequenceModel(
+        ["rglru", "rglru", "local_attention"], d_model=64, n_layers=6,
+        vocab_size=256, d_output=256,
+        mixer_kwargs={"local_attention": {"window": 128, "num_kv_heads": 1}}, key=key)
+    ```
     """
 
     d_model: int = eqx.field(static=True)
@@ -44,7 +57,7 @@ class SequenceModel(eqx.Module):
 
     def __init__(
         self,
-        mixer: str | type[AbstractMixer],
+        mixer: str | type[AbstractMixer] | Sequence[str | type[AbstractMixer]],
         d_model: int,
         n_layers: int,
         d_output: int,
@@ -61,19 +74,23 @@ class SequenceModel(eqx.Module):
         """**Arguments:**
 
         - `mixer`: the sequence mixer of every block, a name in `layers.MIXERS` or a
-          class.
+          class; or a list of them, repeated (and cut) to `n_layers` blocks.
         - `d_model`, `n_layers`: the width and the number of blocks.
         - `d_output`: the head's output size (vocabulary or number of classes).
         - `vocab_size`: embed integer tokens (exactly one of this and `d_input`).
         - `d_input`: encode real inputs of this width linearly.
         - `pooling`: `None`, `"mean"` or `"last"`.
-        - `mixer_kwargs`, `mlp_ratio`, `dropout`, `remat`: passed to every `Block`.
+        - `mixer_kwargs`: the mixer's keyword arguments; with a list of mixers, a
+          mapping from the list's entries to their keyword arguments
+          (`{"local_attention": {"window": 64}}`).
+        - `mlp_ratio`, `dropout`, `remat`: passed to every `Block`.
         - `key`: a `jax.random.PRNGKey`.
         """
         if (vocab_size is None) == (d_input is None):
             raise ValueError("give exactly one of `vocab_size` (tokens) and `d_input`.")
         if pooling not in (None, "mean", "last"):
             raise ValueError(f"`pooling` must be None, 'mean' or 'last', got {pooling!r}.")
+        layer_mixers = mixer_pattern(mixer, mixer_kwargs, n_layers)
         k_in, k_head, *k_blocks = jr.split(key, n_layers + 2)
         self.d_model, self.pooling = d_model, pooling
         if vocab_size is not None:
@@ -85,8 +102,8 @@ class SequenceModel(eqx.Module):
             self.embedding = None
             self.encoder = eqx.nn.Linear(d_input, d_model, dtype=jnp.float32, key=k_in)
         self.blocks = tuple(
-            Block(d_model, mixer, mixer_kwargs, mlp_ratio, dropout, remat, key=k)
-            for k in k_blocks
+            Block(d_model, kind, kwargs, mlp_ratio, dropout, remat, key=k)
+            for (kind, kwargs), k in zip(layer_mixers, k_blocks, strict=True)
         )
         self.norm = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
         self.head = eqx.nn.Linear(d_model, d_output, dtype=jnp.float32, key=k_head)
@@ -115,17 +132,22 @@ class SequenceModel(eqx.Module):
         self,
         x: Int[Array, " seq"] | Float[Array, "seq d_input"],
         *,
+        resets: Bool[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d_output"] | Float[Array, " d_output"]:
-        """**Arguments:** one sequence of tokens `(seq,)` or features
-        `(seq, d_input)`; `key` for dropout when training.
+        """**Arguments:**
+
+        - `x`: one sequence of tokens `(seq,)` or features `(seq, d_input)`.
+        - `resets`: true at the first token of each packed document, passed to every
+          block's mixer (only when given).
+        - `key`: for dropout when training.
 
         **Returns:** `(seq, d_output)`, or `(d_output,)` with pooling.
         """
         h = self._encode(x)
         keys = [None] * len(self.blocks) if key is None else jr.split(key, len(self.blocks))
         for block, k in zip(self.blocks, keys, strict=True):
-            h = block(h, key=k)
+            h = block(h, resets=resets, key=k)
         if self.pooling == "mean":
             h = jnp.mean(h, axis=0)
         elif self.pooling == "last":
@@ -135,12 +157,19 @@ class SequenceModel(eqx.Module):
     def init_state(self) -> tuple[PyTree[Array], ...]:
         return tuple(block.init_state() for block in self.blocks)
 
-    def prefill(self, x, state: tuple[PyTree[Array], ...]):
-        """Run a sequence from `state`; returns per-step outputs and the new state."""
+    def prefill(
+        self,
+        x,
+        state: tuple[PyTree[Array], ...],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run a sequence from `state` (`resets` as in `__call__`); returns per-step
+        outputs and the new state."""
         h = self._encode(x)
         new = []
         for block, s in zip(self.blocks, state, strict=True):
-            h, s = block.prefill(h, s)
+            h, s = block.prefill(h, s, resets=resets)
             new.append(s)
         return self._head(h), tuple(new)
 
