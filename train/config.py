@@ -12,6 +12,7 @@ and range is a `ConfigError` naming the key, raised before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -37,11 +38,17 @@ def _help(text: str, **kwargs):
 class ModelConfig:
     """`layers.SequenceModel` options."""
 
-    mixer: str = _help("sequence mixer, a name in layers.MIXERS", default="s5")
+    mixer: str | list[str] = _help(
+        "sequence mixer, a name in layers.MIXERS; or a list of names repeated to "
+        "n_layers, a hybrid stack (e.g. [rglru, rglru, local_attention])",
+        default="s5",
+    )
     d_model: int = _help("width of the residual stream", default=64)
     n_layers: int = _help("number of blocks", default=2)
     mixer_kwargs: dict[str, Any] = _help(
-        "keyword arguments of the mixer's constructor", default_factory=dict
+        "keyword arguments of the mixer's constructor; with a list of mixers, keyed by "
+        "mixer name (e.g. {local_attention: {window: 64}})",
+        default_factory=dict,
     )
     mlp_ratio: float = _help("hidden width of the gated MLP / d_model", default=4.0)
     dropout: float = _help("dropout rate inside the blocks", default=0.0)
@@ -57,13 +64,88 @@ class ModelConfig:
     def __post_init__(self):
         import layers
 
-        if self.mixer not in layers.MIXERS:
-            raise ValueError(
-                f"mixer: unknown mixer {self.mixer!r}; one of {sorted(layers.MIXERS)}"
-            )
+        kinds = [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
+        if not kinds:
+            raise ValueError("mixer: an empty list; give at least one mixer name")
+        for i, kind in enumerate(kinds):
+            key = "mixer" if isinstance(self.mixer, str) else f"mixer[{i}]"
+            if kind not in layers.MIXERS:
+                raise ValueError(
+                    f"{key}: unknown mixer {kind!r}; one of {sorted(layers.MIXERS)}"
+                )
+        if isinstance(self.mixer, list):
+            for kind, options in self.mixer_kwargs.items():
+                if kind not in kinds:
+                    raise ValueError(
+                        f"mixer_kwargs.{kind}: {kind!r} is not in the mixer list "
+                        f"{kinds}; with a list of mixers, mixer_kwargs is keyed by "
+                        "mixer name (e.g. {local_attention: {window: 64}})"
+                    )
+                if not isinstance(options, Mapping):
+                    raise ValueError(
+                        f"mixer_kwargs.{kind}: expected a mapping of keyword "
+                        f"arguments, got {options!r}"
+                    )
+        for kind, options in self.kwargs_by_mixer().items():
+            key = self._options_key(kind)
+            _check_mixer_options(layers.MIXERS[kind], kind, options, key)
+            window = options.get("window")
+            if window is not None and (type(window) is not int or window < 1):
+                raise ValueError(f"{key}.window: must be an integer >= 1, got {window!r}")
         _positive(self, "d_model", "n_layers", "mlp_ratio")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+    def _options_key(self, kind: str) -> str:
+        return "mixer_kwargs" if isinstance(self.mixer, str) else f"mixer_kwargs.{kind}"
+
+    def kwargs_by_mixer(self) -> dict[str, dict[str, Any]]:
+        """The constructor options of each mixer kind in `mixer`, by name."""
+        if isinstance(self.mixer, str):
+            return {self.mixer: dict(self.mixer_kwargs)}
+        return {kind: dict(self.mixer_kwargs.get(kind) or {}) for kind in self.mixer}
+
+    def check_for_task(self, seq_len: int) -> None:
+        """Raise a `ConfigError` for options that do not fit a task's sequences: an
+        attention window longer than `seq_len` (that is global attention, slower)."""
+        import layers
+
+        for kind, options in self.kwargs_by_mixer().items():
+            params = _init_parameters(layers.MIXERS[kind])
+            if "window" not in params:
+                continue
+            given = "window" in options
+            window = options["window"] if given else params["window"].default
+            if isinstance(window, int) and window > seq_len:
+                raise ConfigError(
+                    f"model.{self._options_key(kind)}.window: the window of {kind} "
+                    f"({window}{'' if given else ', its default'}) is longer than the "
+                    f"task's sequences ({seq_len}); set a window <= {seq_len}, or use "
+                    "global attention"
+                )
+
+
+def _init_parameters(cls) -> dict[str, inspect.Parameter]:
+    params = dict(inspect.signature(cls.__init__).parameters)
+    for name in ("self", "key"):
+        params.pop(name, None)
+    return params
+
+
+def _check_mixer_options(cls, kind: str, options: Mapping, prefix: str) -> None:
+    """Every key of `options` names an argument of the mixer's constructor."""
+    params = _init_parameters(cls)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = sorted(n for n in params if n != "d_model")
+    for name in options:
+        if name == "d_model":
+            raise ValueError(f"{prefix}.d_model: set by model.d_model, not per mixer")
+        if name not in params:
+            raise ValueError(
+                f"{prefix}.{name}: not an option of {kind} ({cls.__name__}); it takes "
+                f"{', '.join(accepted)}"
+            )
 
 
 @dataclass(frozen=True)

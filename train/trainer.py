@@ -57,16 +57,19 @@ def pooling_of(config: Config, task) -> str | None:
 def build_model(config: Config, task, key) -> layers.SequenceModel:
     """The `layers.SequenceModel` a config describes, sized for `task`."""
     m = config.model
-    mixer_kwargs = dict(m.mixer_kwargs)
+    m.check_for_task(task.seq_len)
+    by_mixer = m.kwargs_by_mixer()  # a hybrid stack's options, by mixer name
     if config.distributed.seq > 1:
         from .distributed import SEQ_MIXERS
 
-        if m.mixer not in SEQ_MIXERS:
+        if any(kind not in SEQ_MIXERS for kind in by_mixer):
             raise ConfigError(
-                f"distributed.seq: sequence parallelism needs a mixer in {SEQ_MIXERS}, "
+                f"distributed.seq: sequence parallelism needs mixers in {SEQ_MIXERS}, "
                 f"got model.mixer={m.mixer!r}"
             )
-        mixer_kwargs["seq_axis"] = "seq"
+        for options in by_mixer.values():
+            options["seq_axis"] = "seq"
+    mixer_kwargs = by_mixer[m.mixer] if isinstance(m.mixer, str) else by_mixer
     try:
         return layers.SequenceModel(
             m.mixer,
