@@ -13,6 +13,7 @@ from train.data import (
     BytesLMConfig,
     CopyingConfig,
     InductionHeadsConfig,
+    LMConfig,
     MNIST1DConfig,
     MQARConfig,
     SelectiveCopyingConfig,
@@ -55,6 +56,7 @@ def test_registry_names_and_help():
         "selective_copying",
         "mqar",
         "induction_heads",
+        "lm",
         "lm_bytes",
     }
     for name, cls in TASKS.items():
@@ -94,6 +96,11 @@ def test_registry_names_and_help():
         (BytesLMConfig, dict(val_fraction=1.0), "val_fraction"),
         (BytesLMConfig, dict(seq_len=0), "seq_len"),
         (BytesLMConfig, dict(train_stride=-1), "train_stride"),
+        (LMConfig, dict(vocab_size=256), "vocab_size"),
+        (LMConfig, dict(documents="pages"), "documents"),
+        (LMConfig, dict(tokenizer=""), "tokenizer"),
+        (LMConfig, dict(exclude=[3]), "exclude"),
+        (LMConfig, dict(shard_tokens=0), "shard_tokens"),
     ],
 )
 def test_bad_config_names_key(cls, kwargs, key):
@@ -273,7 +280,7 @@ def test_train_indices_cover_each_epoch_once(n, batch_size):
         assert len({e.tobytes() for e in epochs}) > 1  # each epoch its own permutation
         assert not np.array_equal(epochs[0], np.arange(n))
     # pure in (seed, step): recomputing any step gives the same indices
-    data._epoch_permutation.cache_clear()
+    data._batching._epoch_permutation.cache_clear()
     s = steps // 2
     np.testing.assert_array_equal(
         train_indices(n, 7, s, batch_size), stream[s * batch_size : (s + 1) * batch_size]
@@ -291,7 +298,7 @@ def test_train_batch_pure_in_seed_and_step(config):
     task = build_task(config)
     batch = train_batch(task, seed=5, step=11, batch_size=32)
     for _ in range(2):
-        data._epoch_permutation.cache_clear()
+        data._batching._epoch_permutation.cache_clear()
         train_batch(task, seed=5, step=3, batch_size=32)  # other calls in between
         assert_batches_equal(batch, train_batch(task, seed=5, step=11, batch_size=32))
     idx = train_indices(task.size("train"), 5, 11, 32)
@@ -338,7 +345,7 @@ def test_eval_batches_max_examples_and_bad_split():
 
 def test_mnist1d_default_splits():
     np_state, py_state = np.random.get_state(), random.getstate()
-    data._mnist1d_arrays.cache_clear()
+    data._mnist1d._mnist1d_arrays.cache_clear()
     task = build_task(MNIST1DConfig())
     # make_dataset seeds the global generators; the state must come back untouched
     assert random.getstate() == py_state
@@ -379,7 +386,7 @@ def test_mnist1d_matches_generator_and_is_deterministic():
         np.concatenate([ref["y"], ref["y_test"]]),
     )
     # regenerated from scratch: same arrays; another seed: other arrays
-    data._mnist1d_arrays.cache_clear()
+    data._mnist1d._mnist1d_arrays.cache_clear()
     again = build_task(config).examples("val", np.arange(40))
     np.testing.assert_array_equal(again["inputs"], parts["val"]["inputs"])
     other = build_task(dataclasses.replace(config, seed=4)).examples("val", np.arange(40))
@@ -428,6 +435,7 @@ def corpus(tmp_path, monkeypatch):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSM_JAX_CACHE", str(tmp_path / "cache"))
     raw = (texts["a.txt"] + texts["sub/b.txt"]).encode("utf-8")
     return np.frombuffer(raw, np.uint8)
 
@@ -474,18 +482,19 @@ def test_bytes_lm_encode_decode(corpus):
 
 
 def test_bytes_lm_errors_name_the_key(corpus):
-    with pytest.raises(ValueError, match="^paths: .*match no files"):
+    with pytest.raises(data.DataError, match="^task.paths: .*match no files"):
         build_task(BytesLMConfig(paths=("*.nothing",)))
-    with pytest.raises(ValueError, match="^paths: .*fewer than one window"):
+    with pytest.raises(data.DataError, match="^task.paths: .*fewer than one window"):
         build_task(BytesLMConfig(paths=("sub/deep/*.md",), seq_len=16))
-    with pytest.raises(ValueError, match="^paths: the val split"):
+    with pytest.raises(data.DataError, match="^task.paths: the val split"):
         build_task(BytesLMConfig(paths=("*.txt",), seq_len=100, val_fraction=0.1))
 
 
-def test_bytes_lm_default_config_in_repo(monkeypatch):
+def test_bytes_lm_default_config_in_repo(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SSM_JAX_CACHE", str(tmp_path))
     task = build_task(BytesLMConfig())
-    assert "README.md" in task.files and "train/data.py" in task.files
+    assert "README.md" in task.files and "train/data/_lm.py" in task.files
     assert not any(f.startswith(".venv") for f in task.files)
     b = train_batch(task, seed=0, step=0, batch_size=4)
     assert b["inputs"].shape == (4, 256)

@@ -84,7 +84,7 @@ def _load_run(run_dir: Path, which: str):
     if not (run_dir / "config.yaml").is_file():
         _fail(f"{run_dir}: no config.yaml; is it a run directory?")
     config = config_lib.parse(config_lib.read_yaml(run_dir / "config.yaml"))
-    task = data_lib.build_task(config.task)
+    task = data_lib.build_task(config.task, run_dir=run_dir)
     k_model, k_state = jr.split(jr.key(config.train.seed))
     model = build_model(config, task, k_model)
     params, static = eqx.partition(model, eqx.is_array)

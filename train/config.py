@@ -24,10 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from . import data as data_lib
-
-
-class ConfigError(ValueError):
-    """A user's mistake in a config file or an override; printed without traceback."""
+from .errors import ConfigError as ConfigError
 
 
 def _help(text: str, **kwargs):

@@ -172,7 +172,8 @@ def run(
         )
     tc = config.train
 
-    task = data_lib.build_task(config.task)  # errors in the data config surface here
+    # errors in the data config surface here; a resumed run keeps its tokenizer
+    task = data_lib.build_task(config.task, run_dir=run_dir if resume else None)
     layout = distributed.make_layout(
         config.distributed,
         {"train.batch_size": tc.batch_size, "train.eval_batch_size": tc.eval_batch_size},
@@ -186,6 +187,7 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         config_lib.dump(config, run_dir / "config.yaml")
+        task.save(run_dir)
     progress = _Progress(tc.progress and main, tc.steps, 0)
     say = (say or progress.write) if main else (lambda text: None)
 

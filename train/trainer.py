@@ -315,24 +315,33 @@ def make_eval_step(config: Config, static, kind: str):
 
     @jax.jit
     def step(params, batch):
-        return _sums(static, params, batch, None, kind, compute_dtype)
+        sums = _sums(static, params, batch, None, kind, compute_dtype)
+        if "bytes" in batch:  # bytes of text per target, for bits per byte
+            w = batch["mask"].astype(jnp.float32)
+            if "weight" in batch:
+                w = w * batch["weight"][:, None]
+            sums["bytes"] = jnp.sum(batch["bytes"].astype(jnp.float32) * w)
+        return sums
 
     return step
 
 
 def evaluate(eval_step, params, batches, kind: str) -> dict[str, float]:
-    """Loss and accuracy over a whole split (exact sums over the examples)."""
+    """Loss and accuracy over a whole split (exact sums over the examples), and for a
+    language model whose batches carry `bytes`, bits per byte: the summed loss in nats
+    over the summed bytes of text of the targets, / ln 2 (comparable across
+    tokenizers)."""
     total = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in batches:
         if isinstance(next(iter(batch.values())), np.ndarray):
             batch = device_batch(batch)
         sums = jax.device_get(eval_step(params, batch))
-        for k in total:
-            total[k] += float(sums[k])
+        for k in sums:
+            total[k] = total.get(k, 0.0) + float(sums[k])
     count = max(total["count"], 1.0)
     out = {"loss": total["loss"] / count, "accuracy": total["correct"] / count}
-    if kind == "lm":
-        out["bits_per_byte"] = out["loss"] / math.log(2)
+    if kind == "lm" and total.get("bytes", 0.0) > 0:
+        out["bits_per_byte"] = total["loss"] / total["bytes"] / math.log(2)
     return out
 
 
