@@ -14,7 +14,8 @@ its C++ source with the system compiler the first time it is needed and cached:
   ``~/.cache/ssm-jax``; one library per source, jaxlib version, compiler and CPU;
 - the compiler is ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` found,
   with ``-O3 -march=native`` (without ``-march=native`` if the compiler refuses it);
-- ``SSM_CPU_KERNEL=0`` turns them all off.
+- ``SSM_CPU_KERNEL=0`` turns them all off; `xla_only` does so for what is traced
+  inside a block (the plain-JAX references of the chunked operators' derivatives).
 
 Without a compiler (or if the build fails: a warning says why) everything runs on
 XLA's loops, with the same results and derivatives, only slower. The kernel is used
@@ -67,6 +68,7 @@ THREADS_ELEMENTS = 1 << 16
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "enabled": True}
+_tracing = threading.local()  # `xla_only` depth, per thread (tracing is per thread)
 
 
 def _cache_dir() -> Path:
@@ -175,7 +177,25 @@ def available() -> bool:
     the first call)."""
     if os.environ.get("SSM_CPU_KERNEL", "1") == "0" or not _state["enabled"]:
         return False
+    if getattr(_tracing, "xla_only", 0):
+        return False
     return _load()
+
+
+@contextlib.contextmanager
+def xla_only():
+    """Within this block (in this thread) the kernel wrappers emit XLA ops only, so
+    what is traced inside is plain JAX that JAX can differentiate to any order (the
+    kernels have hand-written reverse-mode rules at most). For the references of the
+    chunked operators' derivatives (`ssm._autodiff.fast_vjp`), traced inside the
+    block. Unlike `disabled`, JAX's caches are not cleared: the wrappers decide when
+    they are traced, and nothing they trace is cached across calls."""
+    depth = getattr(_tracing, "xla_only", 0)
+    _tracing.xla_only = depth + 1
+    try:
+        yield
+    finally:
+        _tracing.xla_only = depth
 
 
 @contextlib.contextmanager

@@ -63,6 +63,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from . import _cpu_kernel
+from ._autodiff import fast_vjp
 from ._cpu_kernel import chain, matmul
 from ._gla import _heads_first
 
@@ -365,9 +367,41 @@ def _group(T, C):
     return g
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
-    return _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0)[0]
+    """The chunked form; differentiable in every way (`_chunked_op`): reverse mode by
+    the hand-written `_chunked_bwd`, forward mode and second order through
+    `_reference`."""
+    return _chunked_op(int(C), np.dtype(out_dtype))(q, k, v, beta, log_decay, h0)
+
+
+@functools.cache
+def _chunked_op(C, out_dtype):
+    """`_chunked` for one chunk length and output dtype (static, closed over), as a
+    `fast_vjp`: its value and residuals from `_chunked_fwd`, its reverse mode
+    `_chunked_bwd`, everything else JAX's autodiff of `_reference`."""
+
+    def fwd(*args):
+        return _chunked_fwd(C, out_dtype, *args)
+
+    def bwd(args, saved, cts, want):
+        del want  # every cotangent costs about the same; all are computed
+        return _chunked_bwd(C, out_dtype, args, saved, cts)
+
+    def reference(*args):
+        return _reference(C, out_dtype, *args)
+
+    return fast_vjp(fwd, bwd, reference)
+
+
+def _reference(C, out_dtype, q, k, v, beta, log_decay, h0):
+    """The chunked form in plain XLA ops (the compiled kernels off while it is
+    traced), which JAX differentiates to any order: forward mode (`jax.jvp`,
+    `jax.jacfwd`) and every second-order derivative of `_chunked` go through it. Its
+    forward mode stores nothing; its reverse mode (used only for second order) keeps
+    what JAX keeps of a `lax.scan` over groups: each chunk's start state, factors and
+    inverse."""
+    with _cpu_kernel.xla_only():
+        return _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0)[0]
 
 
 def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
@@ -388,17 +422,23 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
         return S, (_heads_first(o).astype(out_dtype), (starts, W, f.inverse, f.Gam))
 
     S, (o, saved) = lax.scan(body, h0, tuple(_to_chunks(x, C, g) for x in xs))
-    return (_from_chunks(o, q.shape[0]), S), (xs, saved)
+    return (_from_chunks(o, q.shape[0]), S), saved
 
 
-def _chunked_bwd(C, out_dtype, residuals, cotangents):
-    """Groups of chunks in reverse order, carrying ``dL/dS``. Each group recomputes its
-    chunks' factors from their inputs, runs the state part of the derivative backward
-    through its chunks and the rest batched over them; nothing of size ``T × d_k ×
-    d_v`` is ever held."""
-    xs, saved = residuals
+def _chunked_bwd(C, out_dtype, args, saved, cotangents):
+    """Groups of chunks in reverse order, carrying ``dL/dS``: the cotangents of ``args
+    = (q, k, v, beta, log_decay, h0)`` from those of the outputs (``None`` where
+    zero) and what `_chunked_fwd` saved. Each group recomputes its chunks' factors
+    from their inputs, runs the state part of the derivative backward through its
+    chunks and the rest batched over them; nothing of size ``T × d_k × d_v`` is ever
+    held."""
+    xs, h0 = args[:5], args[5]
     do, G = cotangents
-    g = _group(xs[0].shape[0], C)
+    T = xs[0].shape[0]
+    dtype = saved[0].dtype
+    do = jnp.zeros(xs[2].shape, dtype) if do is None else do  # v: (T, H, d_v)
+    G = jnp.zeros(h0.shape, dtype) if G is None else G
+    g = _group(T, C)
 
     def body(G, inputs):
         xs_g, (S0, W, inverse, Gam), dO = inputs
@@ -416,12 +456,8 @@ def _chunked_bwd(C, out_dtype, residuals, cotangents):
         return G, dxs
 
     chunks = (tuple(_to_chunks(x, C, g) for x in xs), saved, _to_chunks(do, C, g))
-    dh0, dxs = lax.scan(body, G.astype(saved[0].dtype), chunks, reverse=True)
-    T = xs[0].shape[0]
+    dh0, dxs = lax.scan(body, G.astype(dtype), chunks, reverse=True)
     return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 # ---------------------------------------------------------------------------

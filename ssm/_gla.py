@@ -39,6 +39,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from . import _cpu_kernel
+from ._autodiff import fast_vjp
 from ._cpu_kernel import matmul, per_key_tree
 from ._scan import linear_scan
 
@@ -398,7 +400,6 @@ def _local_bwd(q, k, v, b, s0, do, G):
     return dq, dk, dv, _chunk_cumsum(db, reverse=True)  # b = cumsum(g)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _gla_chunked(q, k, v, g, h0, k_scale, C, ones=False):
     """The chunked operator on keys `k * k_scale` (`k_scale` `(T, H, 1)` or `None`).
 
@@ -406,8 +407,41 @@ def _gla_chunked(q, k, v, g, h0, k_scale, C, ones=False):
     `k` and `v`: `k_scale` is the input gate and, with `ones`, the values get a column
     of ones appended (the normaliser): `h0` and the state then have `d_v + 1` columns
     and the outputs come as `(o[..., :d_v], o[..., d_v:])`.
+
+    Differentiable in every way (`_gla_chunked_op`): reverse mode by the hand-written
+    `_gla_chunked_bwd`, forward mode and second order through `_gla_reference`.
     """
-    return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones)[0]
+    return _gla_chunked_op(int(C), bool(ones))(q, k, v, g, h0, k_scale)
+
+
+@functools.cache
+def _gla_chunked_op(C, ones):
+    """`_gla_chunked` for one chunk length and `ones` (static, closed over), as a
+    `fast_vjp`: its value and residuals from `_gla_chunked_fwd`, its reverse mode
+    `_gla_chunked_bwd`, everything else JAX's autodiff of `_gla_reference`."""
+
+    def fwd(q, k, v, g, h0, k_scale):
+        return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones)
+
+    def bwd(args, s_group, cts, want):
+        del want  # every cotangent costs about the same; all are computed
+        return _gla_chunked_bwd(C, ones, args, s_group, cts)
+
+    def reference(q, k, v, g, h0, k_scale):
+        return _gla_reference(q, k, v, g, h0, k_scale, C, ones)
+
+    return fast_vjp(fwd, bwd, reference)
+
+
+def _gla_reference(q, k, v, g, h0, k_scale, C, ones):
+    """The chunked form in plain XLA ops (the compiled kernels off while it is
+    traced), which JAX differentiates to any order: forward mode (`jax.jvp`,
+    `jax.jacfwd`) and every second-order derivative of `_gla_chunked` go through it.
+    Its forward mode stores nothing; its reverse mode (used only for second order)
+    keeps what JAX keeps of a `lax.scan` over groups: every chunk's start state and
+    within-chunk products."""
+    with _cpu_kernel.xla_only():
+        return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones)[0]
 
 
 # Both passes are one `lax.scan` over groups of chunks (about `_GROUP_STEPS` steps each)
@@ -451,14 +485,24 @@ def _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones):
 
     final, (o, s_group) = lax.scan(group, h0, groups)
     o = jax.tree.map(lambda x: _from_groups(x, T), o)
-    return (o, final), (q, k, v, g, k_scale, s_group)
+    return (o, final), s_group
 
 
-def _gla_chunked_bwd(C, ones, res, cts):
-    q, k, v, g, k_scale, s_group = res
+def _gla_chunked_bwd(C, ones, args, s_group, cts):
+    """The cotangents of `args = (q, k, v, g, h0, k_scale)` from those of the outputs
+    (`cts`, `None` where zero), with the group-start states `s_group` kept by
+    `_gla_chunked_fwd`."""
+    q, k, v, g, _, k_scale = args
     do, d_final = cts
     T = q.shape[0]
     dtype = s_group.dtype
+    zeros = lambda d, n: jnp.zeros(v.shape[:2] + (n,), dtype) if d is None else d  # noqa: E731
+    if ones:  # the cotangents of (numerator, normaliser)
+        do = (zeros(do[0], v.shape[-1]), zeros(do[1], 1))
+    else:
+        do = zeros(do, v.shape[-1])
+    if d_final is None:
+        d_final = jnp.zeros(s_group.shape[1:], dtype)
     group_size = _group_size(T, C)
     groups = jax.tree.map(
         lambda x: _to_groups(x.astype(dtype), C, group_size), (q, k, v, g, k_scale, do)
@@ -488,9 +532,6 @@ def _gla_chunked_bwd(C, ones, res, cts):
     dh0, grads = lax.scan(group, d_final.astype(dtype), (*groups, s_group), reverse=True)
     dq, dk, dv, dg, d_scale = jax.tree.map(lambda x: _from_groups(x, T), grads)
     return dq, dk, dv, dg, dh0, d_scale
-
-
-_gla_chunked.defvjp(_gla_chunked_fwd, _gla_chunked_bwd)
 
 
 # ------------------------------------------------------------------------- one step
