@@ -219,15 +219,18 @@ class AbstractAttention(AbstractMixer):
         window = None
         if causal and self.window is not None:
             window = (self.window - 1, 0)
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=causal,
-            local_window_size=window,
-            implementation=self.implementation,
-        )
+        # JAX's XLA path promotes float64 with float32 internally, which strict dtype
+        # promotion (as in our tests) refuses.
+        with jax.numpy_dtype_promotion("standard"):
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=causal,
+                local_window_size=window,
+                implementation=self.implementation,
+            )
 
     def __call__(
         self,

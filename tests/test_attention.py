@@ -1,0 +1,341 @@
+"""Softmax attention (`layers.Attention`, `layers.LocalAttention`) and hybrid stacks.
+
+Each case is compared in values and gradients with a float64 reference written below
+from the equations (`softmax(q kᵀ/√d + mask) v`, the rotary embedding applied as
+explicit 2x2 rotations, documents and windows as an explicit mask); then every case
+goes through the mixer contract in one compiled program (`__call__ == prefill ==
+step by step == prefill a prefix then step`, the packing property for values and
+gradients, causality, bfloat16). The local case's window (5) is far shorter than the
+sequence (37), so its ring buffer wraps. Hybrid `SequenceModel`s and configs with a
+list of mixers are tested at the end, down to a tiny training run, its resume,
+fine-tuning from it and generation.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import layers
+
+from .helpers import assert_close, numpy_rules, rel_err, value_and_grads
+
+D_MODEL, T, SPLIT = 8, 37, 13  # odd lengths and an odd boundary
+f32, f64 = jnp.float32, jnp.float64
+
+CASES = {  # registry name and options
+    "global": ("attention", dict(num_heads=2, max_len=40)),
+    "gqa": (
+        "attention",
+        dict(
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=4,
+            qk_norm=True,
+            rope_base=500.0,
+            max_len=40,
+        ),
+    ),
+    "mqa": ("attention", dict(num_heads=2, num_kv_heads=1, rope_base=None, max_len=48)),
+    "local": ("local_attention", dict(num_heads=2, num_kv_heads=1, window=5, qk_norm=True)),
+}
+# Three documents, boundaries at odd positions (the local window is shorter than each).
+RESETS = np.zeros(T, bool)
+RESETS[[SPLIT, 29]] = True
+
+
+def cast(tree, dtype):
+    return jax.tree.map(lambda v: v.astype(dtype) if eqx.is_inexact_array(v) else v, tree)
+
+
+@functools.cache
+def make(case, dtype=f32):
+    """The layer of a case; QK-norm scales are random so that using them matters."""
+    if dtype != f32:
+        return eqx.filter_jit(cast)(make(case), dtype)
+    name, kwargs = CASES[case]
+
+    @eqx.filter_jit
+    def build(key):
+        k_layer, k_q, k_k = jr.split(key, 3)
+        m = layers.MIXERS[name](D_MODEL, **kwargs, key=k_layer)
+        if m.q_norm is None:
+            return m
+        shape = m.q_norm.shape
+        return eqx.tree_at(
+            lambda m: (m.q_norm, m.k_norm),
+            m,
+            (1 + 0.3 * jr.normal(k_q, shape), 1 + 0.3 * jr.normal(k_k, shape)),
+        )
+
+    return build(jr.key(zlib.crc32(case.encode())))
+
+
+def draw(case, shape, salt=""):
+    rng = np.random.default_rng(zlib.crc32((case + salt).encode()))
+    return rng.standard_normal(shape)
+
+
+# ------------------------------------------------------------------ reference (float64)
+
+
+def reference(m, x, resets):
+    """`softmax(q kᵀ / √d + mask) v` per head, from the equations."""
+    n, N, K, d = x.shape[0], m.num_heads, m.num_kv_heads, m.head_dim
+    t = np.arange(n)
+    doc = np.cumsum(resets)
+    start = np.array([np.flatnonzero(doc == doc[i])[0] for i in range(n)])
+    position = t - start  # restarts at each document
+    q = (x @ m.q_proj.weight.T).reshape(n, N, d)
+    k = (x @ m.k_proj.weight.T).reshape(n, K, d)
+    v = (x @ m.v_proj.weight.T).reshape(n, K, d)
+    if m.q_norm is not None:
+        q = q / jnp.sqrt(jnp.mean(q**2, -1, keepdims=True) + 1e-6) * m.q_norm
+        k = k / jnp.sqrt(jnp.mean(k**2, -1, keepdims=True) + 1e-6) * m.k_norm
+    if m.rope_base is not None:  # channels i and i + d/2 turn by position * base^(-2i/d)
+        R = np.zeros((n, d, d))
+        for i in range(d // 2):
+            angle = position * m.rope_base ** (-2 * i / d)
+            j = i + d // 2
+            R[:, i, i], R[:, i, j] = np.cos(angle), -np.sin(angle)
+            R[:, j, i], R[:, j, j] = np.sin(angle), np.cos(angle)
+        q = jnp.einsum("tij,tnj->tni", R, q)
+        k = jnp.einsum("tij,tnj->tni", R, k)
+    group = np.arange(N) // (N // K)  # query head -> its key/value head
+    k, v = k[:, group], v[:, group]
+    allowed = (t[None, :] <= t[:, None]) & (doc[None, :] == doc[:, None])
+    if m.window is not None:
+        allowed &= t[:, None] - t[None, :] < m.window
+    logits = jnp.einsum("tnd,snd->nts", q, k) / np.sqrt(d)
+    logits = jnp.where(allowed[None], logits, -jnp.inf)
+    p = jnp.exp(logits - logits.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    o = jnp.einsum("nts,snd->tnd", p, v)
+    return o.reshape(n, N * d) @ m.o_proj.weight.T
+
+
+BOUNDS = np.flatnonzero(RESETS)
+
+
+def separate(m, x):
+    """The documents of `RESETS` through the layer one at a time."""
+    return jnp.concatenate([m(piece) for piece in jnp.split(x, BOUNDS)])
+
+
+run_packed = value_and_grads(lambda m, x: m(x, resets=jnp.asarray(RESETS)))
+run_separate = value_and_grads(separate)
+run_reference = value_and_grads(numpy_rules(lambda m, x: reference(m, x, RESETS)))
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_packed_documents_match_reference_and_separate_runs(case):
+    """`m(concat(x1, x2, x3), resets)` equals the float64 reference and
+    `concat(m(x1), m(x2), m(x3))`, in values and gradients (to every parameter and
+    the input), with boundaries at odd positions. `jax.nn.dot_product_attention` takes
+    its softmax in float32 whatever the input dtype, which sets the tolerance."""
+    m = make(case, f64)
+    x = jnp.asarray(draw(case, (T, D_MODEL)), f64)
+    w = jnp.asarray(draw(case, (T, D_MODEL), "w"), f64)
+    y, g = run_packed(m, x, w)
+    y_ref, g_ref = run_reference(m, x, w)
+    y_sep, g_sep = run_separate(m, x, w)
+    assert y.dtype == f64
+    assert_close(y, y_ref, 1e-6, "values against the reference")
+    assert_close(g, g_ref, 1e-6, "gradients against the reference")
+    assert_close(y, y_sep, 1e-6, "values against separate documents")
+    assert_close(g, g_sep, 1e-6, "gradients against separate documents")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(eqx.filter(g[0], eqx.is_array)):
+        assert np.all(np.isfinite(leaf)) and np.max(np.abs(leaf)) > 0, path
+
+
+def _steps(m, state, xs):
+    state, ys = jax.lax.scan(lambda s, xt: m.step(xt, s)[::-1], state, xs)
+    return ys, state
+
+
+@eqx.filter_jit
+def contract_forms(m, x, t0):
+    """Everything the mixer contract promises, in one compiled program."""
+    x1, x2 = x[:SPLIT], x[SPLIT:]
+    r = jnp.asarray(RESETS)
+    s0 = m.init_state()
+    y, s_full = m.prefill(x, s0)
+    y_step, s_step = _steps(m, s0, x)
+    y1, s1 = m.prefill(x1, s0)
+    y2, s2 = m.prefill(x2, s1)  # two prefills
+    y_rest, s_rest = _steps(m, s1, x2)  # prefill a prefix, step the rest
+    y_call, y_pert = jax.vmap(m)(jnp.stack([x, x.at[t0].add(1.0)]))
+    # Packing through the recurrent forms: a reset hides the cache, and positions
+    # restart, also for the steps after a prefill that crossed a boundary.
+    y_packed = m(x, resets=r)
+    y_pf_packed = m.prefill(x, s0, resets=r)[0]
+    y_pf_hidden = m.prefill(x2, s1, resets=jnp.zeros(T - SPLIT, bool).at[0].set(True))[0]
+    cut, end = SPLIT + 4, BOUNDS[1]  # steps from inside the second document to its end
+    _, s_cut = m.prefill(x[:cut], s0, resets=r[:cut])
+    y_after, _ = _steps(m, s_cut, x[cut:end])
+    y16 = cast(m, jnp.bfloat16)(x.astype(jnp.bfloat16))
+    return dict(
+        y=y,
+        y_call=y_call,
+        y_step=y_step,
+        y_prefills=jnp.concatenate([y1, y2]),
+        y_prefix_steps=jnp.concatenate([y1, y_rest]),
+        s_full=s_full,
+        s_step=s_step,
+        s2=s2,
+        s_rest=s_rest,
+        y_pert=y_pert,
+        y_x2=m(x2),
+        y_packed=y_packed,
+        y_pf_packed=y_pf_packed,
+        y_pf_hidden=y_pf_hidden,
+        y_after=y_after,
+        y16=y16,
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_recurrent_forms_causality_bf16(case):
+    """`m(x) == prefill == step by step == prefill then step == two prefills`
+    (outputs and caches); packed documents through `prefill` and the steps after it;
+    causal; bfloat16 close to float32."""
+    m = make(case)
+    x = jnp.asarray(draw(case, (T, D_MODEL)), f32)
+    t0 = 20
+    r = contract_forms(m, x, t0)
+    y = r["y"]
+    assert y.dtype == f32 and y.shape == (T, D_MODEL)
+    assert_close(r["y_call"], y, 1e-5, "__call__ (vmapped) against prefill")
+    assert_close(r["y_step"], y, 1e-5, "step by step")
+    assert_close(r["y_prefills"], y, 1e-5, "two prefills")
+    assert_close(r["y_prefix_steps"], y, 1e-5, "prefill a prefix, step the rest")
+    for name in ("s_step", "s2", "s_rest"):
+        assert_close(r[name], r["s_full"], 1e-5, f"cache ({name})")
+        np.testing.assert_array_equal(r[name].pos, r["s_full"].pos)
+    assert int(r["s_full"].index) == T and int(r["s_full"].doc_start) == 0
+    np.testing.assert_allclose(r["y_pert"][:t0], y[:t0], rtol=0, atol=1e-6)
+    assert rel_err(r["y_pert"][t0:], y[t0:]) > 1e-3
+    assert_close(r["y_pf_packed"], r["y_packed"], 1e-5, "packed prefill")
+    assert_close(r["y_pf_hidden"], r["y_x2"], 1e-5, "a reset hides the cache")
+    after = r["y_packed"][SPLIT + 4 : BOUNDS[1]]
+    assert_close(r["y_after"], after, 1e-5, "steps after a prefill with a reset")
+    assert rel_err(r["y_packed"], y) > 1e-2  # the boundaries matter
+    assert r["y16"].dtype == jnp.bfloat16
+    assert rel_err(r["y16"].astype(f32), y) < 5e-2
+    # The cache holds `window` (local) or `max_len` (global) entries at any length.
+    C = m.window if m.window is not None else m.max_len
+    assert r["s_full"].k.shape == (C, m.num_kv_heads, m.head_dim)
+    if m.window is not None:  # the ring buffer holds the last `window` tokens
+        assert sorted(np.asarray(r["s_full"].pos)) == list(range(T - C, T))
+    else:
+        np.testing.assert_array_equal(r["s_full"].pos[:T], np.arange(T))
+        assert np.all(np.asarray(r["s_full"].pos[T:]) == -1)
+    with pytest.raises(ValueError, match="vmap"):
+        m(jnp.stack([x, x]))
+    with pytest.raises(ValueError, match="vmap"):
+        m.step(x[:2], m.init_state())
+    with pytest.raises(ValueError, match="resets"):
+        m(x, resets=jnp.zeros(T - 1, bool))
+
+
+def test_global_cache_limit_and_options():
+    """Global attention's cache: `max_len` is needed and never silently exceeded; the
+    registry, the local default window and the constructor's checks."""
+    key = jr.key(0)
+    m = make("global")  # max_len 40
+    x = jnp.asarray(draw("limit", (m.max_len + 1, D_MODEL)), f32)
+    with pytest.raises(Exception, match="max_len"):
+        jax.block_until_ready(eqx.filter_jit(m.prefill)(x, m.init_state()))
+    with pytest.raises(ValueError, match="max_len"):
+        layers.Attention(D_MODEL, num_heads=2, key=key).init_state()
+    assert layers.MIXERS["attention"] is layers.Attention
+    assert layers.MIXERS["local_attention"] is layers.LocalAttention
+    local = layers.LocalAttention(D_MODEL, num_heads=2, key=key)
+    assert local.window == 128 and local.init_state().k.shape == (128, 2, 4)
+    assert isinstance(local, layers.AbstractAttention)
+    assert layers.Attention(D_MODEL, num_heads=2, window=3, key=key).cache_size == 3
+    for kwargs, match in [
+        (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+        (dict(num_heads=3), "d_model"),
+        (dict(num_heads=2, head_dim=3), "even"),
+        (dict(num_heads=2, window=0), "window"),
+        (dict(num_heads=2, implementation="flash"), "implementation"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            layers.Attention(D_MODEL, **kwargs, key=key)
+    with pytest.raises(ValueError, match="integer"):
+        layers.LocalAttention(D_MODEL, window=None, key=key)
+    assert set(jax.tree.leaves(layers.ssm_param_labels(m))) == {"other"}
+
+
+# ------------------------------------------------------------------------ hybrid stacks
+
+
+@eqx.filter_jit
+def model_forms(model, packed, tokens):
+    """A hybrid model's parallel form, prefill then steps; a packed row through a model
+    of attention blocks, in parallel and through prefill, and its documents apart."""
+    y = model(tokens)
+    y1, s1 = model.prefill(tokens[:SPLIT], model.init_state())
+    y_rest, _ = _steps(model, s1, tokens[SPLIT:])
+    r = jnp.asarray(RESETS)
+    return dict(
+        y=y,
+        y_prefill_steps=jnp.concatenate([y1, y_rest]),
+        y_packed=packed(tokens, resets=r),
+        y_pf_packed=packed.prefill(tokens, packed.init_state(), resets=r)[0],
+        y_separate=jnp.concatenate([packed(piece) for piece in jnp.split(tokens, BOUNDS)]),
+    )
+
+
+def test_hybrid_sequence_model():
+    """A list of mixers is repeated (and cut) to `n_layers`, with options keyed by
+    mixer; prefill then step equals the parallel form; `resets` reach the mixers
+    through `Block` and `SequenceModel`."""
+    model = eqx.filter_jit(
+        lambda key: layers.SequenceModel(
+            ["rglru", "local_attention"],
+            8,
+            3,
+            11,
+            vocab_size=11,
+            mixer_kwargs={"local_attention": {"window": 4, "num_heads": 2}},
+            key=key,
+        )
+    )(jr.key(1))
+    kinds = [type(b.mixer) for b in model.blocks]
+    assert kinds == [layers.RGLRU, layers.LocalAttention, layers.RGLRU]
+    assert model.blocks[1].mixer.window == 4
+    packed = eqx.filter_jit(
+        lambda key: layers.SequenceModel(
+            ["attention", "local_attention"],
+            8,
+            2,
+            11,
+            vocab_size=11,
+            mixer_kwargs={"attention": {"max_len": T}, "local_attention": {"window": 6}},
+            key=key,
+        )
+    )(jr.key(2))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, T), jnp.int32)
+    r = model_forms(model, packed, tokens)
+    assert r["y"].shape == (T, 11)
+    assert_close(r["y_prefill_steps"], r["y"], 1e-5, "prefill a prompt, then steps")
+    assert_close(r["y_packed"], r["y_separate"], 1e-5, "packed documents")
+    assert_close(r["y_pf_packed"], r["y_separate"], 1e-5, "packed documents, prefill")
+    with pytest.raises(ValueError, match=r"mixer\[1\]"):
+        layers.SequenceModel(["rglru", "nope"], 8, 2, 11, vocab_size=11, key=jr.key(0))
+    with pytest.raises(ValueError, match="mixer_kwargs.window"):
+        layers.SequenceModel(
+            ["rglru"], 8, 2, 11, vocab_size=11, mixer_kwargs={"window": 3}, key=jr.key(0)
+        )
