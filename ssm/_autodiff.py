@@ -86,7 +86,10 @@ class _Rules:
 
         def unbatch(grads, want):
             # A tangent input without a batch axis gets the batch's summed cotangent.
-            return [g if t_ax[j] is not None else g.sum(0) for g, j in zip(grads, want)]
+            return [
+                g if t_ax[j] is not None else g.sum(0)
+                for g, j in zip(grads, want, strict=True)
+            ]
 
         def ref_jvp(p, t):
             return jax.vmap(self.ref_jvp, in_axes=(p_ax, t_ax), axis_size=size)(p, t)
@@ -185,7 +188,9 @@ def _transpose(cts, *args, rules):
 
 def _batch(args, dims, *, rules):
     size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
-    args = [x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims)]
+    args = [
+        x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims, strict=True)
+    ]
     axes = [None if d is None else 0 for d in dims]
     out = tangent_p.bind(*args, rules=rules.batched(axes, size))
     return out, [0] * len(out)
@@ -270,7 +275,8 @@ def fast_vjp(
                 tangent_p.bind(*primals, *res_l, *[tangents[i] for i in t_idx], rules=rules)
             )
             t_outs = [
-                next(t_out) if d else _zero_tangent(o) for o, d in zip(out_l, out_diff)
+                next(t_out) if d else _zero_tangent(o)
+                for o, d in zip(out_l, out_diff, strict=True)
             ]
             return outs, t_outs + t_res
 
@@ -325,6 +331,8 @@ def _make_rules(
         return [grads[t_idx[j]] for j in want]
 
     avals = [
-        ShapedArray(jnp.shape(o), jnp.result_type(o)) for o, d in zip(out_l, out_diff) if d
+        ShapedArray(jnp.shape(o), jnp.result_type(o))
+        for o, d in zip(out_l, out_diff, strict=True)
+        if d
     ]
     return _Rules(ref_jvp, flat_bwd, ref_vjp, avals, n_p, len(res_l), len(t_idx))

@@ -18,7 +18,6 @@ Parallel Scan Algorithm".
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.flatten_util import ravel_pytree
 
 from ._autodiff import fast_vjp
 from ._scan import linear_scan, matrix_scan
@@ -278,16 +276,39 @@ def _auto_bwd(step, unroll, length):
 # BPPSA: the adjoint recurrence as a parallel linear scan.
 
 
+def _ravel(tree):
+    """``tree``'s leaves as one vector in their widest dtype, and the inverse map (which
+    casts each leaf back), so carries that mix float32 and float64 leaves work."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return jnp.zeros((0,), jnp.float32), lambda v: treedef.unflatten([])
+    dtype = np.result_type(*[x.dtype for x in leaves])  # numpy rules: widest float
+    shapes = [x.shape for x in leaves]
+    sizes = [math.prod(s) for s in shapes]
+    vec = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+    def unravel(v):
+        parts = jnp.split(v, np.cumsum(sizes)[:-1])
+        return treedef.unflatten(
+            [
+                p.reshape(s).astype(x.dtype)
+                for p, s, x in zip(parts, shapes, leaves, strict=True)
+            ]
+        )
+
+    return vec, unravel
+
+
 def _carry_jacobians(step, consts, c_prev, xs, jacobian):
     """Per-step Jacobians of the inexact carry, ``(T, N, N)`` or diagonals ``(T, N)``."""
 
     def flat_step(c, x):
         diff, static = eqx.partition(c, _inexact)
-        vec, unravel = ravel_pytree(diff)
+        vec, unravel = _ravel(diff)
 
         def g(v):
             c2 = step(consts, eqx.combine(unravel(v), static), x)[0]
-            return ravel_pytree(eqx.filter(c2, _inexact))[0]
+            return _ravel(eqx.filter(c2, _inexact))[0]
 
         if jacobian == "dense":
             return jax.jacfwd(g)(vec)
@@ -321,14 +342,12 @@ def _parallel_rules(step, jacobian, unroll):
     def bwd(args, c_prev, cts, want):
         (consts, init, xs), (ct_carry, ct_ys) = args, cts
         want_consts, _, want_x = want
-        lam_end, unravel = ravel_pytree(
-            eqx.filter(_cotangent_or_none(init, ct_carry), _inexact)
-        )
+        lam_end, unravel = _ravel(eqx.filter(_cotangent_or_none(init, ct_carry), _inexact))
 
         # v[t]: what y[t] sends back to the carry entering step t.
         def y_part(c, x, cty):
             g = _step_vjp(step, consts, c, x, None, cty, want_consts, want_x)[1]
-            return ravel_pytree(eqx.filter(g, _inexact))[0]
+            return _ravel(eqx.filter(g, _inexact))[0]
 
         v = jax.vmap(y_part)(c_prev, xs, ct_ys)
         J = _carry_jacobians(step, consts, c_prev, xs, jacobian)
