@@ -19,19 +19,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Inexact, Int
 
+from ._autodiff import fast_vjp
 from ._scan import linear_scan, matrix_scan
-
-
-def _fill_float0(primal, grads):
-    """Cotangents for ``primal`` from ``grads`` (None at non-inexact leaves)."""
-    leaves, treedef = jax.tree.flatten(primal)
-    gl = jax.tree.leaves(grads, is_leaf=lambda x: x is None)
-    return treedef.unflatten(
-        [
-            np.zeros(np.shape(p), jax.dtypes.float0) if g is None else g
-            for p, g in zip(leaves, gl, strict=True)
-        ]
-    )
 
 
 def _diag_jacobian(fn, h, x):
@@ -85,25 +74,40 @@ def _newton(fn, h0, xs, guess, iterations, tol, jacobian):
     return hs, k
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _deer(fn, iterations, tol, jacobian, consts, h0, xs):
-    f = functools.partial(_call, fn, consts)
-    guess = jnp.broadcast_to(h0, (jax.tree.leaves(xs)[0].shape[0],) + h0.shape)
-    return _newton(f, h0, xs, guess, iterations, tol, jacobian)
+def _inexact(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def _call(fn, consts, h, x):
     return fn(h, x, *consts)
 
 
-def _deer_fwd(fn, iterations, tol, jacobian, consts, h0, xs):
-    hs, k = _deer(fn, iterations, tol, jacobian, consts, h0, xs)
-    return (hs, k), (consts, h0, xs, hs)
+def _deer_rules(fn, iterations, tol, jacobian):
+    """Newton iterations forwards, implicit adjoints backwards, the sequential loop
+    (`lax.scan`) for forward mode and second order."""
+
+    def fwd(consts, h0, xs):
+        f = functools.partial(_call, fn, consts)
+        guess = jnp.broadcast_to(h0, (jax.tree.leaves(xs)[0].shape[0],) + h0.shape)
+        hs, k = _newton(f, h0, xs, guess, iterations, tol, jacobian)
+        return (hs, k), hs
+
+    def reference(consts, h0, xs):
+        f = functools.partial(_call, fn, consts)
+        hs = lax.scan(lambda h, x: (f(h, x),) * 2, h0, xs)[1]
+        return hs, jnp.int32(0)
+
+    def bwd(args, hs, cts, want):
+        (consts, h0, xs), (ct_hs, _) = args, cts
+        if ct_hs is None:
+            ct_hs = jnp.zeros_like(hs)
+        return _implicit_bwd(fn, iterations, tol, jacobian, consts, h0, xs, hs, ct_hs, want)
+
+    return fwd, bwd, reference
 
 
-def _deer_bwd(fn, iterations, tol, jacobian, res, ct):
-    consts, h0, xs, hs = res
-    ct_hs = ct[0].astype(hs.dtype)
+def _implicit_bwd(fn, iterations, tol, jacobian, consts, h0, xs, hs, ct_hs, want):
+    ct_hs = ct_hs.astype(hs.dtype)
     f = functools.partial(_call, fn, consts)
     hprev = _shift(h0, hs)
     # lam[t] = dL/dh[t] solves lam[t] = ct[t] + J[t+1]^T lam[t+1]: a reverse linear
@@ -114,9 +118,10 @@ def _deer_bwd(fn, iterations, tol, jacobian, res, ct):
         lam = matrix_scan(A, ct_hs, reverse=True).astype(hs.dtype)
     else:
         lam = _adjoint_quasi(f, hprev, xs, ct_hs, iterations, tol)
+    mask = jax.tree.map(lambda a, w: bool(w) and _inexact(a), (consts, hs[0], xs), want)
 
     def vjp_step(h, x, lam_t):
-        diff, static = eqx.partition((consts, h, x), eqx.is_inexact_array)
+        diff, static = eqx.partition((consts, h, x), mask)
 
         def g(d):
             c, hh, xx = eqx.combine(d, static)
@@ -126,11 +131,7 @@ def _deer_bwd(fn, iterations, tol, jacobian, res, ct):
 
     d_consts, d_hprev, d_xs = jax.vmap(vjp_step)(hprev, xs, lam)
     d_consts = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_consts)
-    return (
-        _fill_float0(consts, d_consts),
-        d_hprev[0],
-        _fill_float0(xs, d_xs),
-    )
+    return d_consts, None if d_hprev is None else d_hprev[0], d_xs
 
 
 def _adjoint_quasi(f, hprev, xs, ct, iterations, tol):
@@ -159,9 +160,6 @@ def _adjoint_quasi(f, hprev, xs, ct, iterations, tol):
     inf = jnp.array(jnp.inf, jnp.finfo(ct.dtype).dtype)
     _, lam, _ = lax.while_loop(cond, body, (jnp.int32(0), ct, inf))
     return lam
-
-
-_deer.defvjp(_deer_fwd, _deer_bwd)
 
 
 def parallel_scan_nonlinear(
@@ -202,7 +200,9 @@ def parallel_scan_nonlinear(
     rather than the iterations, solving the adjoint recurrence
     `lam[t] = dL/dh[t] + J[t+1]^T lam[t+1]` at the converged states (with
     `ssm.matrix_scan` for dense Jacobians; by the same diagonal quasi-Newton sweeps
-    for `"diagonal"`). They are exact when the forward iteration converged.
+    for `"diagonal"`). They are exact when the forward iteration converged. Forward
+    mode (`jax.jvp`, `jax.jacfwd`) and second-order derivatives are those of the
+    sequential recurrence, taken through a `lax.scan` form of it.
 
     ```python
     hs, n_iter = ssm.parallel_scan_nonlinear(lambda h, x: jnp.tanh(W @ h + x), h0, xs)
@@ -231,4 +231,5 @@ def parallel_scan_nonlinear(
             f"got {out_shape.shape} {out_shape.dtype}."
         )
     converted, consts = jax.closure_convert(f, h0, jax.tree.map(lambda x: x[0], xs))
-    return _deer(converted, int(iterations), float(tol), jacobian, tuple(consts), h0, xs)
+    fwd, bwd, reference = _deer_rules(converted, int(iterations), float(tol), jacobian)
+    return fast_vjp(fwd, bwd, reference)(tuple(consts), h0, xs)

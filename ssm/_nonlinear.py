@@ -14,6 +14,10 @@ Three reverse-mode strategies share one forward result:
 ``g[t] = J[t]^T g[t+1] + v[t]`` with ``matrix_scan`` (or ``linear_scan`` for diagonal
 Jacobians), after Wang, Bai & Pekhimenko (2020), "BPPSA: Scaling Back-propagation by
 Parallel Scan Algorithm".
+
+Each of these is a hand-written backward pass; ``ssm._autodiff.fast_vjp`` turns it
+into the transpose of a linear tangent map, so forward mode, ``vmap`` and every order
+of derivative work in every mode, as they do for ``lax.scan``.
 """
 
 from __future__ import annotations
@@ -431,18 +435,28 @@ def scan(
       keep every carry, then solve the adjoint recurrence
       `g[t] = J[t]^T g[t+1] + v[t]` (`J[t]` the Jacobian of the new carry with
       respect to the old) with `ssm.matrix_scan`, in `O(log T)` depth. Needs
-      `checkpoints="all"` and inexact carries of one dtype.
+      `checkpoints="all"`. The Jacobians come from forward mode, so the step must be
+      forward-differentiable: a nested `ssm.scan` or chunked `ssm` operator is, a
+      `jax.custom_vjp` function of your own is not (a clear error says so).
     - `jacobian`: for `backward="parallel"`: `"dense"` builds `(T, N, N)` Jacobians
-      of the flattened carry; `"diagonal"` promises the carry Jacobian is diagonal
-      (an elementwise recurrence), computes it with one `jvp` per step and uses
+      of the flattened carry (leaves of mixed float dtypes are flattened in the
+      widest one); `"diagonal"` promises the carry Jacobian is diagonal (an
+      elementwise recurrence), computes it with one `jvp` per step and uses
       `ssm.linear_scan`. A non-diagonal Jacobian gives wrong gradients there.
 
     **Returns:**
 
     `(carry, ys)`, as `lax.scan`.
 
-    The checkpointed and parallel modes define a custom VJP: `jax.grad`, `jax.vjp`,
-    `jax.jit` and `jax.vmap` compose with them, forward mode (`jax.jvp`) does not.
+    **Derivatives.** Every mode supports what `lax.scan` does: `jax.grad`/`jax.vjp`,
+    `jax.jvp`/`jax.jacfwd`, `jax.vmap`, `jax.jit`, `jax.checkpoint`, and any order
+    (Hessians, grad of grad). The memory-bounded modes are a `jax.custom_jvp` whose
+    tangent map transposes to their own backward pass (`ssm._autodiff.fast_vjp`), so
+    first-order reverse mode has the memory described above, forward mode stores
+    nothing, and second-order derivatives through the backward pass are taken on the
+    plain `lax.scan` (with its memory). Outputs `ys` that the loss does not use get
+    no cotangent buffer. Closed-over values (arrays, Python floats, weak-typed
+    scalars) get their gradients.
 
     ```python
     def cell(h, x):

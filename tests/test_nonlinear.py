@@ -222,6 +222,35 @@ def test_deer_converges_with_implicit_gradients(getkey, jacobian):
     assert_close(grads, ref_grads, 1e-9, "gradients")
 
 
+@pytest.mark.parametrize("jacobian", ["dense", "diagonal"])
+def test_deer_forward_mode_and_second_order(jacobian):
+    """DEER's derivatives beyond the implicit VJP: forward mode, a Hessian and
+    reverse over reverse, also for a Python float closed over by the step."""
+    T = 9
+    xs = jnp.linspace(0.1, 1.0, T, dtype=F64)[:, None] * jnp.ones((1, 2), F64)
+    h0 = jnp.asarray([0.3, -0.1], F64)
+
+    def loss(solver, c):
+        hs = solver(lambda h, x: jnp.tanh(h * c + x), h0, xs)
+        return jnp.sum(hs**2)
+
+    def deer(f, h0, xs):
+        return ssm.parallel_scan_nonlinear(f, h0, xs, jacobian=jacobian)[0]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def derivatives(solver, c):
+        f = functools.partial(loss, solver)
+        return jax.grad(f)(c), jax.jacfwd(f)(c), jax.hessian(f)(c), jax.grad(jax.grad(f))(c)
+
+    ours, ref = derivatives(deer, 0.7), derivatives(sequential, 0.7)
+    for name, a, b in zip(
+        ("grad", "jacfwd", "hessian", "grad of grad"), ours, ref, strict=True
+    ):
+        assert_close(a, b, 1e-9, name)
+    # Outside jit, the closed-over value a Python float.
+    assert_close(jax.grad(functools.partial(loss, deer))(0.7), ref[0], 1e-9, "eager grad")
+
+
 def test_deer_iteration_cap_and_exactness(getkey):
     """k iterations make the first k states exact; `iterations` caps the loop."""
     T, M = 10, 3
