@@ -396,3 +396,24 @@ def test_unused_outputs_are_not_kept():
     assert temp_bytes(lax.scan) >= one_buffer
     assert temp_bytes(functools.partial(ssm.scan, checkpoints="auto")) < one_buffer / 4
     assert temp_bytes(functools.partial(ssm.scan, checkpoints=6)) < one_buffer / 4
+
+
+def test_integer_inputs_get_float0_cotangents():
+    """``grad(..., allow_int=True)`` through an integer carry leaf: a float0 cotangent
+    there, the true gradient elsewhere, as with lax.scan."""
+    xs = jnp.linspace(0.0, 1.0, 5, dtype=F64)
+
+    def loss(scan, h0, i0):
+        def cell(c, x):
+            h, i = c
+            return (jnp.sin(h) + x * i.astype(F64), i + 1), None
+
+        return scan(cell, (h0, i0), xs)[0][0]
+
+    args = (jnp.asarray(0.2, F64), jnp.int32(1))
+    ref = jax.grad(functools.partial(loss, lax.scan), (0, 1), allow_int=True)(*args)
+    for mode in ("budget3", "auto", "parallel"):
+        scan = functools.partial(ssm.scan, **MODES[mode])
+        g = jax.grad(functools.partial(loss, scan), (0, 1), allow_int=True)(*args)
+        assert_close(g[0], ref[0], 1e-13, mode)
+        assert g[1].dtype == jax.dtypes.float0, mode
