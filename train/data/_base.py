@@ -70,6 +70,10 @@ class Task(abc.ABC):
     - `"targets"`: `(B,)` int32 labels for classification, else `(B, seq_len)` int32.
     - `"mask"` (sequence and lm tasks): `(B, seq_len)` float32, 1 where the loss
         counts.
+    - `"resets"` (lm tasks): `(B, seq_len)` bool, true at the first token of each
+        packed document.
+    - `"bytes"` (lm tasks): `(B, seq_len)` float32, the bytes of text each target
+        stands for (the denominator of bits per byte).
     """
 
     config: Any
