@@ -11,6 +11,7 @@ from ._gla import (
 )
 from ._nonlinear import scan as scan
 from ._scan import linear_scan as linear_scan, matrix_scan as matrix_scan
+from ._selective import selective_scan as selective_scan
 from ._sharded import (
     sharded_linear_scan as sharded_linear_scan,
     sharded_matrix_scan as sharded_matrix_scan,
@@ -28,6 +29,7 @@ __all__ = [
     "matrix_scan",
     "parallel_scan_nonlinear",
     "scan",
+    "selective_scan",
     "sharded_linear_scan",
     "sharded_matrix_scan",
 ]

@@ -1,0 +1,360 @@
+"""Mamba's selective scan, fused: the state history is never stored.
+
+Per inner channel ``d`` and state index ``n`` (Gu and Dao 2023, equations 2a and 2b
+with the zero-order-hold ``A`` and Euler ``B`` of their reference code):
+
+    h[t, d, n] = exp(dt[t, d] A[d, n]) h[t-1, d, n] + dt[t, d] x[t, d] B[t, n]
+    y[t, d]    = sum_n h[t, d, n] C[t, n] + D[d] x[t, d]
+    out[t, d]  = y[t, d] silu(z[t, d])                      (when ``z`` is given)
+
+The discretised ``exp(dt A)`` and ``dt x B`` are formed one step at a time inside the
+loop and never stored, so nothing of size ``T x d_inner x d_state`` exists in memory,
+forwards or backwards, as in Mamba's CUDA kernel:
+
+- the forward pass runs over chunks of ``K`` steps (a ``lax.scan`` over chunks, a
+  ``lax.scan`` over the steps of a chunk) and keeps only the state at the start of
+  each chunk, ``(T/K, d_inner, d_state)``;
+- the backward pass visits the chunks in reverse; for each it recomputes the chunk's
+  states from its saved start state (one ``(K, d_inner, d_state)`` buffer), then runs
+  the adjoint recurrence ``g[t] = dy[t] C[t] + exp(dt[t+1] A) g[t+1]`` backwards over
+  the chunk, reducing each step's contributions to ``dx, ddt, dB`` on the spot and
+  accumulating ``dA`` in the loop's carry.
+
+The derivative rule is a ``fast_vjp``: reverse mode runs the chunked backward pass
+above; forward mode (``jax.jvp``) and second-order derivatives go through a plain
+``lax.scan`` over time (the reference), which JAX differentiates itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Shaped
+
+from ._autodiff import fast_vjp
+
+__all__ = ["selective_scan"]
+
+# The default chunk is about this many steps (adjusted so that padding is small).
+_DEFAULT_CHUNK = 64
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_float(name, v):
+    if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+        raise TypeError(f"`{name}` must be a JAX or NumPy array, got {type(v).__name__}.")
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a real floating dtype, got {v.dtype} (shape "
+            f"{tuple(v.shape)}); cast it explicitly, e.g. `{name}.astype(jnp.float32)`."
+        )
+
+
+def _check_shape(name, v, shape, expected):
+    if tuple(v.shape) != tuple(shape):
+        raise ValueError(
+            f"`{name}` must have shape {expected} = {tuple(shape)}, got {tuple(v.shape)}."
+        )
+
+
+def _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size):
+    for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        _check_float(name, v)
+    if x.ndim != 2:
+        raise ValueError(
+            f"`x` must have shape (T, d_inner), got {tuple(x.shape)}; selective_scan "
+            "works on one example with time on axis 0 (use `jax.vmap` for a batch)."
+        )
+    T, d_inner = x.shape
+    if T < 1:
+        raise ValueError(f"`x` must have at least one time step, got shape {x.shape}.")
+    _check_shape("dt", dt, (T, d_inner), "(T, d_inner)")
+    if A.ndim != 2 or A.shape[0] != d_inner:
+        raise ValueError(
+            f"`A` must have shape (d_inner, d_state) = ({d_inner}, d_state), got "
+            f"{tuple(A.shape)}."
+        )
+    N = A.shape[1]
+    if B.ndim == 2:
+        _check_shape("B", B, (T, N), "(T, d_state)")
+    elif B.ndim == 3:
+        if B.shape[0] != T or B.shape[2] != N or B.shape[1] < 1:
+            raise ValueError(
+                f"grouped `B` must have shape (T, groups, d_state) = ({T}, G, {N}), got "
+                f"{tuple(B.shape)}."
+            )
+        if d_inner % B.shape[1]:
+            raise ValueError(
+                f"d_inner = {d_inner} must be divisible by the number of groups of `B` "
+                f"and `C` ({B.shape[1]})."
+            )
+    else:
+        raise ValueError(
+            f"`B` must have shape (T, d_state) or (T, groups, d_state), got "
+            f"{tuple(B.shape)}."
+        )
+    if tuple(C.shape) != tuple(B.shape):
+        raise ValueError(
+            f"`C` must have the shape of `B`, {tuple(B.shape)}, got {tuple(C.shape)}."
+        )
+    if D is not None:
+        _check_float("D", D)
+        _check_shape("D", D, (d_inner,), "(d_inner,)")
+    if z is not None:
+        _check_float("z", z)
+        _check_shape("z", z, (T, d_inner), "(T, d_inner)")
+    if h0 is not None:
+        _check_float("h0", h0)
+        _check_shape("h0", h0, (d_inner, N), "(d_inner, d_state)")
+    if resets is not None:
+        if not hasattr(resets, "dtype") or resets.dtype != jnp.bool_:
+            raise TypeError(
+                "`resets` must be a boolean array of shape (T,), got "
+                f"{getattr(resets, 'dtype', type(resets).__name__)}."
+            )
+        _check_shape("resets", resets, (T,), "(T,)")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+        if chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be at least 1, got {chunk_size}.")
+
+
+def _chunk_length(T: int, chunk_size: int | None) -> int:
+    """The chunk length: `chunk_size` (at most `T`), or about `_DEFAULT_CHUNK` steps
+    chosen so that the last chunk is nearly full."""
+    if chunk_size is not None:
+        return min(int(chunk_size), T)
+    n = -(-T // _DEFAULT_CHUNK)
+    return -(-T // n)
+
+
+# ---------------------------------------------------------------------- the steps
+#
+# Inside the operator every array has the grouped layout: x, dt, z (T, G, P), A and
+# states (G, P, N), B, C (T, G, N), D (G, P), with d_inner = G * P.
+
+
+def _decay(A, dt_t, r_t):
+    a = jnp.exp(dt_t[..., None] * A)
+    return a if r_t is None else jnp.where(r_t, jnp.zeros_like(a), a)
+
+
+def _step(A, h, inputs):
+    """One step of the recurrence: the new state and `h C` (without the skip term)."""
+    x_t, dt_t, B_t, C_t, r_t = inputs
+    h = _decay(A, dt_t, r_t) * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
+    return h, jnp.sum(h * C_t[:, None, :], axis=-1)
+
+
+def _gate(y, x, D, z):
+    if D is not None:
+        y = y + D[None] * x
+    out = y if z is None else y * jax.nn.silu(z)
+    return out, y
+
+
+def _reference(x, dt, A, B, C, D, z, h0, resets):
+    """The recurrence as a plain `lax.scan` over time (forward mode, second order)."""
+    h = jnp.zeros(A.shape, A.dtype) if h0 is None else h0
+    hT, y = lax.scan(functools.partial(_step, A), h, (x, dt, B, C, resets))
+    return _gate(y, x, D, z)[0], hT
+
+
+def _chunks(K, v):
+    """`(T, ...) -> (n, K, ...)`, zero-padded at the end (zero `dt` leaves the state
+    unchanged; `False` resets nothing)."""
+    if v is None:
+        return None
+    T = v.shape[0]
+    n = -(-T // K)
+    pad = n * K - T
+    if pad:
+        v = jnp.concatenate([v, jnp.zeros((pad,) + v.shape[1:], v.dtype)])
+    return v.reshape((n, K) + v.shape[1:])
+
+
+def _unchunk(T, v):
+    return None if v is None else v.reshape((-1,) + v.shape[2:])[:T]
+
+
+def _forward(K, x, dt, A, B, C, D, z, h0, resets):
+    """The chunked forward pass: outputs, final state, and each chunk's start state."""
+    T = x.shape[0]
+    h = jnp.zeros(A.shape, A.dtype) if h0 is None else h0
+    xs = tuple(_chunks(K, v) for v in (x, dt, B, C, resets))
+
+    def chunk(h, inputs):
+        h_end, y = lax.scan(functools.partial(_step, A), h, inputs)
+        return h_end, (h, y)
+
+    hT, (starts, y) = lax.scan(chunk, h, xs)
+    out, y = _gate(_unchunk(T, y), x, D, z)
+    return (out, hT), (starts, None if z is None else y)
+
+
+def _backward(K, args, res, cts, want):
+    """The chunked backward pass: recompute each chunk's states, then its adjoints."""
+    x, dt, A, B, C, D, z, h0, resets = args
+    w_x, w_dt, w_A, w_B, w_C, w_D, w_z, w_h0, _ = want
+    starts, y = res
+    ct_out, ct_h = cts
+    T = x.shape[0]
+    if ct_out is None:
+        ct_out = jnp.zeros(x.shape, x.dtype)
+    if z is not None:
+        sz = jax.nn.sigmoid(z)
+        gy = ct_out * z * sz
+        dz = ct_out * y * sz * (1 + z * (1 - sz)) if w_z else None
+    else:
+        gy, dz = ct_out, None
+    m = jnp.zeros(A.shape, A.dtype) if ct_h is None else ct_h
+    dA = jnp.zeros(A.shape, A.dtype) if w_A else None
+    need_u = w_x or w_dt
+
+    def recompute(h, inputs):
+        """A forward step that yields the previous state and `dC` (needs `h[t]`)."""
+        x_t, dt_t, B_t, C_t, r_t, gy_t = inputs
+        h_new = _decay(A, dt_t, r_t) * h + (dt_t * x_t)[..., None] * B_t[:, None, :]
+        dC_t = jnp.sum(gy_t[..., None] * h_new, axis=1) if w_C else None
+        return h_new, (h, dC_t)
+
+    def adjoint(carry, inputs):
+        m, dA = carry
+        x_t, dt_t, B_t, C_t, r_t, gy_t, h_prev = inputs
+        g = gy_t[..., None] * C_t[:, None, :] + m
+        a = _decay(A, dt_t, r_t)
+        u = jnp.sum(g * B_t[:, None, :], axis=-1) if need_u else None
+        dx_t = dt_t * u if w_x else None
+        ddt_t = None
+        if w_dt or w_A:
+            q = g * a * h_prev
+            if w_dt:
+                ddt_t = jnp.sum(q * A, axis=-1) + x_t * u
+            if w_A:
+                dA = dA + dt_t[..., None] * q
+        dB_t = jnp.sum(g * (dt_t * x_t)[..., None], axis=1) if w_B else None
+        return (a * g, dA), (dx_t, ddt_t, dB_t)
+
+    def chunk(carry, inputs):
+        h_start, *xs = inputs
+        _, (h_prev, dC) = lax.scan(recompute, h_start, tuple(xs))
+        carry, (dx, ddt, dB) = lax.scan(adjoint, carry, (*xs, h_prev), reverse=True)
+        return carry, (dx, ddt, dB, dC)
+
+    xs = tuple(_chunks(K, v) for v in (x, dt, B, C, resets, gy))
+    (m, dA), grads = lax.scan(chunk, (m, dA), (starts, *xs), reverse=True)
+    dx, ddt, dB, dC = (_unchunk(T, v) for v in grads)
+    if D is not None and w_x:
+        dx = dx + D[None] * gy
+    dD = jnp.sum(gy * x, axis=0) if D is not None and w_D else None
+    dh0 = m if h0 is not None and w_h0 else None
+    return (dx, ddt, dA, dB, dC, dD, dz, dh0, None)
+
+
+@functools.cache
+def _op(K: int):
+    """The operator for one chunk length, with its derivative rule."""
+    return fast_vjp(
+        functools.partial(_forward, K),
+        functools.partial(_backward, K),
+        _reference,
+    )
+
+
+# ---------------------------------------------------------------------- public API
+
+
+def selective_scan(
+    x: Shaped[Array, "..."],
+    dt: Shaped[Array, "..."],
+    A: Shaped[Array, "..."],
+    B: Shaped[Array, "..."],
+    C: Shaped[Array, "..."],
+    D: Shaped[Array, "..."] | None = None,
+    z: Shaped[Array, "..."] | None = None,
+    h0: Shaped[Array, "..."] | None = None,
+    *,
+    resets: Shaped[Array, "..."] | None = None,
+    return_state: bool = False,
+    chunk_size: int | None = None,
+) -> (
+    Float[Array, "T d_inner"] | tuple[Float[Array, "T d_inner"], Float[Array, "d_inner N"]]
+):
+    """Mamba's selective scan, with no `T x d_inner x d_state` tensor in memory.
+
+    From Gu and Dao, "Mamba: linear-time sequence modeling with selective state
+    spaces" (2023), per inner channel `d`:
+
+    ```
+    h[t] = exp(dt[t, d] A[d]) * h[t-1] + dt[t, d] x[t, d] B[t]      # (d_state,)
+    y[t, d] = h[t] . C[t] + D[d] x[t, d]
+    out[t, d] = y[t, d] * silu(z[t, d])                              # if z is given
+    ```
+
+    with `h[-1] = h0` (zeros when None). The discretisation is done on the fly, one
+    step at a time; the forward pass keeps only the state at the start of each chunk
+    of `chunk_size` steps and the backward pass recomputes a chunk's states from it.
+    Reverse mode is a hand-written chunked pass; `jax.jvp`, second-order derivatives
+    and `jax.vmap` work too (through a plain `lax.scan` reference, see
+    `ssm._autodiff.fast_vjp`).
+
+    **Arguments:**
+
+    - `x`: `(T, d_inner)`, the input.
+    - `dt`: `(T, d_inner)`, the (positive) step sizes, after their softplus.
+    - `A`: `(d_inner, d_state)`, the continuous-time state matrix (negative).
+    - `B`, `C`: `(T, d_state)`, or `(T, G, d_state)` for `G` groups of channels
+      (`d_inner` divisible by `G`; channel `d` uses group `d // (d_inner // G)`).
+    - `D`: `(d_inner,)`, the skip connection, or None.
+    - `z`: `(T, d_inner)`, the gate (the output is multiplied by `silu(z)`), or None.
+    - `h0`: `(d_inner, d_state)`, the initial state, or None for zeros.
+    - `resets`: boolean `(T,)`, true where the state restarts before step `t` (the
+      first token of a packed document): there `h[t] = dt[t] x[t] B[t]`.
+    - `return_state`: also return the final state (for prefill).
+    - `chunk_size`: the chunk length (default: about 64 steps, balanced so the last
+      chunk is nearly full). Memory is `(T / chunk_size + chunk_size) d_inner d_state`.
+
+    **Returns:**
+
+    `out`, `(T, d_inner)` in the dtype of `x`; with `return_state=True`, the pair
+    `(out, h)` with the final state `h` of shape `(d_inner, d_state)` in float32
+    (float64 when an input is float64). The states and every accumulation are
+    float32 (or float64) whatever the input dtype.
+
+    ```python
+    y = ssm.selective_scan(x, jax.nn.softplus(dt), -jnp.exp(A_log), B, C, D, z)
+    ```
+    """
+    _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size)
+    T, d_inner = x.shape
+    N = A.shape[1]
+    G = B.shape[1] if B.ndim == 3 else 1
+    P = d_inner // G
+    floats = [v for v in (x, dt, A, B, C, D, z, h0) if v is not None]
+    wide = any(v.dtype == jnp.float64 for v in floats)
+    cdt = jnp.float64 if wide else jnp.float32
+
+    def cast(v, shape):
+        return None if v is None else jnp.reshape(jnp.asarray(v).astype(cdt), shape)
+
+    args = (
+        cast(x, (T, G, P)),
+        cast(dt, (T, G, P)),
+        cast(A, (G, P, N)),
+        cast(B, (T, G, N)),
+        cast(C, (T, G, N)),
+        cast(D, (G, P)),
+        cast(z, (T, G, P)),
+        cast(h0, (G, P, N)),
+        None if resets is None else jnp.asarray(resets),
+    )
+    out, h = _op(_chunk_length(T, chunk_size))(*args)
+    out = out.reshape(T, d_inner).astype(x.dtype)
+    return (out, h.reshape(d_inner, N)) if return_state else out
