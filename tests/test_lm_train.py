@@ -259,3 +259,36 @@ def test_shard_cache_that_does_not_match_its_index(corpus, capsys):
     fails("index.json")
     (entry / "index.json").unlink()
     fails("index.json")
+
+
+def test_resets_reach_mixers_that_take_them(corpus):
+    """The batch's resets go into the model when every mixer accepts them (attention
+    today), and are left out for the others, which the mask alone protects."""
+    import equinox as eqx
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import train
+    from train.trainer import _sums, takes_resets
+
+    task_raw = {"name": "lm", "paths": ["docs/*.txt"], "seq_len": 24, "cache_dir": "c",
+                "documents": "paragraphs"}  # fmt: skip
+    losses = {}
+    for mixer in ("attention", "lru"):
+        cfg = train.config.parse(
+            {"model": {"mixer": mixer, "d_model": 16, "n_layers": 1}, "task": task_raw}
+        )
+        task = train.build_task(cfg.task)
+        model = train.build_model(cfg, task, jr.key(0))
+        assert takes_resets(model) == (mixer == "attention")
+        params, static = eqx.partition(model, eqx.is_array)
+        batch = {k: jnp.asarray(v) for k, v in task.examples("train", np.arange(8)).items()}
+        assert bool(batch["resets"][:, 1:].any())  # documents start inside rows
+        plain = {**batch, "resets": jnp.zeros_like(batch["resets"])}
+        got = [
+            float(_sums(static, params, b, None, task.kind, jnp.float32)["loss"])
+            for b in (batch, plain)
+        ]
+        losses[mixer] = got
+    assert losses["attention"][0] != losses["attention"][1]
+    assert losses["lru"][0] == losses["lru"][1]

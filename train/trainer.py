@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -197,6 +198,18 @@ def _cast_compute(params, dtype):
     )
 
 
+def takes_resets(model) -> bool:
+    """Whether every block's mixer accepts `resets` (packed documents); until they all
+    do, the LM's `resets` stay in the batch and only the loss mask keeps predictions
+    across a document boundary out of the loss."""
+    blocks = getattr(model, "blocks", None)
+    if not blocks:
+        return False
+    return all(
+        "resets" in inspect.signature(type(b.mixer).__call__).parameters for b in blocks
+    )
+
+
 def _sums(static, params, batch, key, kind: str, compute_dtype):
     """Summed loss, correct predictions and count of one batch (weights/masks applied)."""
     model = eqx.combine(_cast_compute(params, compute_dtype), static)
@@ -204,10 +217,19 @@ def _sums(static, params, batch, key, kind: str, compute_dtype):
     if jnp.issubdtype(inputs.dtype, jnp.floating):
         inputs = inputs.astype(compute_dtype)
     B = inputs.shape[0]
-    if key is None:
-        logits = jax.vmap(eqx.nn.inference_mode(model))(inputs)
+    resets = batch.get("resets") if takes_resets(model) else None
+    if resets is None:  # a mixer that cannot restart at documents gets no resets
+        resets = jnp.zeros(inputs.shape[:2], bool)
+        call = lambda m, x, r, k: m(x, key=k)
     else:
-        logits = jax.vmap(lambda x, k: model(x, key=k))(inputs, jr.split(key, B))
+        call = lambda m, x, r, k: m(x, resets=r, key=k)
+    if key is None:
+        frozen = eqx.nn.inference_mode(model)
+        logits = jax.vmap(lambda x, r: call(frozen, x, r, None))(inputs, resets)
+    else:
+        logits = jax.vmap(lambda x, r, k: call(model, x, r, k))(
+            inputs, resets, jr.split(key, B)
+        )
     logits = logits.astype(jnp.float32)
     targets = batch["targets"]
     weight = batch.get("weight")
