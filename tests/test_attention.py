@@ -55,27 +55,37 @@ def cast(tree, dtype):
     return jax.tree.map(lambda v: v.astype(dtype) if eqx.is_inexact_array(v) else v, tree)
 
 
+def with_random_parameters(build, seed: int, dtype=f32):
+    """The module `build()` makes, with every floating array drawn afresh by NumPy:
+    matrices `N(0, 1/fan_in)`, vectors (norm scales, biases, decays) `1 + N(0, 0.3²)`.
+
+    The structure comes from `eqx.filter_eval_shape`, so nothing is compiled (jitted
+    random initialisers cost seconds of compilation each on CPU); the contract and the
+    reference hold for any parameters, and random norm scales make using them matter.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(v):
+        if not isinstance(v, jax.ShapeDtypeStruct) or not jnp.issubdtype(
+            v.dtype, jnp.floating
+        ):
+            return v
+        if len(v.shape) >= 2:
+            value = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1])
+        else:
+            value = 1 + 0.3 * rng.standard_normal(v.shape)
+        return jnp.asarray(value, dtype)
+
+    shapes = eqx.filter_eval_shape(build)
+    return jax.tree.map(fill, shapes, is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
+
+
 @functools.cache
 def make(case, dtype=f32):
-    """The layer of a case; QK-norm scales are random so that using them matters."""
-    if dtype != f32:
-        return eqx.filter_jit(cast)(make(case), dtype)
+    """The layer of a case (random parameters, see `with_random_parameters`)."""
     name, kwargs = CASES[case]
-
-    @eqx.filter_jit
-    def build(key):
-        k_layer, k_q, k_k = jr.split(key, 3)
-        m = layers.MIXERS[name](D_MODEL, **kwargs, key=k_layer)
-        if m.q_norm is None:
-            return m
-        shape = m.q_norm.shape
-        return eqx.tree_at(
-            lambda m: (m.q_norm, m.k_norm),
-            m,
-            (1 + 0.3 * jr.normal(k_q, shape), 1 + 0.3 * jr.normal(k_k, shape)),
-        )
-
-    return build(jr.key(zlib.crc32(case.encode())))
+    build = functools.partial(layers.MIXERS[name], D_MODEL, **kwargs, key=jr.key(0))
+    return with_random_parameters(build, zlib.crc32(case.encode()), dtype)
 
 
 def draw(case, shape, salt=""):
@@ -163,40 +173,57 @@ def _steps(m, state, xs):
     return ys, state
 
 
+def _lanes(fn, *args):
+    """`fn` on two inputs at once (one compiled copy instead of two); each argument is
+    a pair, and so is the result."""
+    out = jax.vmap(fn)(*(jax.tree.map(lambda *v: jnp.stack(v), *a) for a in args))
+    return tuple(jax.tree.map(lambda v, i=i: v[i], out) for i in range(2))
+
+
 @eqx.filter_jit
 def contract_forms(m, x, t0):
-    """Everything the mixer contract promises, in one compiled program."""
+    """Everything the mixer contract promises, in one compiled program (forms of equal
+    shapes share a compiled copy through `_lanes`). `r` packs two documents, `x[:SPLIT]`
+    and `x[SPLIT:]`; `zeros` are resets that never fire."""
     x1, x2 = x[:SPLIT], x[SPLIT:]
-    r = jnp.asarray(RESETS)
+    cut = SPLIT + 4  # a prefix that ends inside the second document
+    r = jnp.zeros(T, bool).at[SPLIT].set(True)
+    zeros = jnp.zeros(T, bool)
     s0 = m.init_state()
-    y, s_full = m.prefill(x, s0)
+
+    def prefill(x, s, resets):
+        return m.prefill(x, s, resets=resets)
+
+    # The whole sequence, as one row and as two packed documents.
+    (y, s_full), (y_pf_packed, _) = _lanes(prefill, (x, x), (s0, s0), (zeros, r))
     y_step, s_step = _steps(m, s0, x)
+    # Two prefills, and a reset at the second one's first token, which hides the cache.
     y1, s1 = m.prefill(x1, s0)
-    y2, s2 = m.prefill(x2, s1)  # two prefills
-    y_rest, s_rest = _steps(m, s1, x2)  # prefill a prefix, step the rest
+    (y2, s2), (y_pf_hidden, _) = _lanes(
+        prefill, (x2, x2), (s1, s1), (zeros[SPLIT:], r[SPLIT:])
+    )
+    # Prefill a prefix, step the rest; with the packed prefix, the steps must carry on
+    # inside the second document (its start and positions are in the state).
+    (_, s_cut), (_, s_cut_packed) = _lanes(
+        prefill, (x[:cut], x[:cut]), (s0, s0), (zeros[:cut], r[:cut])
+    )
+    (y_rest, s_rest), (y_after, _) = _lanes(
+        lambda s, xs: _steps(m, s, xs), (s_cut, s_cut_packed), (x[cut:], x[cut:])
+    )
     y_call, y_pert = jax.vmap(m)(jnp.stack([x, x.at[t0].add(1.0)]))
-    # Packing through the recurrent forms: a reset hides the cache, and positions
-    # restart, also for the steps after a prefill that crossed a boundary.
-    y_packed = m(x, resets=r)
-    y_pf_packed = m.prefill(x, s0, resets=r)[0]
-    y_pf_hidden = m.prefill(x2, s1, resets=jnp.zeros(T - SPLIT, bool).at[0].set(True))[0]
-    cut, end = SPLIT + 4, BOUNDS[1]  # steps from inside the second document to its end
-    _, s_cut = m.prefill(x[:cut], s0, resets=r[:cut])
-    y_after, _ = _steps(m, s_cut, x[cut:end])
     y16 = cast(m, jnp.bfloat16)(x.astype(jnp.bfloat16))
     return dict(
         y=y,
         y_call=y_call,
         y_step=y_step,
         y_prefills=jnp.concatenate([y1, y2]),
-        y_prefix_steps=jnp.concatenate([y1, y_rest]),
+        y_prefix_steps=jnp.concatenate([y[:cut], y_rest]),
         s_full=s_full,
         s_step=s_step,
         s2=s2,
         s_rest=s_rest,
         y_pert=y_pert,
-        y_x2=m(x2),
-        y_packed=y_packed,
+        y_packed=m(x, resets=r),
         y_pf_packed=y_pf_packed,
         y_pf_hidden=y_pf_hidden,
         y_after=y_after,
@@ -225,11 +252,11 @@ def test_recurrent_forms_causality_bf16(case):
     assert int(r["s_full"].index) == T and int(r["s_full"].doc_start) == 0
     np.testing.assert_allclose(r["y_pert"][:t0], y[:t0], rtol=0, atol=1e-6)
     assert rel_err(r["y_pert"][t0:], y[t0:]) > 1e-3
-    assert_close(r["y_pf_packed"], r["y_packed"], 1e-5, "packed prefill")
-    assert_close(r["y_pf_hidden"], r["y_x2"], 1e-5, "a reset hides the cache")
-    after = r["y_packed"][SPLIT + 4 : BOUNDS[1]]
-    assert_close(r["y_after"], after, 1e-5, "steps after a prefill with a reset")
-    assert rel_err(r["y_packed"], y) > 1e-2  # the boundaries matter
+    packed = r["y_packed"]
+    assert rel_err(packed, y) > 1e-2  # the boundary matters
+    assert_close(r["y_pf_packed"], packed, 1e-5, "packed prefill")
+    assert_close(r["y_pf_hidden"], packed[SPLIT:], 1e-5, "a reset hides the cache")
+    assert_close(r["y_after"], packed[SPLIT + 4 :], 1e-5, "steps after a reset")
     assert r["y16"].dtype == jnp.bfloat16
     assert rel_err(r["y16"].astype(f32), y) < 5e-2
     # The cache holds `window` (local) or `max_len` (global) entries at any length.
@@ -250,20 +277,27 @@ def test_recurrent_forms_causality_bf16(case):
 
 def test_global_cache_limit_and_options():
     """Global attention's cache: `max_len` is needed and never silently exceeded; the
-    registry, the local default window and the constructor's checks."""
-    key = jr.key(0)
+    registry, the local default window and the constructor's checks (traced with
+    `eqx.filter_eval_shape`: nothing to compile)."""
     m = make("global")  # max_len 40
     x = jnp.asarray(draw("limit", (m.max_len + 1, D_MODEL)), f32)
     with pytest.raises(Exception, match="max_len"):
         jax.block_until_ready(eqx.filter_jit(m.prefill)(x, m.init_state()))
+
+    def build(cls=layers.Attention, **kwargs):
+        return eqx.filter_eval_shape(lambda: cls(D_MODEL, **kwargs, key=jr.key(0)))
+
     with pytest.raises(ValueError, match="max_len"):
-        layers.Attention(D_MODEL, num_heads=2, key=key).init_state()
+        build(num_heads=2).init_state()
     assert layers.MIXERS["attention"] is layers.Attention
     assert layers.MIXERS["local_attention"] is layers.LocalAttention
-    local = layers.LocalAttention(D_MODEL, num_heads=2, key=key)
-    assert local.window == 128 and local.init_state().k.shape == (128, 2, 4)
+    local = build(layers.LocalAttention, num_heads=2)
+    assert local.window == 128 and local.cache_size == 128
+    assert eqx.filter_eval_shape(local.init_state).k.shape == (128, 2, 4)
     assert isinstance(local, layers.AbstractAttention)
-    assert layers.Attention(D_MODEL, num_heads=2, window=3, key=key).cache_size == 3
+    assert build(num_heads=2, window=3).cache_size == 3
+    gqa = build(num_heads=4, num_kv_heads=2, qk_norm=True)
+    assert gqa.k_proj.weight.shape == (4, D_MODEL) and gqa.q_norm.shape == (2,)
     for kwargs, match in [
         (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
         (dict(num_heads=3), "d_model"),
@@ -272,9 +306,9 @@ def test_global_cache_limit_and_options():
         (dict(num_heads=2, implementation="flash"), "implementation"),
     ]:
         with pytest.raises(ValueError, match=match):
-            layers.Attention(D_MODEL, **kwargs, key=key)
+            build(**kwargs)
     with pytest.raises(ValueError, match="integer"):
-        layers.LocalAttention(D_MODEL, window=None, key=key)
+        build(layers.LocalAttention, window=None)
     assert set(jax.tree.leaves(layers.ssm_param_labels(m))) == {"other"}
 
 
@@ -302,31 +336,33 @@ def test_hybrid_sequence_model():
     """A list of mixers is repeated (and cut) to `n_layers`, with options keyed by
     mixer; prefill then step equals the parallel form; `resets` reach the mixers
     through `Block` and `SequenceModel`."""
-    model = eqx.filter_jit(
-        lambda key: layers.SequenceModel(
+    model = with_random_parameters(
+        lambda: layers.SequenceModel(
             ["rglru", "local_attention"],
             8,
             3,
             11,
             vocab_size=11,
             mixer_kwargs={"local_attention": {"window": 4, "num_heads": 2}},
-            key=key,
-        )
-    )(jr.key(1))
+            key=jr.key(0),
+        ),
+        1,
+    )
     kinds = [type(b.mixer) for b in model.blocks]
     assert kinds == [layers.RGLRU, layers.LocalAttention, layers.RGLRU]
     assert model.blocks[1].mixer.window == 4
-    packed = eqx.filter_jit(
-        lambda key: layers.SequenceModel(
+    packed = with_random_parameters(
+        lambda: layers.SequenceModel(
             ["attention", "local_attention"],
             8,
             2,
             11,
             vocab_size=11,
             mixer_kwargs={"attention": {"max_len": T}, "local_attention": {"window": 6}},
-            key=key,
-        )
-    )(jr.key(2))
+            key=jr.key(0),
+        ),
+        2,
+    )
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, T), jnp.int32)
     r = model_forms(model, packed, tokens)
     assert r["y"].shape == (T, 11)
