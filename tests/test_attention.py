@@ -14,6 +14,7 @@ fine-tuning from it and generation.
 from __future__ import annotations
 
 import functools
+import json
 import zlib
 
 import equinox as eqx
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+import yaml
 
 import layers
 
@@ -375,3 +377,138 @@ def test_hybrid_sequence_model():
         layers.SequenceModel(
             ["rglru"], 8, 2, 11, vocab_size=11, mixer_kwargs={"window": 3}, key=jr.key(0)
         )
+
+
+# ------------------------------------------------------------------- hybrid configs
+
+HYBRID_RUN = {
+    "model": {
+        "mixer": ["rglru", "local_attention"],
+        "d_model": 16,
+        "n_layers": 2,
+        "mixer_kwargs": {"local_attention": {"window": 8, "num_heads": 2}},
+    },
+    "task": {"name": "lm", "paths": ["docs/*.txt"], "seq_len": 24, "cache_dir": "cache"},
+    "optim": {"warmup_steps": 1},
+    "train": {
+        "steps": 3,
+        "batch_size": 4,
+        "eval_every": 0,
+        "eval_batch_size": 8,
+        "progress": False,
+    },
+    "logging": {"plot": False},
+}
+
+
+def test_hybrid_config_errors_name_the_key(tmp_path, capsys):
+    """A list of mixers in a config, and its mistakes: each names its key."""
+    import train
+    from train import cli
+
+    config = train.config.parse(HYBRID_RUN)
+    assert config.model.mixer == ["rglru", "local_attention"]
+    assert config.model.kwargs_by_mixer()["local_attention"] == {
+        "window": 8,
+        "num_heads": 2,
+    }
+    again = train.config.parse(yaml.safe_load(yaml.safe_dump(train.config.to_dict(config))))
+    assert again == config
+    flat = train.config.parse(
+        {"model": {"mixer": "attention", "mixer_kwargs": {"window": 4}}}
+    )
+    assert flat.model.kwargs_by_mixer() == {"attention": {"window": 4}}
+
+    def model_error(model):
+        return {"model": {**HYBRID_RUN["model"], **model}}
+
+    cases = [
+        (model_error({"mixer": ["rglru", "transformer"]}), "model.mixer[1]: unknown mixer"),
+        (model_error({"mixer": []}), "model.mixer: an empty list"),
+        (model_error({"mixer_kwargs": {"mamba": {}}}), "model.mixer_kwargs.mamba"),
+        (model_error({"mixer_kwargs": {"window": 8}}), "model.mixer_kwargs.window"),
+        (
+            model_error({"mixer_kwargs": {"local_attention": {"windw": 8}}}),
+            "model.mixer_kwargs.local_attention.windw: not an option",
+        ),
+        (
+            model_error({"mixer_kwargs": {"local_attention": {"window": 0}}}),
+            "model.mixer_kwargs.local_attention.window: must be an integer >= 1",
+        ),
+        (
+            {"model": {"mixer": "rglru", "mixer_kwargs": {"windw": 8}}},
+            "model.mixer_kwargs.windw",
+        ),
+    ]
+    for raw, expected in cases:
+        with pytest.raises(train.ConfigError) as exc:
+            train.config.parse(raw)
+        assert expected in str(exc.value), (expected, str(exc.value))
+    # Knowable only with the task: a window longer than its sequences, also the default
+    # one; through the CLI, exit 2 and nothing written.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("some text for a corpus. " * 20)
+    for window, expected in [(25, "(25)"), (None, "(128, its default)")]:
+        raw = yaml.safe_load(yaml.safe_dump(HYBRID_RUN))
+        raw["model"]["mixer_kwargs"] = (
+            {} if window is None else {"local_attention": {"window": window}}
+        )
+        raw["task"].update(paths=[str(docs / "*.txt")], cache_dir=str(tmp_path / "cache"))
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(SystemExit) as exc:
+            cli.train_main([str(path), "--run-dir", str(tmp_path / "never")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "model.mixer_kwargs.local_attention.window" in err and expected in err, err
+        assert "longer than the task's sequences (24)" in err and "Traceback" not in err
+        assert not (tmp_path / "never").exists()
+
+
+def test_hybrid_run_trains_restores_and_finetunes(tmp_path, monkeypatch):
+    """A Griffin-style config (`[rglru, local_attention]`) through `ssm-train`;
+    fine-tuning's `load_matching` into a model built from the config; the model
+    rebuilt from the run's `config.yaml` with its checkpoint restored, as `--resume`,
+    `ssm-eval` and `ssm-generate` do."""
+    import train
+    from train import cli
+    from train.checkpoint import Checkpointer, flatten
+    from train.finetune import load_matching
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(
+        ["def add(a, b):\n    return a + b\n", "the quick brown fox\n"]
+    ):
+        (docs / f"{i}.txt").write_text(text * 12)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "hybrid.yaml"
+    path.write_text(yaml.safe_dump(HYBRID_RUN))
+    run_dir = tmp_path / "run"
+    with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
+        cli.train_main([str(path), "--run-dir", str(run_dir)])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == 3 and np.isfinite(summary["val"]["loss"])
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["model"]["mixer"] == ["rglru", "local_attention"]
+        # Fine-tuning builds the model from its own config and loads by parameter path.
+        config = train.config.parse(HYBRID_RUN)
+        task = train.build_task(config.task)
+        model = train.build_model(config, task, jr.key(5))
+        params = eqx.filter(model, eqx.is_array)
+        loaded, report = load_matching(params, run_dir, report=lambda m: None)
+        assert not report["skipped"] and "blocks.1.mixer.q_proj.weight" in report["loaded"]
+        fresh = np.asarray(params.blocks[1].mixer.q_proj.weight)
+        assert not np.array_equal(np.asarray(loaded.blocks[1].mixer.q_proj.weight), fresh)
+        # What --resume, ssm-eval and ssm-generate do: rebuild the model from the run's
+        # config.yaml and restore the checkpoint into it.
+        _, _, restored, step = cli._load_run(run_dir, "latest")
+        assert step == 3
+        assert [type(b.mixer) for b in restored.blocks] == [
+            layers.RGLRU,
+            layers.LocalAttention,
+        ]
+        stored, _ = Checkpointer(run_dir / "checkpoints").read_raw(3)
+        for name, value in flatten(eqx.filter(restored, eqx.is_array)).items():
+            np.testing.assert_array_equal(np.asarray(value), stored["params." + name])
