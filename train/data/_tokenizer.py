@@ -43,7 +43,7 @@ class BytesTokenizer:
     Decoding renders the end-of-document token as the text `<|endoftext|>`.
     """
 
-    name = "bytes"
+    name = source = "bytes"
 
     def __init__(self, eod: bool):
         self.eod_id = 256 if eod else None
