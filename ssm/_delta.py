@@ -35,8 +35,8 @@ Both passes are a ``lax.scan`` over groups of chunks of about 256 steps (see
 products batched over its chunks; then the chunks one after another, ``W = U - Wk
 S0`` and ``S_end`` (two products per chunk, all of a group's chunks and heads in one
 call of `chain`, a compiled kernel on CPU); then the outputs, batched again. So one
-group of work is live at a time, and the derivative (``jax.custom_vjp``) keeps only
-the inputs, the state at the start of each chunk (``T / C`` states, a ``C``-th of
+group of work is live at a time, and the reverse-mode derivative keeps only the
+inputs, the state at the start of each chunk (``T / C`` states, a ``C``-th of
 the state history) and its new values ``W`` (as large as ``v``), with each chunk's
 ``(I + A)⁻¹`` and ``Γ`` (``C × C`` each). Backwards, a reverse ``lax.scan`` carries
 ``G = dL/dS``; each group recomputes its chunks' other factors from their inputs,
@@ -47,9 +47,13 @@ reversed) and the rest batched, all written by hand: the state part
 
 the UT transform (``X = (I + A)⁻¹ R`` gives ``dR = (I + A)⁻ᵀ dX``, ``dA = -dR Xᵀ``),
 the products, and the gates back through their cumulative sum. No array of size
-``T × d_k × d_v`` exists in either pass. States and accumulations are float32
-(float64 if an input is) whatever the input dtype; gates enter only as differences
-of cumulative log gates inside a chunk, so every exponential is ≤ 1.
+``T × d_k × d_v`` exists in either pass. The operator is an
+``ssm._autodiff.fast_vjp`` of those two passes and a reference, the same chunked form
+traced with the compiled CPU kernels off (plain XLA ops): forward mode and every
+second-order derivative are JAX's autodiff of that reference. States and
+accumulations are float32 (float64 if an input is) whatever the input dtype; gates
+enter only as differences of cumulative log gates inside a chunk, so every
+exponential is ≤ 1.
 """
 
 from __future__ import annotations
@@ -512,10 +516,19 @@ def delta_rule(
     shape `(H, d_k, d_v)`, float32 (float64 if any input is float64).
 
     The chunked form costs `O(T C (d_k + d_v) + T d_k d_v)` per head in matrix
-    products; its derivative keeps the inputs, one state per chunk and `O(T (C + d_v))`
-    chunk factors (nothing of size `T × d_k × d_v`), and differentiates through `h0`
-    and the final state. It is reverse-mode only
-    (`jax.grad`, `jax.vjp`), and composes with `jax.vmap` and `jax.jit`.
+    products. Every derivative works (through `h0` and the final state too), with
+    `jax.vmap` and `jax.jit`:
+
+    - reverse mode (`jax.grad`, `jax.vjp`): a hand-written backward pass that keeps
+      the inputs, one state per chunk and `O(T (C + d_v))` chunk factors (nothing of
+      size `T × d_k × d_v`);
+    - forward mode (`jax.jvp`, `jax.jacfwd`): the fast forward pass plus JAX's JVP of
+      the same chunked form in XLA ops (the CPU kernels off), a few forward passes'
+      time, nothing stored;
+    - second order (Hessian-vector products by `jax.jvp` of `jax.grad`, grad of grad,
+      `jax.hessian`): JAX's autodiff of that XLA form, which keeps what autodiff keeps
+      of it (each chunk's start state, factors and inverse: far less than the
+      recurrence's `T × d_k × d_v` states, more than the first-order backward).
 
     ```python
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)

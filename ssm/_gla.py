@@ -19,13 +19,15 @@ block use ``exp(b[i] - r) exp(r - b[j])`` with ``r`` the cumulative decay at the
 both factors <= 1 (a variant of the secondary chunking of Yang et al. 2024, section 4,
 with ``log2 C`` levels of one product each).
 
-The derivative is hand-written (``jax.custom_vjp``): the forward pass keeps the inputs
-and the state at the start of each group of chunks; the backward pass, one reverse pass
+The reverse-mode derivative is hand-written: the forward pass keeps the state at the
+start of each group of chunks (besides the inputs); the backward pass, one reverse pass
 over the groups, recomputes a group's chunk-start states, runs the adjoint recurrence of
 the chunk states (``G[n] = alpha_{n+1} G[n+1] + (q exp(b))_{n+1}^T do_{n+1}``) and
 recomputes each chunk's local products. Nothing of size ``T x d_k x d_v`` is ever stored.
-All of it is computed in float32 (float64 when an input is float64), whatever the input
-dtype.
+The operator is an ``ssm._autodiff.fast_vjp`` of those two passes and a reference, the
+same chunked form traced with the compiled CPU kernels off (plain XLA ops): forward mode
+and every second-order derivative are JAX's autodiff of that reference. All of it is
+computed in float32 (float64 when an input is float64), whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -654,10 +656,19 @@ def gated_linear_attention(
 
     The chunked form computes in float32 whatever the input dtype, keeps cumulative
     log decays inside each chunk and exponentiates only differences `b[i] - b[j] <= 0`.
-    Its derivative (to `q`, `k`, `v`, `log_decay` and `h0`) keeps only the inputs and
-    one state per group of chunks (about 256 steps) and recomputes the rest; `jit`,
-    `vmap` and `grad` compose (forward-mode differentiation does not: it is a
-    `custom_vjp`).
+    Every derivative works (to `q`, `k`, `v`, `log_decay` and `h0`), with `jit` and
+    `vmap`:
+
+    - reverse mode (`jax.grad`, `jax.vjp`): a hand-written backward pass that keeps
+      only the inputs and one state per group of chunks (about 256 steps) and
+      recomputes the rest;
+    - forward mode (`jax.jvp`, `jax.jacfwd`): the fast forward pass plus JAX's JVP of
+      the same chunked form in XLA ops (the CPU kernels off), a few forward passes'
+      time, nothing stored;
+    - second order (Hessian-vector products by `jax.jvp` of `jax.grad`, grad of grad,
+      `jax.hessian`): JAX's autodiff of that XLA form, which keeps what autodiff keeps
+      of it (each chunk's start state and within-chunk products: far less than the
+      recurrence's `T x d_k x d_v` states, far more than the first-order backward).
 
     ```python
     o, state = ssm.gated_linear_attention(q, k, v, log_decay)      # training
@@ -800,6 +811,8 @@ def mlstm(
     `log_forget[t] + m[t-1] - m[t] <= 0`, keys scaled by `i[t] <= 1` and a column of
     ones appended to the values (which carries the normaliser); the stabiliser is its
     max-plus recurrence, by chunks. Gradients flow through `m` as in the recurrence.
+    Derivatives of every order and mode work, at the costs given for
+    `gated_linear_attention` (the stabiliser is plain JAX).
 
     **Arguments:**
 
