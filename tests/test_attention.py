@@ -32,8 +32,8 @@ from .helpers import assert_close, numpy_rules, rel_err, value_and_grads
 D_MODEL, T, SPLIT = 8, 37, 13  # odd lengths and an odd boundary
 f32, f64 = jnp.float32, jnp.float64
 
-CASES = {  # registry name and options
-    "global": ("attention", dict(num_heads=2, max_len=40)),
+CASES = {  # registry name and options; between them, every option
+    "global": ("attention", dict(num_heads=2, rope_base=None, max_len=40)),  # MHA, NoPE
     "gqa": (
         "attention",
         dict(
@@ -44,9 +44,9 @@ CASES = {  # registry name and options
             rope_base=500.0,
             max_len=40,
         ),
-    ),
-    "mqa": ("attention", dict(num_heads=2, num_kv_heads=1, rope_base=None, max_len=48)),
-    "local": ("local_attention", dict(num_heads=2, num_kv_heads=1, window=5, qk_norm=True)),
+    ),  # fmt: skip
+    # multi-query, sliding window (its ring buffer wraps), rotary positions
+    "local-mqa": ("local_attention", dict(num_heads=2, num_kv_heads=1, window=5)),
 }
 # Three documents, boundaries at odd positions (the local window is shorter than each).
 RESETS = np.zeros(T, bool)
@@ -324,13 +324,13 @@ def model_forms(model, packed, tokens):
     y = model(tokens)
     y1, s1 = model.prefill(tokens[:SPLIT], model.init_state())
     y_rest, _ = _steps(model, s1, tokens[SPLIT:])
-    r = jnp.asarray(RESETS)
+    r = jnp.zeros(T, bool).at[SPLIT].set(True)
     return dict(
         y=y,
         y_prefill_steps=jnp.concatenate([y1, y_rest]),
         y_packed=packed(tokens, resets=r),
         y_pf_packed=packed.prefill(tokens, packed.init_state(), resets=r)[0],
-        y_separate=jnp.concatenate([packed(piece) for piece in jnp.split(tokens, BOUNDS)]),
+        y_separate=jnp.concatenate([packed(tokens[:SPLIT]), packed(tokens[SPLIT:])]),
     )
 
 
