@@ -229,6 +229,7 @@ def contract_forms(m, x, t0):
         y_pf_packed=y_pf_packed,
         y_pf_hidden=y_pf_hidden,
         y_after=y_after,
+        doc_start_packed=s_cut_packed.doc_start,
         y16=y16,
     )
 
@@ -259,6 +260,10 @@ def test_recurrent_forms_causality_bf16(case):
     assert_close(r["y_pf_packed"], packed, 1e-5, "packed prefill")
     assert_close(r["y_pf_hidden"], packed[SPLIT:], 1e-5, "a reset hides the cache")
     assert_close(r["y_after"], packed[SPLIT + 4 :], 1e-5, "steps after a reset")
+    # RoPE scores depend on position differences only, so restarting positions at a
+    # document is invisible in the outputs (attention is masked to the document); the
+    # cache records where the document began.
+    assert int(r["doc_start_packed"]) == SPLIT
     assert r["y16"].dtype == jnp.bfloat16
     assert rel_err(r["y16"].astype(f32), y) < 5e-2
     # The cache holds `window` (local) or `max_len` (global) entries at any length.
