@@ -40,7 +40,7 @@ devices.
   once into memory-mapped shards in a cache directory. The last `val_fraction` of the
   bytes is held out for validation.
 - `"lm_bytes"`: the same task with the defaults it always had: bytes of this
-  directory's `README.md` and `**/*.py` as one stream, no document tokens.
+  working directory's `README.md` and `**/*.py` as one stream, no document tokens.
 
 For the synthetic tasks every example is a pure function of (config seed, split,
 example index), computed with a counter-based hash, so splits are independent streams,
