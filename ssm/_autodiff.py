@@ -301,7 +301,11 @@ def _make_rules(
         return p
 
     def ref_diff(p, idx):
-        return lambda sub: [flat_ref(with_t(p, sub, idx))[i] for i in diff_out_idx]
+        def fn(sub):
+            out = flat_ref(with_t(p, sub, idx))  # one trace of the reference
+            return [out[i] for i in diff_out_idx]
+
+        return fn
 
     def ref_jvp(p, t):
         sub = [p[i] for i in t_idx]
