@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Inexact, Int
 
-from ._autodiff import fast_vjp
+from ._autodiff import _inexact, fast_vjp
 from ._scan import linear_scan, matrix_scan
 
 
@@ -72,10 +72,6 @@ def _newton(fn, h0, xs, guess, iterations, tol, jacobian):
     inf = jnp.array(jnp.inf, jnp.finfo(h0.dtype).dtype)
     k, hs, _ = lax.while_loop(cond, body, (jnp.int32(0), guess, inf))
     return hs, k
-
-
-def _inexact(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def _call(fn, consts, h, x):

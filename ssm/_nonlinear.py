@@ -32,20 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._autodiff import fast_vjp
+from ._autodiff import _inexact, fast_vjp
 from ._scan import linear_scan, matrix_scan
 
 # ---------------------------------------------------------------------------
 # Pytree helpers. Cotangents are None where a leaf is not inexact, not wanted, or
 # (for cotangents coming in) symbolically zero.
-
-
-def _inexact(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def _index(tree, i):
