@@ -13,7 +13,14 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._heads import head_rms_norm, head_sizes, merge_heads, split_heads
-from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
+from ._mixer import (
+    AbstractMixer,
+    check_resets,
+    check_sequence,
+    check_token,
+    linear,
+    real_dtype,
+)
 
 
 class AttentionState(NamedTuple):
@@ -68,17 +75,6 @@ def document_starts(
     if resets is not None:
         starts = jnp.where(resets, index, starts)
     return lax.cummax(starts, axis=0)
-
-
-def _check_resets(resets, T: int):
-    if resets is None:
-        return None
-    if tuple(jnp.shape(resets)) != (T,) or jnp.result_type(resets) != jnp.bool_:
-        raise ValueError(
-            f"`resets` must be a boolean array of shape ({T},) (true at the first token "
-            f"of each document), got {jnp.result_type(resets)}{tuple(jnp.shape(resets))}."
-        )
-    return resets
 
 
 class AbstractAttention(AbstractMixer):
@@ -250,7 +246,7 @@ class AbstractAttention(AbstractMixer):
         """
         check_sequence(x, self.d_model, type(self).__name__)
         T = x.shape[0]
-        resets = _check_resets(resets, T)
+        resets = check_resets(resets, T, type(self).__name__)
         index = jnp.arange(T, dtype=jnp.int32)
         starts = document_starts(resets, index, jnp.zeros((), jnp.int32))
         q, k, v = self._qkv(x, index - starts)
@@ -293,7 +289,7 @@ class AbstractAttention(AbstractMixer):
         **Returns:** the outputs `(seq, d_model)` and the cache with `x` appended.
         """
         check_sequence(x, self.d_model, type(self).__name__)
-        resets = _check_resets(resets, x.shape[0])
+        resets = check_resets(resets, x.shape[0], type(self).__name__)
         return self._extend(x, state, resets)
 
     def step(

@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 
 class AbstractMixer(eqx.Module):
@@ -25,7 +25,17 @@ class AbstractMixer(eqx.Module):
              == [mixer.step(x[t], state_t)[0] for t in range(T)]
     ```
 
-    to float tolerance, for any length. `ssm_params` names the fields that hold the
+    to float tolerance, for any length. Packed documents: `resets` (boolean `(seq,)`,
+    true at the first token of each document) restarts the state before those tokens,
+    so that nothing crosses a boundary (recurrences restart from the zero state, short
+    convolutions do not read across it, attention is masked to the document):
+
+    ```python
+    mixer(concat(x1, x2), resets=start_of_x2) == concat(mixer(x1), mixer(x2))
+    ```
+
+    and `prefill` takes the same `resets` (a reset at its first token drops `state`).
+    `ssm_params` names the fields that hold the
     state-space parameters (eigenvalues, step sizes, ...), which the papers train
     with a lower learning rate and no weight decay; see `layers.ssm_param_labels`.
     """
@@ -35,7 +45,11 @@ class AbstractMixer(eqx.Module):
 
     @abc.abstractmethod
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq d_model"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d_model"]:
         raise NotImplementedError
 
@@ -45,7 +59,11 @@ class AbstractMixer(eqx.Module):
 
     @abc.abstractmethod
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: PyTree[Array]
+        self,
+        x: Float[Array, "seq d_model"],
+        state: PyTree[Array],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], PyTree[Array]]:
         raise NotImplementedError
 
@@ -130,23 +148,65 @@ def linear(layer: eqx.nn.Linear, x: Float[Array, "... d_in"]) -> Float[Array, ".
     return y
 
 
+def check_resets(resets: Any, T: int, name: str) -> Bool[Array, " seq"] | None:
+    """`resets` unchanged if it is None or a boolean `(T,)` array; else a clear error."""
+    if resets is None:
+        return None
+    if tuple(jnp.shape(resets)) != (T,) or jnp.result_type(resets) != jnp.bool_:
+        raise ValueError(
+            f"{name}: `resets` must be a boolean array of shape ({T},) (true at the "
+            "first token of each document), got "
+            f"{jnp.result_type(resets)}{tuple(jnp.shape(resets))}."
+        )
+    return resets
+
+
+def segments(resets: Bool[Array, " seq"]) -> Int[Array, " seq"]:
+    """The document index of each token: the number of resets up to and including it.
+
+    Whatever precedes the sequence (a carried state or convolution history) belongs to
+    document 0, so a reset at the first token separates it from the sequence.
+    """
+    return jnp.cumsum(resets.astype(jnp.int32))
+
+
 def causal_conv(
     weight: Float[Array, "kernel channels"],
     bias: Float[Array, " channels"],
     x: Float[Array, "seq channels"],
     history: Float[Array, "kernel_minus_1 channels"],
+    resets: Bool[Array, " seq"] | None = None,
 ) -> tuple[Float[Array, "seq channels"], Float[Array, "kernel_minus_1 channels"]]:
     """Depthwise causal convolution `y[t] = bias + sum_k weight[k] x[t - K + 1 + k]`.
 
     `history` holds the `K - 1` inputs before `x` (zeros at the start of a sequence);
-    returns the outputs and the new history.
+    returns the outputs and the new history. With `resets` (true at the first token
+    of each packed document) an output reads only inputs of its own document, as if
+    each document were convolved alone from zero history; the returned history keeps
+    only inputs of the last document.
     """
     K, T = weight.shape[0], x.shape[0]
     xp = jnp.concatenate([history.astype(x.dtype), x], axis=0)
     w = weight.astype(x.dtype)
-    y = bias.astype(x.dtype)[None] + sum(w[k][None] * xp[k : k + T] for k in range(K))
-    new_history = xp[xp.shape[0] - (K - 1) :].astype(history.dtype)
+    if resets is None:
+        y = bias.astype(x.dtype)[None] + sum(w[k][None] * xp[k : k + T] for k in range(K))
+        new_history = xp[xp.shape[0] - (K - 1) :].astype(history.dtype)
+        return y, new_history
+    seg = segments(resets)
+    seg_p = jnp.concatenate([jnp.zeros((K - 1,), seg.dtype), seg])
+    y = bias.astype(x.dtype)[None] + sum(
+        jnp.where((seg_p[k : k + T] == seg)[:, None], w[k][None] * xp[k : k + T], 0)
+        for k in range(K)
+    )
+    tail = xp.shape[0] - (K - 1)
+    keep = (seg_p[tail:] == seg[-1])[:, None]
+    new_history = jnp.where(keep, xp[tail:], 0).astype(history.dtype)
     return y, new_history
+
+
+def restart(state: PyTree[Array], reset: Bool[Array, ""]) -> PyTree[Array]:
+    """`state` with every leaf zeroed where `reset` (a scalar boolean) is true."""
+    return jax.tree.map(lambda s: jnp.where(reset, jnp.zeros_like(s), s), state)
 
 
 def chunked(
