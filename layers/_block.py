@@ -82,6 +82,7 @@ class Block(eqx.Module):
         dropout: float = 0.0,
         remat: bool = False,
         *,
+        norm_eps: float = 1e-5,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -95,15 +96,20 @@ class Block(eqx.Module):
           0 for no MLP.
         - `dropout`: the dropout rate on both residual branches.
         - `remat`: rematerialise the block in the backward pass.
+        - `norm_eps`: the epsilon of both RMS norms (added to the mean square).
         - `key`: a `jax.random.PRNGKey`.
         """
         k_mix, k_mlp = jr.split(key)
         self.d_model, self.remat = d_model, remat
-        self.norm1 = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
+        self.norm1 = eqx.nn.RMSNorm(
+            d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32
+        )
         self.mixer = make_mixer(mixer, d_model, mixer_kwargs, key=k_mix)
         if mlp_ratio > 0:
             hidden = max(1, int(round(2 * mlp_ratio * d_model / 3)))
-            self.norm2 = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
+            self.norm2 = eqx.nn.RMSNorm(
+                d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32
+            )
             self.mlp = GatedMLP(d_model, hidden, key=k_mlp)
         else:
             self.norm2, self.mlp = None, None

@@ -53,7 +53,7 @@ class SequenceModel(eqx.Module):
     encoder: eqx.nn.Linear | None
     blocks: tuple[Block, ...]
     norm: eqx.nn.RMSNorm
-    head: eqx.nn.Linear
+    head: eqx.nn.Linear | None
 
     def __init__(
         self,
@@ -69,6 +69,9 @@ class SequenceModel(eqx.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         remat: bool = False,
+        norm_eps: float = 1e-5,
+        tie_embeddings: bool = False,
+        head_bias: bool = True,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -84,10 +87,20 @@ class SequenceModel(eqx.Module):
           mapping from the list's entries to their keyword arguments
           (`{"local_attention": {"window": 64}}`).
         - `mlp_ratio`, `dropout`, `remat`: passed to every `Block`.
+        - `norm_eps`: the epsilon of every RMS norm (the blocks' and the final one).
+        - `tie_embeddings`: the head is the transposed token embedding (`head` is
+          then `None`; needs `vocab_size` and `d_output == vocab_size`, no bias).
+        - `head_bias`: whether an untied head has a bias.
         - `key`: a `jax.random.PRNGKey`.
         """
         if (vocab_size is None) == (d_input is None):
             raise ValueError("give exactly one of `vocab_size` (tokens) and `d_input`.")
+        if tie_embeddings and (vocab_size is None or d_output != vocab_size):
+            raise ValueError(
+                "`tie_embeddings=True` needs token inputs (`vocab_size`) and "
+                f"`d_output == vocab_size`, got vocab_size={vocab_size}, "
+                f"d_output={d_output}."
+            )
         if pooling not in (None, "mean", "last"):
             raise ValueError(f"`pooling` must be None, 'mean' or 'last', got {pooling!r}.")
         layer_mixers = mixer_pattern(mixer, mixer_kwargs, n_layers)
@@ -102,11 +115,18 @@ class SequenceModel(eqx.Module):
             self.embedding = None
             self.encoder = eqx.nn.Linear(d_input, d_model, dtype=jnp.float32, key=k_in)
         self.blocks = tuple(
-            Block(d_model, kind, kwargs, mlp_ratio, dropout, remat, key=k)
+            Block(
+                d_model, kind, kwargs, mlp_ratio, dropout, remat, norm_eps=norm_eps, key=k
+            )
             for (kind, kwargs), k in zip(layer_mixers, k_blocks, strict=True)
         )
-        self.norm = eqx.nn.RMSNorm(d_model, use_bias=False, dtype=jnp.float32)
-        self.head = eqx.nn.Linear(d_model, d_output, dtype=jnp.float32, key=k_head)
+        self.norm = eqx.nn.RMSNorm(d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32)
+        if tie_embeddings:
+            self.head = None
+        else:
+            self.head = eqx.nn.Linear(
+                d_model, d_output, use_bias=head_bias, dtype=jnp.float32, key=k_head
+            )
 
     def _encode(self, x):
         if self.embedding is not None:
@@ -126,7 +146,10 @@ class SequenceModel(eqx.Module):
         return linear(self.encoder, x)
 
     def _head(self, h):
-        return linear(self.head, rms_norm(self.norm, h))
+        h = rms_norm(self.norm, h)
+        if self.head is None:  # tied: the embedding, transposed
+            return h @ self.embedding.weight.T.astype(h.dtype)
+        return linear(self.head, h)
 
     def __call__(
         self,

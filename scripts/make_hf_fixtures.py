@@ -1,0 +1,167 @@
+"""Build the tiny Hugging Face fixtures of `tests/test_hf.py` with `transformers`.
+
+Needs the optional extra (`pip install torch==2.13.0` first, then
+`pip install -e .[interop]`). For each fixture: a random model of a few layers and
+small widths, saved with `save_pretrained` under `tests/fixtures/hf/<name>/`, and
+`logits.npz` beside it holding `tokens` (int, shape (batch, seq), odd lengths) and
+the reference's float32 `logits` on them, computed in float64 and rounded (so the
+fixture holds the reference's exact function, not its float32 rounding).
+
+    python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/*
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf"
+VOCAB = 61  # odd, so no size coincides with another
+
+# name -> (model_type, config options); each option that changes the computation
+# is set both ways across the fixtures of a type.
+FIXTURES = {
+    "mamba_tied": (
+        "mamba",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=2,
+            state_size=5,
+            conv_kernel=4,
+            expand=2,
+            time_step_rank=3,
+            use_conv_bias=True,
+            tie_word_embeddings=True,
+            layer_norm_epsilon=1e-5,
+        ),
+    ),
+    "mamba_untied": (
+        "mamba",
+        dict(
+            hidden_size=12,
+            num_hidden_layers=2,
+            state_size=4,
+            conv_kernel=3,
+            expand=3,
+            time_step_rank="auto",
+            use_conv_bias=False,
+            tie_word_embeddings=False,
+            layer_norm_epsilon=1e-3,
+        ),
+    ),
+    "mamba2_groups": (
+        "mamba2",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=2,
+            state_size=6,
+            conv_kernel=4,
+            expand=2,
+            num_heads=4,
+            head_dim=8,
+            n_groups=2,
+            use_conv_bias=True,
+            tie_word_embeddings=False,
+            layer_norm_epsilon=1e-5,
+            chunk_size=8,
+        ),
+    ),
+    "mamba2_tied": (
+        "mamba2",
+        dict(
+            hidden_size=12,
+            num_hidden_layers=2,
+            state_size=4,
+            conv_kernel=3,
+            expand=2,
+            num_heads=3,
+            head_dim=8,
+            n_groups=1,
+            use_conv_bias=False,
+            tie_word_embeddings=True,
+            layer_norm_epsilon=1e-3,
+            chunk_size=5,
+        ),
+    ),
+}
+
+CLASSES = {
+    "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
+    "mamba2": (transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
+}
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Parameters of order one everywhere (the default init leaves logits near
+    uniform, a weak test): weights ~ N(0, 1/fan_in), norms 1 + N(0, 0.2²), decays
+    spread over a range, `D` ~ N(0, 1), step-size biases spread around softplus⁻¹(0.05)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            shape = p.shape
+            if name.endswith("A_log"):
+                new = torch.log(torch.rand(shape, generator=g) * 7.5 + 0.5)
+            elif name.endswith(".D"):
+                new = torch.randn(shape, generator=g)
+            elif "norm" in name:
+                new = 1 + 0.2 * torch.randn(shape, generator=g)
+            elif name.endswith("dt_proj.bias") or name.endswith("dt_bias"):
+                new = -3 + torch.randn(shape, generator=g)
+            elif name.endswith("bias"):
+                new = 0.3 * torch.randn(shape, generator=g)
+            elif "embeddings" in name:
+                new = torch.randn(shape, generator=g)
+            else:
+                fan_in = math.prod(shape[1:])
+                new = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+            p.copy_(new.to(p.dtype))
+
+
+def build(model_type: str, options: dict, seed: int):
+    config_cls, model_cls = CLASSES[model_type]
+    config = config_cls(vocab_size=VOCAB, **options)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    randomise(model, seed)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def reference_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """The reference's logits in float64 (no cache: its parallel form)."""
+    m64 = model.to(torch.float64)
+    with torch.no_grad():
+        out = m64(torch.as_tensor(tokens), use_cache=False).logits
+    model.to(torch.float32)
+    return out.numpy().astype(np.float32)
+
+
+def tokens_for(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, VOCAB, size=(2, 23)).astype(np.int64)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT)
+    args = parser.parse_args()
+    for seed, (name, (model_type, options)) in enumerate(FIXTURES.items()):
+        model = build(model_type, options, seed)
+        out = args.out / name
+        shutil.rmtree(out, ignore_errors=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokens = tokens_for(100 + seed)
+        np.savez(out / "logits.npz", tokens=tokens, logits=reference_logits(model, tokens))
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"{name}: {model_type}, {size / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()

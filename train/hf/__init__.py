@@ -1,0 +1,160 @@
+"""Hugging Face checkpoints in and out: `load_hf` and `save_hf`.
+
+A Hugging Face model directory (`config.json` plus `model.safetensors`, or shards
+listed in `model.safetensors.index.json`) of a model type in `MODEL_TYPES` becomes a
+`layers.SequenceModel` whose logits equal the reference's (`transformers`) to float
+tolerance, and back. Only `safetensors` and numpy read the files: no torch at run
+time.
+
+```python
+from train.hf import load_hf, save_hf
+
+model, info = load_hf("path/to/mamba-130m-hf")
+logits = model(tokens)                      # tokens: Int[Array, "seq"]
+save_hf(model, "out/mamba-finetuned")       # loads in transformers again
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import layers
+
+from . import _mamba, _mamba2
+from ._io import (
+    TOKENIZER_FILE,
+    HFError as HFError,
+    Tensors,
+    read_config,
+    read_tensors,
+    write_dir,
+)
+
+_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2)}
+MODEL_TYPES: tuple[str, ...] = tuple(_MODULES)
+_BY_MIXER = {layers.Mamba: _mamba, layers.Mamba2: _mamba2}
+
+
+def _module(config: dict[str, Any], path: Path):
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise HFError(f"{path}/config.json: field 'model_type' is missing")
+    if model_type not in _MODULES:
+        raise HFError(
+            f"{path}/config.json: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(MODEL_TYPES)}"
+        )
+    return _MODULES[model_type]
+
+
+def load_hf(
+    path: str | Path, *, chunk_size: int | None = None
+) -> tuple[layers.SequenceModel, dict[str, Any]]:
+    """Load a local Hugging Face model directory as a `layers.SequenceModel`.
+
+    **Arguments:**
+
+    - `path`: the directory (`config.json` and safetensors; nothing is downloaded).
+    - `chunk_size`: the mixers' time chunk (a speed/memory knob that does not change
+      the outputs); the layer's default when `None`.
+
+    **Returns:** `(model, info)`: the model with float32 parameters, and a dict with
+    `model_type`, `config` (the parsed `config.json`), `path`, `tokenizer` (the path of
+    `tokenizer.json` beside it, or `None`) and `n_params`.
+
+    **Raises:** `HFError` (a `ConfigError`) naming the file, tensor or config field
+    for a directory that cannot be mapped exactly: no `config.json`, an unsupported
+    `model_type` or option, a missing, extra or mis-shaped tensor, a dtype other than
+    float32/float16/bfloat16/float64.
+    """
+    path = Path(path).expanduser()
+    config = read_config(path)
+    module = _module(config, path)
+    tensors = Tensors(path, read_tensors(path))
+    model = module.load(config, tensors, path, chunk_size)
+    tokenizer = path / TOKENIZER_FILE
+    info = {
+        "model_type": module.MODEL_TYPE,
+        "config": config,
+        "path": str(path),
+        "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
+        "n_params": sum(a.size for a in _tree_arrays(model)),
+    }
+    return model, info
+
+
+def _tree_arrays(model):
+    import equinox as eqx
+    import jax
+
+    return jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+
+
+def save_hf(
+    model: layers.SequenceModel,
+    path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write `model` as a Hugging Face model directory that `transformers` loads
+    (`AutoModelForCausalLM.from_pretrained(path)`), the inverse of `load_hf`.
+
+    **Arguments:**
+
+    - `model`: a token `SequenceModel` whose blocks all hold the same mixer of a
+      supported type (`layers.Mamba`: `mamba`; `layers.Mamba2`: `mamba2`), with no
+      MLP, no pooling and no head bias (or an all-zero one).
+    - `path`: the directory to write (created; files in it are replaced).
+    - `tokenizer`: a `tokenizer.json` to copy beside the weights.
+    - `dtype`: `"float32"` (exact) or `"float16"`.
+
+    **Returns:** `path`.
+    """
+    module = _check_savable(model)
+    config, tensors = module.save(model)
+    path = write_dir(path, config, tensors, dtype)
+    if tokenizer is not None:
+        import shutil
+
+        shutil.copyfile(tokenizer, path / TOKENIZER_FILE)
+    return path
+
+
+def _check_savable(model):
+    import numpy as np
+
+    if not isinstance(model, layers.SequenceModel):
+        raise TypeError(f"save_hf: expected a layers.SequenceModel, got {type(model)}")
+    if model.embedding is None:
+        raise ValueError("save_hf: the model has no token embedding (built with d_input)")
+    if model.pooling is not None:
+        raise ValueError(f"save_hf: a causal LM has no pooling, got {model.pooling!r}")
+    kinds = {type(b.mixer) for b in model.blocks}
+    if len(kinds) != 1 or next(iter(kinds)) not in _BY_MIXER:
+        names = sorted(k.__name__ for k in kinds)
+        raise ValueError(
+            f"save_hf: every block must hold one mixer of "
+            f"{[k.__name__ for k in _BY_MIXER]}, got {names}"
+        )
+    if any(b.mlp is not None for b in model.blocks):
+        raise ValueError("save_hf: the Hugging Face Mamba models have no MLP (mlp_ratio=0)")
+    if model.head is not None:
+        if model.head.bias is not None and np.any(np.asarray(model.head.bias) != 0):
+            raise ValueError(
+                "save_hf: the head has a non-zero bias, which lm_head cannot hold "
+                "(freeze `head.bias` when fine-tuning, or build with head_bias=False)"
+            )
+        if model.head.out_features != model.embedding.num_embeddings:
+            raise ValueError(
+                f"save_hf: the head's {model.head.out_features} outputs differ from the "
+                f"vocabulary of {model.embedding.num_embeddings}"
+            )
+    for name in ("norm1",):
+        if any(getattr(b, name).weight is None for b in model.blocks):
+            raise ValueError(f"save_hf: a block's {name} has no weight")
+    if any(b.norm1.eps != model.norm.eps for b in model.blocks):
+        raise ValueError("save_hf: the blocks' and the final norm's eps differ")
+    return _BY_MIXER[next(iter(kinds))]

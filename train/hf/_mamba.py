@@ -1,0 +1,177 @@
+"""`mamba` (`MambaForCausalLM`): Gu and Dao's Mamba language model.
+
+The reference (`transformers.models.mamba`) is `x + mixer(RMSNorm(x))` per layer, no
+MLP, a final `norm_f` and an `lm_head` tied to the embedding by default. Its mixer is
+our `layers.Mamba` tensor for tensor, except that `dt_proj` carries its bias (ours is
+`dt_bias`) and the depthwise convolution is stored as `(d_inner, 1, K)` (ours
+`(K, d_inner)`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax.random as jr
+import numpy as np
+
+import layers
+
+from ._io import HFError, Tensors, field, require
+from ._tree import arrays_of, build
+
+MODEL_TYPE = "mamba"
+ARCHITECTURE = "MambaForCausalLM"
+
+
+def _options(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Our constructor options from `config.json`, refusing what we do not implement."""
+    d_model = field(config, "hidden_size", int, path)
+    d_inner = field(config, "intermediate_size", int, path, default=None)
+    expand = field(config, "expand", int, path, default=2)
+    if d_inner is None:
+        d_inner = expand * d_model
+    if d_inner % d_model:
+        raise HFError(
+            f"{path}/config.json: intermediate_size {d_inner} is not a multiple of "
+            f"hidden_size {d_model} (layers.Mamba has d_inner = expand * d_model)"
+        )
+    rank = config.get("time_step_rank", "auto")
+    if rank == "auto" or rank is None:
+        rank = math.ceil(d_model / 16)
+    rank = field({"time_step_rank": rank}, "time_step_rank", int, path)
+    require(config, "hidden_act", "silu", path, default="silu")
+    require(
+        config,
+        "use_bias",
+        False,
+        path,
+        default=False,
+        why="layers.Mamba's in_proj and out_proj have no bias",
+    )
+    return {
+        "d_model": d_model,
+        "n_layers": field(config, "num_hidden_layers", int, path),
+        "vocab_size": field(config, "vocab_size", int, path),
+        "norm_eps": float(field(config, "layer_norm_epsilon", float, path, default=1e-5)),
+        "tie": bool(field(config, "tie_word_embeddings", bool, path, default=True)),
+        "conv_bias": bool(field(config, "use_conv_bias", bool, path, default=True)),
+        "mixer_kwargs": {
+            "d_state": field(config, "state_size", int, path),
+            "d_conv": field(config, "conv_kernel", int, path),
+            "expand": d_inner // d_model,
+            "dt_rank": rank,
+        },
+    }
+
+
+def model_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The `model` section of a training config that builds this architecture."""
+    o = _options(config, path)
+    return {
+        "mixer": "mamba",
+        "d_model": o["d_model"],
+        "n_layers": o["n_layers"],
+        "mlp_ratio": 0.0,
+        "mixer_kwargs": o["mixer_kwargs"],
+        "norm_eps": o["norm_eps"],
+    }
+
+
+def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int | None):
+    o = _options(config, path)
+    D, V, L = o["d_model"], o["vocab_size"], o["n_layers"]
+    mk = dict(o["mixer_kwargs"])
+    N, K, R = mk["d_state"], mk["d_conv"], mk["dt_rank"]
+    E = mk["expand"] * D
+    if chunk_size is not None:
+        mk["chunk_size"] = chunk_size
+    arrays = {"embedding.weight": tensors.take("backbone.embeddings.weight", (V, D))}
+    for i in range(L):
+        h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
+        arrays[o_ + "norm1.weight"] = tensors.take(h + "norm.weight", (D,))
+        m, om = h + "mixer.", o_ + "mixer."
+        arrays[om + "in_proj.weight"] = tensors.take(m + "in_proj.weight", (2 * E, D))
+        conv = tensors.take(m + "conv1d.weight", (E, 1, K))
+        arrays[om + "conv_weight"] = np.ascontiguousarray(conv[:, 0, :].T)
+        if o["conv_bias"]:
+            arrays[om + "conv_bias"] = tensors.take(m + "conv1d.bias", (E,))
+        else:
+            arrays[om + "conv_bias"] = np.zeros((E,), np.float32)
+        arrays[om + "x_proj.weight"] = tensors.take(m + "x_proj.weight", (R + 2 * N, E))
+        arrays[om + "dt_proj.weight"] = tensors.take(m + "dt_proj.weight", (E, R))
+        arrays[om + "dt_bias"] = tensors.take(m + "dt_proj.bias", (E,))
+        arrays[om + "A_log"] = tensors.take(m + "A_log", (E, N))
+        arrays[om + "D"] = tensors.take(m + "D", (E,))
+        arrays[om + "out_proj.weight"] = tensors.take(m + "out_proj.weight", (D, E))
+    arrays["norm.weight"] = tensors.take("backbone.norm_f.weight", (D,))
+    if o["tie"]:
+        tensors.skip("lm_head.weight")  # save_pretrained may or may not write it
+    else:
+        arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
+    tensors.finish()
+
+    def make():
+        return layers.SequenceModel(
+            "mamba",
+            D,
+            L,
+            V,
+            vocab_size=V,
+            mixer_kwargs=mk,
+            mlp_ratio=0.0,
+            norm_eps=o["norm_eps"],
+            tie_embeddings=o["tie"],
+            head_bias=False,
+            key=jr.key(0),
+        )
+
+    return build(make, arrays)
+
+
+def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`config.json` fields and tensors of a Mamba `SequenceModel`."""
+    mixer = model.blocks[0].mixer
+    a = arrays_of(model)
+    V, D = a["embedding.weight"].shape
+    E = mixer.d_inner
+    tensors = {"backbone.embeddings.weight": a["embedding.weight"]}
+    for i in range(len(model.blocks)):
+        h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
+        tensors[h + "norm.weight"] = a[o_ + "norm1.weight"]
+        m, om = h + "mixer.", o_ + "mixer."
+        tensors[m + "in_proj.weight"] = a[om + "in_proj.weight"]
+        tensors[m + "conv1d.weight"] = np.ascontiguousarray(
+            a[om + "conv_weight"].T[:, None]
+        )
+        tensors[m + "conv1d.bias"] = a[om + "conv_bias"]
+        tensors[m + "x_proj.weight"] = a[om + "x_proj.weight"]
+        tensors[m + "dt_proj.weight"] = a[om + "dt_proj.weight"]
+        tensors[m + "dt_proj.bias"] = a[om + "dt_bias"]
+        tensors[m + "A_log"] = a[om + "A_log"]
+        tensors[m + "D"] = a[om + "D"]
+        tensors[m + "out_proj.weight"] = a[om + "out_proj.weight"]
+    tensors["backbone.norm_f.weight"] = a["norm.weight"]
+    tied = model.head is None
+    if not tied:
+        tensors["lm_head.weight"] = a["head.weight"]
+    config = {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "hidden_size": D,
+        "intermediate_size": E,
+        "expand": E // D,
+        "num_hidden_layers": len(model.blocks),
+        "vocab_size": V,
+        "state_size": mixer.d_state,
+        "conv_kernel": mixer.d_conv,
+        "time_step_rank": mixer.dt_rank,
+        "layer_norm_epsilon": model.norm.eps,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "tie_word_embeddings": tied,
+    }
+    return config, tensors
