@@ -70,7 +70,7 @@ from jaxtyping import Array, ArrayLike, Float, Shaped
 from . import _cpu_kernel
 from ._autodiff import fast_vjp
 from ._cpu_kernel import chain, matmul
-from ._gla import _heads_first
+from ._gla import _check_resets, _heads_first
 
 _METHODS = ("chunked", "recurrent")
 # Chunks are taken in groups of about this many steps (see `_group`): a scan step's
@@ -155,12 +155,22 @@ def _step(S, q, k, v, beta, log_decay):
     return jnp.einsum("hk,hkv->hv", q, S), S
 
 
-def _recurrent(q, k, v, beta, log_decay, h0):
-    def body(S, x):
-        o, S = _step(S, *x)
+def _recurrent(q, k, v, beta, log_decay, h0, resets=None):
+    if resets is None:
+
+        def body(S, x):
+            o, S = _step(S, *x)
+            return S, o
+
+        S, o = lax.scan(body, h0, (q, k, v, beta, log_decay))
+        return o, S
+
+    def body_resets(S, x):
+        *x, r = x
+        o, S = _step(jnp.where(r, jnp.zeros_like(S), S), *x)
         return S, o
 
-    S, o = lax.scan(body, h0, (q, k, v, beta, log_decay))
+    S, o = lax.scan(body_resets, h0, (q, k, v, beta, log_decay, resets))
     return o, S
 
 
@@ -228,14 +238,22 @@ class _Factors(NamedTuple):
     e: Array | None  # exp(g[C] - g)
 
 
-def _factors(q, k, v, beta, log_decay, saved=None) -> _Factors:
+def _factors(q, k, v, beta, log_decay, saved=None, seg=None) -> _Factors:
     """The factors of chunks, heads first: ``q, k (..., C, dk)``, ``v (..., C, dv)``,
     ``beta, log_decay (..., C)``; ``saved``, if given, is ``(inverse, Gam)`` as an
     earlier call returned them (the backward pass reuses them rather than compute
-    the exponentials and the inverse again)."""
+    the exponentials and the inverse again).
+
+    With resets, ``seg (..., 1, C)`` counts them up to each step of the chunk, and a
+    reset acts as ``α = 0`` exactly, by masks: ``Γ[t, s] = 0`` when a reset lies in
+    ``(s, t]`` (``seg`` differs), ``γ[t] = 0`` after the chunk's first reset, ``exp(g[C]
+    - g[s]) = 0`` before its last (and so ``γ[C] = 0`` in a chunk with a reset)."""
     KK = matmul(k, k, transpose_b=True)
     QK = matmul(q, k, transpose_b=True)
     causal, strict = _tril(QK.shape), _tril(QK.shape, -1)
+    if seg is not None:
+        same = seg[..., :, None] == seg[..., None, :]
+        causal, strict = causal & same, strict & same
     if log_decay is None:
         Gam = gam = e = None
         A = jnp.where(strict, beta[..., :, None] * KK, 0)
@@ -256,6 +274,9 @@ def _factors(q, k, v, beta, log_decay, saved=None) -> _Factors:
         P = Gam * QK
         gam = jnp.exp(g)
         e = jnp.exp(g[..., -1:] - g)
+        if seg is not None:
+            gam = jnp.where(seg == 0, gam, 0)
+            e = jnp.where(seg == seg[..., -1:], e, 0)
         rhs = jnp.concatenate([beta[..., None] * v, (beta * gam)[..., None] * k], -1)
         Qg = gam[..., None] * q
         Kd = e[..., None] * k
@@ -371,11 +392,12 @@ def _group(T, C):
     return g
 
 
-def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0):
+def _chunked(C, out_dtype, q, k, v, beta, log_decay, h0, resets=None):
     """The chunked form; differentiable in every way (`_chunked_op`): reverse mode by
     the hand-written `_chunked_bwd`, forward mode and second order through
-    `_reference`."""
-    return _chunked_op(int(C), np.dtype(out_dtype))(q, k, v, beta, log_decay, h0)
+    `_reference`. With `resets`, `log_decay` must be given (zeros for none)."""
+    op = _chunked_op(int(C), np.dtype(out_dtype))
+    return op(q, k, v, beta, log_decay, h0, resets)
 
 
 @functools.cache
@@ -397,7 +419,7 @@ def _chunked_op(C, out_dtype):
     return fast_vjp(fwd, bwd, reference)
 
 
-def _reference(C, out_dtype, q, k, v, beta, log_decay, h0):
+def _reference(C, out_dtype, q, k, v, beta, log_decay, h0, resets):
     """The chunked form in plain XLA ops (the compiled kernels off while it is
     traced), which JAX differentiates to any order: forward mode (`jax.jvp`,
     `jax.jacfwd`) and every second-order derivative of `_chunked` go through it. Its
@@ -405,10 +427,24 @@ def _reference(C, out_dtype, q, k, v, beta, log_decay, h0):
     what JAX keeps of a `lax.scan` over groups: each chunk's start state, factors and
     inverse."""
     with _cpu_kernel.xla_only():
-        return _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0)[0]
+        return _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0, resets)[0]
 
 
-def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
+def _segments(r):
+    """The chunks' reset flags ``r (..., C)`` -> the reset counts up to each step,
+    heads first ``(..., 1, C)`` int32 (steps of a chunk with equal counts are in one
+    document)."""
+    return jnp.cumsum(r.astype(jnp.int32), axis=-1)[..., None, :]
+
+
+def _drop_reset_decays(log_decay, r):
+    """Zeros at the reset steps of ``log_decay (..., C, H)``: a reset step's gate
+    multiplies a dropped state (no effect, no derivative), and left out of the
+    cumulative sums it cannot cost them precision."""
+    return jnp.where(r[..., None], 0, log_decay)
+
+
+def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0, resets=None):
     """Groups of chunks in order: a ``lax.scan`` that carries the state. A group's
     factors come first, batched; then its chunks' states, one after another; then
     its outputs, batched. The chunks' start states are kept for the backward pass
@@ -417,9 +453,16 @@ def _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0):
     C`` numbers per head each)."""
     xs = (q, k, v, beta, log_decay)
     g = _group(q.shape[0], C)
+    if resets is not None:
+        xs = (*xs, resets)
 
     def body(S0, xs_g):
-        f = _factors(*_prepare(S0.dtype, *xs_g))
+        if resets is None:
+            f = _factors(*_prepare(S0.dtype, *xs_g))
+        else:
+            *xs_g, r = xs_g
+            xs_g[4] = _drop_reset_decays(xs_g[4], r)
+            f = _factors(*_prepare(S0.dtype, *xs_g), seg=_segments(r))
         dv = S0.shape[-1]  # chunk after chunk: W = U - Wk S0, S_end = γ[C] S0 + Kdᵀ W
         starts, W, S = chain(f.X, f.X, f.Kd, f.gam_C, S0, a_offset=dv, negate_a=True)
         o = matmul(f.Qg, starts) + matmul(f.P, W)
@@ -436,7 +479,7 @@ def _chunked_bwd(C, out_dtype, args, saved, cotangents):
     from their inputs, runs the state part of the derivative backward through its
     chunks and the rest batched over them; nothing of size ``T × d_k × d_v`` is ever
     held."""
-    xs, h0 = args[:5], args[5]
+    xs, h0, resets = args[:5], args[5], args[6]
     do, G = cotangents
     T = xs[0].shape[0]
     dtype = saved[0].dtype
@@ -445,9 +488,13 @@ def _chunked_bwd(C, out_dtype, args, saved, cotangents):
     g = _group(T, C)
 
     def body(G, inputs):
-        xs_g, (S0, W, inverse, Gam), dO = inputs
+        xs_g, (S0, W, inverse, Gam), dO, r = inputs
+        seg = None
+        if r is not None:
+            xs_g = (*xs_g[:4], _drop_reset_decays(xs_g[4], r))
+            seg = _segments(r)
         prepared = _prepare(S0.dtype, *xs_g)
-        f = _factors(*prepared, saved=(inverse, Gam))
+        f = _factors(*prepared, saved=(inverse, Gam), seg=seg)
         dO = _heads_first(dO.astype(S0.dtype))
         dW, ends, G = _state_vjp(f, dO, G)
         grads = _local_vjp(S0, W, dW, ends, dO, prepared, f)
@@ -457,11 +504,18 @@ def _chunked_bwd(C, out_dtype, args, saved, cotangents):
             else (_heads_first(d) if d.ndim == 4 else _mT(d)).astype(x.dtype)
             for d, x in zip(grads, xs_g, strict=True)
         )
+        if r is not None:  # through the zeros of `_drop_reset_decays`
+            dxs = (*dxs[:4], _drop_reset_decays(dxs[4], r))
         return G, dxs
 
-    chunks = (tuple(_to_chunks(x, C, g) for x in xs), saved, _to_chunks(do, C, g))
+    chunks = (
+        tuple(_to_chunks(x, C, g) for x in xs),
+        saved,
+        _to_chunks(do, C, g),
+        _to_chunks(resets, C, g),
+    )
     dh0, dxs = lax.scan(body, G.astype(dtype), chunks, reverse=True)
-    return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0)
+    return (*(None if dx is None else _from_chunks(dx, T) for dx in dxs), dh0, None)
 
 
 # ---------------------------------------------------------------------------
@@ -476,6 +530,7 @@ def delta_rule(
     log_decay: Shaped[ArrayLike, "..."] | None = None,
     h0: Shaped[ArrayLike, "..."] | None = None,
     *,
+    resets: Shaped[ArrayLike, "..."] | None = None,
     chunk_size: int | None = None,
     method: str = "chunked",
 ) -> tuple[Float[Array, "T H d_v"], Float[Array, "H d_k d_v"]]:
@@ -501,6 +556,14 @@ def delta_rule(
     - `beta`: the write strengths `β`, shape `(T, H)`.
     - `log_decay`: `log α`, shape `(T, H)`, at most 0; `None` for `α = 1`.
     - `h0`: the state before the first step, shape `(H, d_k, d_v)`; zeros if `None`.
+    - `resets`: packed documents, a boolean array of shape `(T,)`, true at the first
+      step of each document; where true the state restarts before step `t` (`S[t-1]`
+      is taken as 0, `h0` included, so `S[t] = β[t] k[t] v[t]ᵀ` and `log_decay[t]`
+      has no effect), and `o` on `concat(x1, x2)` with a reset at the start of `x2`
+      is `concat(o(x1), o(x2))`. In the chunked form a reset is `α = 0` applied by
+      masks (exact: no large negative log decay stands in for it), with the same
+      compiled kernels; without `log_decay` it runs the gated form with `α = 1`.
+      `None`: no resets (and no extra cost).
     - `chunk_size`: the chunk length `C` of the chunked form (any `T` works; the last
       chunk is zero-padded, and `C` shrinks to `T` for short sequences). `None`: 64
       (the papers' choice, for accelerators), or 32 on CPU, where it is measured to be
@@ -546,16 +609,19 @@ def delta_rule(
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
     T = q.shape[0]
+    resets = _check_resets(resets, T)
     h0 = jnp.zeros((H, dk, dv), compute) if h0 is None else h0.astype(compute)
     if T == 0:
         return jnp.zeros((0, H, dv), out), h0
     if method == "recurrent":
         xs = (q, k, v, beta, log_decay)
         xs = tuple(None if x is None else x.astype(compute) for x in xs)
-        o, S = _recurrent(*xs, h0)
+        o, S = _recurrent(*xs, h0, resets)
         return o.astype(out), S
     C = int(min(chunk_size, T))
-    return _chunked(C, out, q, k, v, beta, log_decay, h0)
+    if resets is not None and log_decay is None:
+        log_decay = jnp.zeros((T, H), compute)
+    return _chunked(C, out, q, k, v, beta, log_decay, h0, resets)
 
 
 def delta_rule_step(

@@ -93,6 +93,29 @@ def _check_int(name, value, minimum=1):
         raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
 
 
+def _check_resets(resets, T):
+    """`resets` as a boolean `(T,)` array (or `None`), else a clear error."""
+    if resets is None:
+        return None
+    if not hasattr(resets, "shape") or not hasattr(resets, "dtype"):
+        raise TypeError(
+            f"`resets` must be a boolean JAX or NumPy array of shape ({T},) (true at the "
+            f"first step of each packed document), got {type(resets).__name__}."
+        )
+    if resets.dtype != jnp.bool_:
+        raise TypeError(
+            f"`resets` must have dtype bool, got {resets.dtype} (shape "
+            f"{tuple(resets.shape)}); expected a boolean array of shape ({T},), true at "
+            "the first step of each packed document."
+        )
+    if tuple(resets.shape) != (T,):
+        raise ValueError(
+            f"`resets` must have shape (T,) = ({T},) (one flag per time step), got "
+            f"{tuple(resets.shape)}."
+        )
+    return jnp.asarray(resets)
+
+
 def _check_qkv(q, k, v):
     _check_array("q", q, (3,), "(T, H, d_k)")
     T, H, dk = q.shape
@@ -172,21 +195,32 @@ def _from_groups(x, T):
 # cotangents `(dq, dk, dv, db)` for an output cotangent `do`, recomputing what they need.
 
 
-def _intra_scalar(q, k, v, b):
-    """`((q k^T) * L) v` with `L[i, j] = exp(b_i - b_j)` for `j <= i`, else 0."""
-    return matmul(_scalar_attention(q, k, b)[0], v)
+def _intra_scalar(q, k, v, b, seg=None):
+    """`((q k^T) * L) v` with `L[i, j] = exp(b_i - b_j)` for `j <= i` (and `j` in the
+    document of `i`, with resets), else 0."""
+    return matmul(_scalar_attention(q, k, b, seg)[0], v)
 
 
-def _scalar_attention(q, k, b):
+def _same_document(seg):
+    """`seg (..., C, 1)` -> `(..., C, C)`: true where positions `i, j` of a chunk lie
+    in the same document (no reset in `(j, i]` for `j <= i`)."""
+    seg = seg[..., 0]
+    return seg[..., :, None] == seg[..., None, :]
+
+
+def _scalar_attention(q, k, b, seg=None):
     b = b[..., 0]
     C = b.shape[-1]
     diff = b[..., :, None] - b[..., None, :]
-    decay = jnp.exp(jnp.where(_tril(C, diff.ndim), diff, -jnp.inf))
+    mask = _tril(C, diff.ndim)
+    if seg is not None:
+        mask = mask & _same_document(seg)
+    decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
     return matmul(q, k, transpose_b=True) * decay, decay
 
 
-def _intra_scalar_bwd(q, k, v, b, do):
-    scores, decay = _scalar_attention(q, k, b)
+def _intra_scalar_bwd(q, k, v, b, do, seg=None):
+    scores, decay = _scalar_attention(q, k, b, seg)
     d_scores = matmul(do, v, transpose_b=True)
     dv = matmul(scores, do, transpose_a=True)
     d_qk = d_scores * decay
@@ -224,37 +258,55 @@ def _join(first, second):
     return jnp.reshape(x, x.shape[:-4] + (-1, x.shape[-1]))
 
 
-def _level(q, k, b, p, s):
-    """Rescaled second-half queries and first-half keys of one tree level."""
+def _level(q, k, b, p, s, seg=None):
+    """Rescaled second-half queries and first-half keys of one tree level.
+
+    With resets (`seg`, the reset count inside the chunk), a pair `(i, j)` across the
+    middle is in one document iff no reset lies in `(j, mid]` nor in `(mid, i]`
+    (`mid` the end of the first half): a factor of `j` times a factor of `i`, so the
+    two rescalings are masked and the pair stays one product."""
     q1, q2 = _halves(q, p, s)
     k1, k2 = _halves(k, p, s)
     b1, b2 = _halves(b, p, s)
     ref = b1[..., -1:, :]  # b at the end of the first half
     e2 = jnp.exp(b2 - ref)
     e1 = jnp.exp(ref - b1)
+    if seg is not None:
+        s1, s2 = _halves(seg, p, s)
+        s_ref = s1[..., -1:, :]
+        e2 = jnp.where(s2 == s_ref, e2, 0)
+        e1 = jnp.where(s1 == s_ref, e1, 0)
     return q2 * e2, k1 * e1, e2, e1
 
 
-def _leaf(q, k, b, c):
+def _leaf(q, k, b, c, seg=None):
     """The `c x c` leaf blocks, element by element: `(..., n, c, c)` and the decays."""
     qs, ks, bs = (jnp.reshape(x, x.shape[:-2] + (-1, c, x.shape[-1])) for x in (q, k, b))
     diff = bs[..., :, None, :] - bs[..., None, :, :]
     mask = _tril(c, diff.ndim - 1)[..., None]
+    if seg is not None:
+        ss = jnp.reshape(seg, seg.shape[:-2] + (-1, c, 1))
+        mask = mask & (ss[..., :, None, :] == ss[..., None, :, :])
     decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))
     return jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * decay, axis=-1), decay
 
 
-def _intra_per_key(q, k, v, b):
+def _intra_per_key(q, k, v, b, seg=None):
     """Within-chunk outputs for a per-key decay: `_tree` in XLA ops, or the compiled
-    kernel that does the same on CPU (`ssm._cpu_kernel.per_key_tree`)."""
+    kernel that does the same on CPU (`ssm._cpu_kernel.per_key_tree`). The kernel
+    knows no resets: with them (`seg` given), `_tree` in XLA ops."""
+    if seg is not None:
+        return _tree(q, k, v, b, seg)
     return per_key_tree(q, k, v, b, xla=_tree)
 
 
-def _intra_per_key_bwd(q, k, v, b, do):
+def _intra_per_key_bwd(q, k, v, b, do, seg=None):
+    if seg is not None:
+        return _tree_bwd(q, k, v, b, do, seg)
     return per_key_tree(q, k, v, b, do, xla=_tree_bwd)
 
 
-def _tree(q, k, v, b):
+def _tree(q, k, v, b, seg=None):
     """Within-chunk outputs for a per-key decay: a binary tree over the chunk.
 
     The chunk is halved recursively down to leaves of `c` steps (`c` the odd part of
@@ -270,17 +322,17 @@ def _tree(q, k, v, b):
     if c == 1:
         o = jnp.sum(q * k, axis=-1, keepdims=True) * v
     else:
-        a, _ = _leaf(q, k, b, c)
+        a, _ = _leaf(q, k, b, c, seg)
         o = jnp.reshape(a @ jnp.reshape(v, v.shape[:-2] + (-1, c, v.shape[-1])), v.shape)
     for s, p in _levels(C):
-        q_hat, k_hat, _, _ = _level(q, k, b, p, s)
+        q_hat, k_hat, _, _ = _level(q, k, b, p, s, seg)
         v1, _ = _halves(v, p, s)
         o1, o2 = _halves(o, p, s)
         o = _join(o1, o2 + matmul(matmul(q_hat, k_hat, transpose_b=True), v1))
     return o
 
 
-def _tree_bwd(q, k, v, b, do):
+def _tree_bwd(q, k, v, b, do, seg=None):
     C = q.shape[-2]
     c = _leaf_size(C)
     if c == 1:
@@ -288,7 +340,7 @@ def _tree_bwd(q, k, v, b, do):
         da = jnp.sum(do * v, axis=-1, keepdims=True)
         dq, dk, dv, db = da * k, da * q, a * do, jnp.zeros_like(b)
     else:
-        a, decay = _leaf(q, k, b, c)
+        a, decay = _leaf(q, k, b, c, seg)
         split = lambda x: jnp.reshape(x, x.shape[:-2] + (-1, c, x.shape[-1]))  # noqa: E731
         qs, ks, vs, dos = (split(x) for x in (q, k, v, do))
         da = (dos @ _mT(vs)) * _tril(c, a.ndim).astype(a.dtype)
@@ -299,7 +351,7 @@ def _tree_bwd(q, k, v, b, do):
         z = w * qs[..., :, None, :] * ks[..., None, :, :]
         db = jnp.reshape(jnp.sum(z, axis=-2) - jnp.sum(z, axis=-3), b.shape)
     for s, p in _levels(C):
-        q_hat, k_hat, e2, e1 = _level(q, k, b, p, s)
+        q_hat, k_hat, e2, e1 = _level(q, k, b, p, s, seg)
         v1, _ = _halves(v, p, s)
         _, do2 = _halves(do, p, s)
         off = matmul(q_hat, k_hat, transpose_b=True)
@@ -342,10 +394,23 @@ def _chunk_cumsum(x, reverse=False):
     return jnp.reshape(product, x.shape)
 
 
-def _decays(b):
-    """The factors built from a chunk's cumulative log decays `b`."""
+def _decays(b, seg=None):
+    """The factors built from a chunk's cumulative log decays `b`: `exp(b)` (from the
+    chunk's start state to each step), `exp(b_last - b)` (from each step to the
+    chunk's end state) and `exp(b_last)` (start to end state). With resets (`seg`,
+    the number of resets up to each step inside the chunk, heads first `(..., 1, C,
+    1)`), each is zero where a reset lies on its path: no start state reaches a step
+    after a reset, no step before the chunk's last reset reaches its end."""
     last = b[..., -1:, :]
-    return jnp.exp(b), jnp.exp(last - b), jnp.exp(last)
+    q_decay, k_decay, total = jnp.exp(b), jnp.exp(last - b), jnp.exp(last)
+    if seg is None:
+        return q_decay, k_decay, total
+    seg_last = seg[..., -1:, :]
+    return (
+        jnp.where(seg == 0, q_decay, 0),
+        jnp.where(seg == seg_last, k_decay, 0),
+        jnp.where(seg_last == 0, total, 0),
+    )
 
 
 def _heads_first(x):
@@ -353,37 +418,47 @@ def _heads_first(x):
     return jnp.swapaxes(x, -3, -2)
 
 
-def _summary(k, v, b):
+def _seg_first(seg):
+    return None if seg is None else _heads_first(seg)
+
+
+def _summary(k, v, b, seg=None):
     """A chunk's total decay `(..., H, K, 1)` and its input to the state, from its
-    cumulative log decays `b` (here and below: `(..., C, H, K)`, see `_chunk_cumsum`)."""
+    cumulative log decays `b` (here and below: `(..., C, H, K)`, see `_chunk_cumsum`;
+    `seg` `(..., C, 1, 1)` the reset counts inside the chunk, or `None`)."""
     k, v, b = (_heads_first(x) for x in (k, v, b))
-    _, k_decay, total = _decays(b)
+    _, k_decay, total = _decays(b, _seg_first(seg))
     return _mT(total), matmul(k * k_decay, v, transpose_a=True)
 
 
-def _outputs(q, k, v, b, s0):
+def _outputs(q, k, v, b, s0, seg=None):
     """A chunk's outputs from its start state `s0` `(..., H, dk, dv)`."""
     q, k, v, b = (_heads_first(x) for x in (q, k, v, b))
-    q_decay, _, _ = _decays(b)
-    intra = (_intra_scalar if b.shape[-1] == 1 else _intra_per_key)(q, k, v, b)
+    seg = _seg_first(seg)
+    q_decay, _, _ = _decays(b, seg)
+    intra = (_intra_scalar if b.shape[-1] == 1 else _intra_per_key)(q, k, v, b, seg)
     return _heads_first(intra + matmul(q * q_decay, s0))
 
 
-def _state_cotangent(q, b, do):
+def _state_cotangent(q, b, do, seg=None):
     """A chunk's total decay and `(q exp(b))^T do`, the cotangent its outputs send to
     its start state."""
     q, b, do = (_heads_first(x) for x in (q, b, do))
-    q_decay, _, total = _decays(b)
+    q_decay, _, total = _decays(b, _seg_first(seg))
     return _mT(total), matmul(q * q_decay, do, transpose_a=True)
 
 
-def _local_bwd(q, k, v, b, s0, do, G):
+def _local_bwd(q, k, v, b, s0, do, G, seg=None):
     """Cotangents of a chunk's inputs, given those of its outputs (`do`) and of its end
-    state (`G`), from its start state `s0`."""
+    state (`G`), from its start state `s0`. With resets the masked factors of
+    `_decays` and the masked within-chunk products carry the masks into every term
+    (a factor that is zero has a zero derivative)."""
     q, k, v, b, do = (_heads_first(x) for x in (q, k, v, b, do))
+    seg = _seg_first(seg)
     K = b.shape[-1]
-    q_decay, k_decay, total = _decays(b)
-    dq, dk, dv, db = (_intra_scalar_bwd if K == 1 else _intra_per_key_bwd)(q, k, v, b, do)
+    q_decay, k_decay, total = _decays(b, seg)
+    intra_bwd = _intra_scalar_bwd if K == 1 else _intra_per_key_bwd
+    dq, dk, dv, db = intra_bwd(q, k, v, b, do, seg)
     # outputs: + (q exp(b)) s0
     dq_bar = matmul(do, s0, transpose_b=True)
     dq = dq + dq_bar * q_decay
@@ -402,8 +477,9 @@ def _local_bwd(q, k, v, b, s0, do, G):
     return dq, dk, dv, _chunk_cumsum(db, reverse=True)  # b = cumsum(g)
 
 
-def _gla_chunked(q, k, v, g, h0, k_scale, C, ones=False):
-    """The chunked operator on keys `k * k_scale` (`k_scale` `(T, H, 1)` or `None`).
+def _gla_chunked(q, k, v, g, h0, k_scale, C, ones=False, resets=None):
+    """The chunked operator on keys `k * k_scale` (`k_scale` `(T, H, 1)` or `None`),
+    with `resets` (bool `(T,)`) or none.
 
     For the mLSTM, the two extras are applied group by group rather than as copies of
     `k` and `v`: `k_scale` is the input gate and, with `ones`, the values get a column
@@ -413,7 +489,7 @@ def _gla_chunked(q, k, v, g, h0, k_scale, C, ones=False):
     Differentiable in every way (`_gla_chunked_op`): reverse mode by the hand-written
     `_gla_chunked_bwd`, forward mode and second order through `_gla_reference`.
     """
-    return _gla_chunked_op(int(C), bool(ones))(q, k, v, g, h0, k_scale)
+    return _gla_chunked_op(int(C), bool(ones))(q, k, v, g, h0, k_scale, resets)
 
 
 @functools.cache
@@ -422,20 +498,20 @@ def _gla_chunked_op(C, ones):
     `fast_vjp`: its value and residuals from `_gla_chunked_fwd`, its reverse mode
     `_gla_chunked_bwd`, everything else JAX's autodiff of `_gla_reference`."""
 
-    def fwd(q, k, v, g, h0, k_scale):
-        return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones)
+    def fwd(q, k, v, g, h0, k_scale, resets):
+        return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones, resets)
 
     def bwd(args, s_group, cts, want):
         del want  # every cotangent costs about the same; all are computed
         return _gla_chunked_bwd(C, ones, args, s_group, cts)
 
-    def reference(q, k, v, g, h0, k_scale):
-        return _gla_reference(q, k, v, g, h0, k_scale, C, ones)
+    def reference(q, k, v, g, h0, k_scale, resets):
+        return _gla_reference(q, k, v, g, h0, k_scale, C, ones, resets)
 
     return fast_vjp(fwd, bwd, reference)
 
 
-def _gla_reference(q, k, v, g, h0, k_scale, C, ones):
+def _gla_reference(q, k, v, g, h0, k_scale, C, ones, resets):
     """The chunked form in plain XLA ops (the compiled kernels off while it is
     traced), which JAX differentiates to any order: forward mode (`jax.jvp`,
     `jax.jacfwd`) and every second-order derivative of `_gla_chunked` go through it.
@@ -443,7 +519,7 @@ def _gla_reference(q, k, v, g, h0, k_scale, C, ones):
     keeps what JAX keeps of a `lax.scan` over groups: every chunk's start state and
     within-chunk products."""
     with _cpu_kernel.xla_only():
-        return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones)[0]
+        return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones, resets)[0]
 
 
 # Both passes are one `lax.scan` over groups of chunks (about `_GROUP_STEPS` steps each)
@@ -464,25 +540,46 @@ def _extras(k, v, k_scale, ones):
     return k, v
 
 
-def _chunk_starts(k, v, b, state):
+def _segments(resets):
+    """The reset count up to each step inside each chunk, `(..., C) -> (..., C, 1, 1)`
+    int32 (`None` without resets): steps `i, j` of a chunk are in one document iff
+    their counts agree."""
+    if resets is None:
+        return None
+    return jnp.cumsum(resets.astype(jnp.int32), axis=-1)[..., None, None]
+
+
+def _drop_reset_decays(g, r):
+    """The log decays `g (..., C, H, K)` with zeros at the reset steps (`r (..., C)`):
+    a reset step's decay multiplies a state that is dropped, so it has no effect and
+    no derivative; left out of the cumulative sums, it cannot cost them precision."""
+    if r is None:
+        return g
+    return jnp.where(r[..., None, None], 0, g)
+
+
+def _chunk_starts(k, v, b, state, seg=None):
     """The start states of a group's chunks, from the group's start `state`, and the
-    state at its end."""
-    total, u = _summary(k, v, b)
+    state at its end (a chunk with a reset hands on no state: its total decay is 0)."""
+    total, u = _summary(k, v, b, seg)
     h = linear_scan(total, u, state)  # the state at the end of each chunk
     return jnp.concatenate([state[None], h[:-1]]), h[-1]
 
 
-def _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones):
+def _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones, resets=None):
     T = q.shape[0]
     group_size = _group_size(T, C)
-    groups = jax.tree.map(lambda x: _to_groups(x, C, group_size), (q, k, v, g, k_scale))
+    groups = jax.tree.map(
+        lambda x: _to_groups(x, C, group_size), (q, k, v, g, k_scale, resets)
+    )
 
     def group(state, xs):
-        q, k, v, g, k_scale = xs
+        q, k, v, g, k_scale, r = xs
+        seg = _segments(r)
         k, v = _extras(k, v, k_scale, ones)
-        b = _chunk_cumsum(g)
-        s_start, final = _chunk_starts(k, v, b, state)
-        o = _outputs(q, k, v, b, s_start)
+        b = _chunk_cumsum(_drop_reset_decays(g, r))
+        s_start, final = _chunk_starts(k, v, b, state, seg)
+        o = _outputs(q, k, v, b, s_start, seg)
         return final, ((o[..., :-1], o[..., -1:]) if ones else o, state)
 
     final, (o, s_group) = lax.scan(group, h0, groups)
@@ -494,7 +591,7 @@ def _gla_chunked_bwd(C, ones, args, s_group, cts):
     """The cotangents of `args = (q, k, v, g, h0, k_scale)` from those of the outputs
     (`cts`, `None` where zero), with the group-start states `s_group` kept by
     `_gla_chunked_fwd`."""
-    q, k, v, g, _, k_scale = args
+    q, k, v, g, _, k_scale, resets = args
     do, d_final = cts
     T = q.shape[0]
     dtype = s_group.dtype
@@ -509,20 +606,23 @@ def _gla_chunked_bwd(C, ones, args, s_group, cts):
     groups = jax.tree.map(
         lambda x: _to_groups(x.astype(dtype), C, group_size), (q, k, v, g, k_scale, do)
     )
+    r_groups = None if resets is None else _to_groups(resets, C, group_size)
 
     def group(G_end, xs):
-        q, k_in, v_in, g, k_scale, do, s_group = xs
+        q, k_in, v_in, g, k_scale, do, r, s_group = xs
+        seg = _segments(r)
         k, v = _extras(k_in, v_in, k_scale, ones)
-        b = _chunk_cumsum(g)
-        s0, _ = _chunk_starts(k, v, b, s_group)
+        b = _chunk_cumsum(_drop_reset_decays(g, r))
+        s0, _ = _chunk_starts(k, v, b, s_group, seg)
         do = jnp.concatenate(do, axis=-1) if ones else do
-        total, x = _state_cotangent(q, b, do)
+        total, x = _state_cotangent(q, b, do, seg)
         # Cotangents of the chunk-end states: G[last] = G_end (from the next group),
         # G[n] = total[n+1] * G[n+1] + x[n+1].
         a_rev = jnp.concatenate([total[1:], jnp.ones_like(total[:1])])
         x_rev = jnp.concatenate([x[1:], jnp.zeros_like(x[:1])])
         G = linear_scan(a_rev, x_rev, G_end, reverse=True)
-        dq, dk, dv, dg = _local_bwd(q, k, v, b, s0, do, G)
+        dq, dk, dv, dg = _local_bwd(q, k, v, b, s0, do, G, seg)
+        dg = _drop_reset_decays(dg, r)
         d_scale = None
         if k_scale is not None:
             d_scale = jnp.sum(dk * k_in, axis=-1, keepdims=True)
@@ -531,9 +631,11 @@ def _gla_chunked_bwd(C, ones, args, s_group, cts):
             dv = dv[..., :-1]
         return total[0] * G[0] + x[0], (dq, dk, dv, dg, d_scale)
 
-    dh0, grads = lax.scan(group, d_final.astype(dtype), (*groups, s_group), reverse=True)
+    dh0, grads = lax.scan(
+        group, d_final.astype(dtype), (*groups, r_groups, s_group), reverse=True
+    )
     dq, dk, dv, dg, d_scale = jax.tree.map(lambda x: _from_groups(x, T), grads)
-    return dq, dk, dv, dg, dh0, d_scale
+    return dq, dk, dv, dg, dh0, d_scale, None
 
 
 # ------------------------------------------------------------------------- one step
@@ -545,12 +647,22 @@ def _step(q_t, k_t, v_t, g_t, state):
     return jnp.einsum("hkv,hk->hv", state, q_t), state
 
 
-def _recurrent(q, k, v, g, h0):
-    def body(state, xs):
-        o, state = _step(*xs, state)
+def _recurrent(q, k, v, g, h0, resets=None):
+    if resets is None:
+
+        def body(state, xs):
+            o, state = _step(*xs, state)
+            return state, o
+
+        state, o = lax.scan(body, h0, (q, k, v, g))
+        return o, state
+
+    def body_resets(state, xs):
+        *xs, r = xs
+        o, state = _step(*xs, jnp.where(r, jnp.zeros_like(state), state))
         return state, o
 
-    state, o = lax.scan(body, h0, (q, k, v, g))
+    state, o = lax.scan(body_resets, h0, (q, k, v, g, resets))
     return o, state
 
 
@@ -606,15 +718,15 @@ def _chunk_length(T, per_key, chunk_size):
     return C
 
 
-def _gla(q, k, v, g, h0, chunk_size, method):
+def _gla(q, k, v, g, h0, chunk_size, method, resets=None):
     """The operator on normalised inputs (compute dtype); outputs in compute dtype."""
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     if method == "recurrent":
         _check_int("chunk_size", chunk_size)
-        return _recurrent(q, k, v, g, h0)
+        return _recurrent(q, k, v, g, h0, resets)
     C = _chunk_length(q.shape[0], g.shape[-1] != 1, chunk_size)
-    return _gla_chunked(q, k, v, g, h0, None, C)
+    return _gla_chunked(q, k, v, g, h0, None, C, resets=resets)
 
 
 def gated_linear_attention(
@@ -624,6 +736,7 @@ def gated_linear_attention(
     log_decay: Shaped[Array, "..."] | None = None,
     h0: Shaped[ArrayLike, "..."] | None = None,
     *,
+    resets: Shaped[ArrayLike, "..."] | None = None,
     chunk_size: int | None = None,
     method: str = "chunked",
 ) -> tuple[Float[Array, "T H dv"], Float[Array, "H dk dv"]]:
@@ -641,6 +754,11 @@ def gated_linear_attention(
     - `log_decay`: the log of the decays, `<= 0`: shape `(T, H)` (scalar per head) or
       `(T, H, d_k)` (per key dimension); `None` for no decay.
     - `h0`: the state before the first step, shape `(H, d_k, d_v)`; zeros if `None`.
+    - `resets`: packed documents, a boolean array of shape `(T,)`, true at the first
+      step of each document; where true the state restarts before step `t`
+      (`S[t] = k[t] v[t]^T`: the previous state, `h0` included, is dropped and
+      `log_decay[t]` has no effect), so `o` on `concat(x1, x2)` with a reset at the
+      start of `x2` is `concat(o(x1), o(x2))`. `None`: no resets (and no extra cost).
     - `chunk_size`: the chunk length `C` of the chunked form (any `T` works; the last
       chunk is padded). `None`: 64, or 32 on CPU, where it is measured to be faster
       for per-key decays at `d_k = d_v = 64` (see the README).
@@ -656,7 +774,13 @@ def gated_linear_attention(
 
     The chunked form computes in float32 whatever the input dtype, keeps cumulative
     log decays inside each chunk and exponentiates only differences `b[i] - b[j] <= 0`.
-    Every derivative works (to `q`, `k`, `v`, `log_decay` and `h0`), with `jit` and
+    Resets are masks, not decays: inside a chunk a pair `(i, j)` counts only when no
+    reset lies in `(j, i]`, the chunk's start state reaches only the steps before its
+    first reset, and only the steps from its last reset on reach its end state (exact;
+    no large negative log decay stands in for a reset). With resets, per-key decays
+    use the XLA form of the within-chunk tree rather than the compiled CPU kernel,
+    which takes no masks (about as fast at small `d_k`, slower at large). Every
+    derivative works (to `q`, `k`, `v`, `log_decay` and `h0`), with `jit` and
     `vmap`:
 
     - reverse mode (`jax.grad`, `jax.vjp`): a hand-written backward pass that keeps
@@ -676,7 +800,8 @@ def gated_linear_attention(
     ```
     """
     q32, k32, v32, g, h0 = _normalise(q, k, v, log_decay, h0, "`q` and `v`")
-    o, state = _gla(q32, k32, v32, g, h0, _resolve_chunk(chunk_size), method)
+    resets = _check_resets(resets, q.shape[0])
+    o, state = _gla(q32, k32, v32, g, h0, _resolve_chunk(chunk_size), method, resets)
     return o.astype(q.dtype), state
 
 
@@ -747,8 +872,12 @@ def _mlstm_inputs(q, k, v, log_forget, log_input, h0):
     return (*cast, h0)
 
 
-def _stabiliser(log_forget, log_input, m0, chunk_size):
+def _stabiliser(log_forget, log_input, m0, chunk_size, resets=None):
     """`m[t] = max(log_forget[t] + m[t-1], log_input[t])`, `m[-1] = m0`, by chunks.
+
+    With `resets`, `m[t-1]` is 0 where `resets[t]` (as at the start of a sequence):
+    the reset step `j` adds the candidate `log_forget[j]` to its own `log_input[j]`,
+    pairs across a reset and paths from the chunk's start across one are dropped.
 
     Inside a chunk, `m[i] = max(b[i] + m_start, max_{j <= i} (log_input[j] + b[i] -
     b[j]))` with `b` the cumulative log forget gate of the chunk (a masked `C x C` max,
@@ -761,21 +890,48 @@ def _stabiliser(log_forget, log_input, m0, chunk_size):
     C = min(chunk_size, T)
     f, i = (_to_chunks(x[..., None], C)[..., 0] for x in (log_forget, log_input))
     b = _cumsum(f)  # (N, C, H)
+    if resets is None:
+
+        @jax.checkpoint
+        def local_max(x):
+            i, b = x  # one chunk, (C, H) each
+            cand = i[None, :, :] + b[:, None, :] - b[None, :, :]  # (C_i, C_j, H)
+            return jnp.max(jnp.where(_tril(C, 2)[..., None], cand, -jnp.inf), axis=1)
+
+        local = lax.map(local_max, (i, b), batch_size=_group_size(T, C))
+
+        def chunk(m, x):
+            b_last, local_last = x
+            return jnp.maximum(b_last + m, local_last), m
+
+        _, m_start = lax.scan(chunk, m0, (b[:, -1], local[:, -1]))
+        m = jnp.maximum(b + m_start[:, None], local)
+        return jnp.reshape(m, (-1, H))[:T]
+
+    r = _to_chunks(resets[:, None, None], C)[..., 0, 0]  # (N, C)
+    seg = jnp.cumsum(r.astype(jnp.int32), axis=-1)[..., None]  # (N, C, 1)
+    i = jnp.where(r[..., None], jnp.maximum(i, f), i)  # m[j-1] = 0 at a reset j
+    # the forget gate of a reset step is in that candidate only: left out of `b`, which
+    # is then exact where it is used (no large gate cancels out of a difference)
+    b = _cumsum(jnp.where(r[..., None], 0, f))
 
     @jax.checkpoint
-    def local_max(x):
-        i, b = x  # one chunk, (C, H) each
+    def local_max_resets(x):
+        i, b, seg = x  # one chunk, (C, H), (C, H), (C, 1)
         cand = i[None, :, :] + b[:, None, :] - b[None, :, :]  # (C_i, C_j, H)
-        return jnp.max(jnp.where(_tril(C, 2)[..., None], cand, -jnp.inf), axis=1)
+        mask = _tril(C, 2)[..., None] & (seg[:, None, :] == seg[None, :, :])
+        return jnp.max(jnp.where(mask, cand, -jnp.inf), axis=1)
 
-    local = lax.map(local_max, (i, b), batch_size=_group_size(T, C))
+    local = lax.map(local_max_resets, (i, b, seg), batch_size=_group_size(T, C))
 
-    def chunk(m, x):
-        b_last, local_last = x
-        return jnp.maximum(b_last + m, local_last), m
+    def chunk_resets(m, x):
+        b_last, local_last, reset = x
+        from_start = jnp.where(reset, -jnp.inf, b_last + m)
+        return jnp.maximum(from_start, local_last), m
 
-    _, m_start = lax.scan(chunk, m0, (b[:, -1], local[:, -1]))
-    m = jnp.maximum(b + m_start[:, None], local)
+    has_reset = jnp.any(r, axis=-1)[:, None]  # (N, 1)
+    _, m_start = lax.scan(chunk_resets, m0, (b[:, -1], local[:, -1], has_reset))
+    m = jnp.where(seg == 0, jnp.maximum(b + m_start[:, None], local), local)
     return jnp.reshape(m, (-1, H))[:T]
 
 
@@ -793,6 +949,7 @@ def mlstm(
     log_input: Shaped[Array, "..."],
     h0: MLSTMState | None = None,
     *,
+    resets: Shaped[ArrayLike, "..."] | None = None,
     eps: float = 1e-6,
     chunk_size: int | None = None,
     method: str = "chunked",
@@ -822,6 +979,11 @@ def mlstm(
       or the pre-activation itself for an exponential forget gate).
     - `log_input`: `(T, H)`, the input gate pre-activation (the gate is `exp` of it).
     - `h0`: an `MLSTMState` (zeros, with `m = 0`, if `None`).
+    - `resets`: boolean `(T,)`, true at the first step of each packed document: the
+      whole state restarts before those steps as at the start of a sequence (`C = 0`,
+      `n = 0` and the stabiliser `m[t-1] = 0`, so `m[t] = max(log_forget[t],
+      log_input[t])`), `h0` included. By masks inside the chunked form, as for
+      `gated_linear_attention`. `None`: no resets.
     - `eps`: added to the normaliser (as in the official implementation).
     - `chunk_size`, `method`: as for `gated_linear_attention`.
 
@@ -831,22 +993,37 @@ def mlstm(
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     q32, k32, v32, log_f, log_i, h0 = _mlstm_inputs(q, k, v, log_forget, log_input, h0)
+    resets = _check_resets(resets, q.shape[0])
     if method == "recurrent":
+        if resets is None:
 
-        def body(state, xs):
+            def body(state, xs):
+                h, state = _mlstm_step(*xs, state, eps)
+                return state, h
+
+            state, h = lax.scan(body, h0, (q32, k32, v32, log_f, log_i))
+            return h.astype(q.dtype), state
+
+        def body_resets(state, xs):
+            *xs, r = xs
+            state = jax.tree.map(lambda x: jnp.where(r, jnp.zeros_like(x), x), state)
             h, state = _mlstm_step(*xs, state, eps)
             return state, h
 
-        state, h = lax.scan(body, h0, (q32, k32, v32, log_f, log_i))
-        return h.astype(q.dtype), state
+        state, h = lax.scan(body_resets, h0, (q32, k32, v32, log_f, log_i, resets))
+        return h.astype(q.dtype), MLSTMState(*state)
     chunk_size = _resolve_chunk(chunk_size)
-    m = _stabiliser(log_f, log_i, h0.m, chunk_size)
+    m = _stabiliser(log_f, log_i, h0.m, chunk_size, resets)
     m_prev = jnp.concatenate([h0.m[None], m[:-1]])
+    if resets is not None:  # the decay at a reset step is masked; keep it finite
+        m_prev = jnp.where(resets[:, None], m, m_prev)
     decay = log_f + m_prev - m
     i = jnp.exp(log_i - m)[..., None]  # the input gate, <= 1
     s0 = jnp.concatenate([h0.C, h0.n[..., None]], axis=-1)
     C = _chunk_length(q.shape[0], False, chunk_size)
-    (num, den), s = _gla_chunked(q32, k32, v32, decay[..., None], s0, i, C, True)
+    (num, den), s = _gla_chunked(
+        q32, k32, v32, decay[..., None], s0, i, C, True, resets=resets
+    )
     h = _mlstm_readout(num, den, m, eps)
     return h.astype(q.dtype), MLSTMState(s[..., :-1], s[..., -1], m[-1])
 
