@@ -187,7 +187,9 @@ def test_gla(rng, decay, method, C):
 def test_mlstm(rng, method, C):
     def op(q, k, v, log_f, log_i, h0, resets):
         h0 = ssm.MLSTMState(*h0)
-        out = ssm.mlstm(q, k, v, log_f, log_i, h0, resets=resets, chunk_size=C, method=method)
+        out = ssm.mlstm(
+            q, k, v, log_f, log_i, h0, resets=resets, chunk_size=C, method=method
+        )
         return out[0], tuple(out[1])
 
     check_against_reference(op, ref_mlstm, mlstm_args(rng), rng)
@@ -220,7 +222,9 @@ def test_jvp(rng):
             delta_args(rng, True),
         ),
         (
-            lambda *a: ssm.mlstm(*a[:5], ssm.MLSTMState(*a[5]), resets=resets, chunk_size=4),
+            lambda *a: ssm.mlstm(
+                *a[:5], ssm.MLSTMState(*a[5]), resets=resets, chunk_size=4
+            ),
             lambda *a: ref_mlstm(*a, resets),
             mlstm_args(rng),
         ),
@@ -262,7 +266,7 @@ def _packing_cases(rng):
             *g, resets = rest
             return ssm.delta_rule(q, k, v, beta, *g, resets=resets, chunk_size=4)
 
-        args = delta_args(rng, gated)[:5 if gated else 4]
+        args = delta_args(rng, gated)[: 5 if gated else 4]
         return op, args
 
     return {
@@ -293,8 +297,12 @@ def test_vmap_gradients(rng):
     def loss(fn, q, k, v, g, resets):
         return jnp.sum(jax.vmap(fn)(q, k, v, g, resets)[0] * w)
 
-    op = lambda q, k, v, g, r: ssm.gated_linear_attention(q, k, v, g, resets=r, chunk_size=4)  # noqa: E731
-    ref = lambda q, k, v, g, r: ref_gla(q, k, v, g, jnp.zeros((H, DK, DV), f64), r)  # noqa: E731
+    def op(q, k, v, g, r):
+        return ssm.gated_linear_attention(q, k, v, g, resets=r, chunk_size=4)
+
+    def ref(q, k, v, g, r):
+        return ref_gla(q, k, v, g, jnp.zeros((H, DK, DV), f64), r)
+
     grads = jax.jit(jax.grad(functools.partial(loss, op), argnums=(0, 1, 2, 3)))
     grads_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2, 3)))
     assert_close(grads(q, k, v, g, resets), grads_ref(q, k, v, g, resets), 1e-10)
