@@ -1,0 +1,332 @@
+"""Compiled generation (`train.generate`, `ssm-generate`).
+
+Greedy decoding from the prefill and the compiled step loop equals the argmax of the
+parallel form's logits on the generated sequence (recurrent, global attention whose
+KV cache generation sizes itself, and a hybrid whose local-attention ring buffer
+wraps); sampling inside the loop equals drawing from the parallel form's logits with
+the same keys; the sampling rules against NumPy references; the CLI on a tiny run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import yaml
+
+import layers
+from train import cli
+from train.generate import (
+    check_sampling,
+    filter_logits,
+    generate,
+    sample_logits,
+    temperature_logits,
+    timed_generate,
+    top_k_logits,
+    top_p_logits,
+    with_cache_length,
+)
+
+VOCAB, PROMPT, NEW = 13, 5, 9  # odd lengths; the window below is shorter than both
+f64 = jnp.float64
+
+
+def with_random_parameters(build, seed: int):
+    """The module `build()` makes, with every floating array drawn by NumPy in float64
+    (matrices `N(0, 1/fan_in)`, vectors `1 + N(0, 0.3²)`): the structure comes from
+    `eqx.filter_eval_shape`, so no initialiser is compiled; generation and the parallel
+    form must agree for any parameters."""
+    rng = np.random.default_rng(seed)
+
+    def fill(v):
+        if not isinstance(v, jax.ShapeDtypeStruct) or not jnp.issubdtype(
+            v.dtype, jnp.inexact
+        ):
+            return v
+        if len(v.shape) >= 2:
+            value = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1])
+        else:
+            value = 1 + 0.3 * rng.standard_normal(v.shape)
+        return jnp.asarray(value, jnp.complex128 if jnp.iscomplexobj(v) else f64)
+
+    shapes = eqx.filter_eval_shape(build)
+    return jax.tree.map(fill, shapes, is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
+
+
+MODELS = {
+    "recurrent": ("lru", 1, {}),
+    "attention": ("attention", 1, {"num_heads": 2}),  # no max_len
+    "hybrid": (
+        ["rglru", "local_attention"],
+        2,
+        {
+            "rglru": {"d_rnn": 8, "num_heads": 2},
+            "local_attention": {"window": 3, "num_heads": 2},
+        },
+    ),
+}
+
+
+def make(name: str, seed: int = 0):
+    mixer, n_layers, kwargs = MODELS[name]
+    return with_random_parameters(
+        lambda: layers.SequenceModel(
+            mixer, 8, n_layers, VOCAB, vocab_size=VOCAB, mixer_kwargs=kwargs, key=jr.key(0)
+        ),
+        seed,
+    )
+
+
+# The parallel form, compiled once per model structure.
+parallel = eqx.filter_jit(lambda model, tokens: model(tokens))
+
+
+def prompt_of(seed: int):
+    return np.random.default_rng(seed).integers(0, VOCAB, PROMPT).astype(np.int32)
+
+
+def reference_tokens(model, prompt, n, draw):
+    """Each new token drawn from the parallel form's logits at its position, `draw(i,
+    logits)`; the sequence is a fixed-length buffer, so causal outputs one compile."""
+    P = len(prompt)
+    buffer = np.concatenate([prompt, np.zeros(n, np.int32)])
+    for i in range(n):
+        logits = parallel(model, jnp.asarray(buffer))[P - 1 + i]
+        buffer[P + i] = int(draw(i, logits))
+    return buffer[P:]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_equals_argmax_of_parallel_form(name):
+    model = make(name, 1)
+    prompt = prompt_of(2)
+    tokens = np.asarray(generate(model, prompt, NEW, temperature=0.0, key=jr.key(0)))
+    assert tokens.shape == (NEW,) and tokens.dtype == np.int32
+    # The parallel form on prompt + generation: each new token is the argmax of the
+    # logits at the position before it.
+    logits = parallel(model, jnp.asarray(np.concatenate([prompt, tokens])))
+    expected = np.asarray(jnp.argmax(logits[PROMPT - 1 : PROMPT - 1 + NEW], axis=-1))
+    np.testing.assert_array_equal(tokens, expected)
+    if name == "attention":  # the model alone has no KV cache size: generation sized it
+        with pytest.raises(ValueError, match="max_len"):
+            model.init_state()
+
+
+def test_sampling_inside_the_loop_matches_the_parallel_form():
+    """Temperature, top-k and top-p inside the compiled loop: the same tokens as
+    drawing from the parallel form's logits with `fold_in(key, i)`; the same key gives
+    the same tokens, another key others."""
+    model = make("hybrid", 3)
+    prompt, key = prompt_of(4), jr.key(7)
+    opts = dict(temperature=1.7, top_k=6, top_p=0.8)
+    tokens = np.asarray(generate(model, prompt, NEW, **opts, key=key))
+    ref = reference_tokens(
+        model, prompt, NEW, lambda i, lg: sample_logits(jr.fold_in(key, i), lg, **opts)
+    )
+    np.testing.assert_array_equal(tokens, ref)
+    again = np.asarray(generate(model, prompt, NEW, **opts, key=key))
+    np.testing.assert_array_equal(again, tokens)
+    other = np.asarray(generate(model, prompt, NEW, **opts, key=jr.key(8)))
+    assert not np.array_equal(other, tokens)
+    # Another temperature or k reuses the compiled program (they are traced).
+    before = generate_cache_size()
+    generate(model, prompt, NEW, temperature=0.5, top_k=3, top_p=0.6, key=key)
+    assert generate_cache_size() == before
+
+
+def generate_cache_size():
+    from train import generate as g
+
+    return g._decode_jit._cached._cache_size()
+
+
+def logits_with_ties(seed, V=37):
+    x = np.random.default_rng(seed).normal(size=V) * 2
+    x = np.round(x, 1)  # ties occur
+    x[3] = x[10] = x[20] = np.max(x)  # a three-way tie at the top
+    return x
+
+
+def ranked(x):
+    """Indices from the largest to the smallest value, ties to the lower index."""
+    return np.lexsort((np.arange(len(x)), -x))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 36, 37, 0, 50])
+def test_top_k_keeps_exactly_the_k_largest(k):
+    x = logits_with_ties(k)
+    out = np.asarray(top_k_logits(jnp.asarray(x), k))
+    n = len(x) if k <= 0 or k >= len(x) else k
+    kept = np.flatnonzero(np.isfinite(out))
+    np.testing.assert_array_equal(np.sort(kept), np.sort(ranked(x)[:n]))
+    np.testing.assert_array_equal(out[kept], x[kept])
+    assert np.all(out[~np.isfinite(out)] == -np.inf)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.5, 0.77, 0.95, 0.999, 1.0])
+def test_top_p_keeps_the_smallest_set_with_mass_p(p):
+    x = logits_with_ties(int(p * 100) + 1)
+    out = np.asarray(top_p_logits(jnp.asarray(x), p))
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    order = ranked(x)
+    mass = np.cumsum(probs[order])
+    n = min(int(np.searchsorted(mass, p)) + 1, len(x))  # the smallest n: mass >= p
+    kept = np.flatnonzero(np.isfinite(out))
+    np.testing.assert_array_equal(np.sort(kept), np.sort(order[:n]))
+    np.testing.assert_array_equal(out[kept], x[kept])
+    assert probs[kept].sum() >= p - 1e-12  # enough mass ...
+    assert n == 1 or probs[order[: n - 1]].sum() < p  # ... and no smaller set has it
+
+
+@jax.jit
+def draw(keys, x, temperature, top_k, top_p):
+    return jax.vmap(lambda k: sample_logits(k, x, temperature, top_k, top_p))(keys)
+
+
+def test_samples_follow_the_filtered_distribution():
+    """Draws never leave the top-k / top-p set, and their frequencies are those of the
+    renormalised `softmax(logits / temperature)` on it (one compiled program: the
+    settings are traced, k=0 and p=1 switch a filter off)."""
+    x = jnp.asarray(logits_with_ties(5, V=23))
+    keys = jr.split(jr.key(0), 8_000)
+    for temperature, top_k, top_p in [(0.5, 0, 1.0), (2.0, 7, 1.0), (1.3, 9, 0.7)]:
+        args = jnp.asarray(temperature, f64), jnp.asarray(top_k), jnp.asarray(top_p, f64)
+        samples = np.asarray(draw(keys, x, *args))
+        allowed = np.asarray(filter_logits(x, temperature, top_k or None, top_p))
+        assert np.all(np.isfinite(allowed[samples])), (temperature, top_k, top_p)
+        assert np.sum(np.isfinite(allowed)) <= (top_k or len(x))
+        expected = np.exp(allowed - allowed.max())
+        expected /= expected.sum()
+        freq = np.bincount(samples, minlength=len(x)) / len(samples)
+        np.testing.assert_allclose(freq, expected, atol=0.02)
+    # Temperature 0 is the argmax, whatever the key and the filters.
+    args = jnp.asarray(0.0, f64), jnp.asarray(3), jnp.asarray(0.5, f64)
+    greedy = np.asarray(draw(keys[:50], x, *args))
+    assert np.all(greedy == int(np.argmax(np.asarray(x))))
+    # The filters compose in order: temperature, top-k, top-p.
+    np.testing.assert_array_equal(
+        filter_logits(x, 1.3, 9, 0.7), top_p_logits(top_k_logits(x / 1.3, 9), 0.7)
+    )
+    np.testing.assert_array_equal(temperature_logits(x, 0.0), x)
+
+
+def test_cache_length_and_errors():
+    model = make("hybrid", 0)
+    attn = with_random_parameters(
+        lambda: layers.SequenceModel(
+            ["attention", "local_attention"],
+            8,
+            2,
+            VOCAB,
+            vocab_size=VOCAB,
+            mixer_kwargs={"local_attention": {"window": 4}},
+            key=jr.key(1),
+        ),
+        0,
+    )
+    sized = with_cache_length(attn, 17)
+    assert sized.blocks[0].mixer.max_len == 17 and attn.blocks[0].mixer.max_len is None
+    assert sized.blocks[1].mixer.window == 4 and sized.blocks[1].mixer.max_len is None
+    for new, old in zip(jax.tree.leaves(sized), jax.tree.leaves(attn), strict=True):
+        assert new is old  # the parameters are shared
+    assert sized.init_state()[0].k.shape[0] == 17
+    with pytest.raises(ValueError, match="KV cache length"):
+        with_cache_length(attn, 0)
+
+    prompt, key = prompt_of(0), jr.key(0)
+    assert generate(model, prompt, 0, key=key).shape == (0,)
+    bad = [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(prompt=np.zeros(0, np.int32)), "empty"),
+        (dict(prompt=np.array([1, VOCAB])), "vocabulary"),
+        (dict(prompt=np.ones((2, 3), np.int32)), "vmap"),
+        (dict(prompt=np.ones(3, np.float32)), "integer"),
+    ]
+    for change, message in bad:
+        args = dict(prompt=prompt, max_new_tokens=4) | change
+        with pytest.raises(ValueError, match=message):
+            generate(model, args.pop("prompt"), args.pop("max_new_tokens"), **args, key=key)
+    real = eqx.filter_eval_shape(
+        lambda: layers.SequenceModel("lru", 8, 1, VOCAB, d_input=3, key=jr.key(0))
+    )
+    with pytest.raises(ValueError, match="token model"):
+        generate(real, prompt, 3, key=key)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        check_sampling(2.5, 1.0, None, None)
+
+
+RUN = {
+    "model": {
+        "mixer": "attention",
+        "d_model": 16,
+        "n_layers": 1,
+        "mixer_kwargs": {"num_heads": 2},
+    },
+    "task": {"name": "lm_bytes", "seq_len": 16},
+    "train": {"steps": 2, "batch_size": 4, "eval_every": 0, "progress": False},
+    "logging": {"plot": False},
+}
+
+
+def test_cli_on_a_run_directory(tmp_path, capsys):
+    """`ssm-generate` on a global-attention run (no `max_len` in its config): greedy
+    output equal to the Python API's on the restored model, tokens/s on stderr, the
+    same seed the same sample, and bad flags exit 2 without a traceback."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    raw = json.loads(json.dumps(RUN))
+    raw["task"]["paths"] = [str(text)]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
+        cli.train_main([str(config), "--run-dir", str(run)])
+    capsys.readouterr()
+
+    cli.generate_main(
+        [str(run), "--prompt", "the qu", "--max-new-tokens", "7", "--temperature", "0"]
+    )
+    out, err = capsys.readouterr()
+    assert out.startswith("the qu") and "tokens/s" in err and "prefill" in err
+    _, task, model, _ = cli._load_run(run, "best")
+    tokens, stats = timed_generate(
+        model, task.encode("the qu"), 7, temperature=0.0, key=jr.key(0)
+    )
+    assert out == "the qu" + task.decode(tokens) + "\n"
+    assert stats.new_tokens == 7 and stats.prompt_tokens == 6 and stats.state_bytes > 0
+
+    sampled = []
+    for _ in range(2):
+        cli.generate_main(
+            [str(run), "--prompt", "the qu", "--length", "7", "--temperature", "1.2",
+             "--top-k", "4", "--top-p", "0.9", "--seed", "3"]
+        )  # fmt: skip
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1]  # the same seed, the same text
+    tokens, _ = timed_generate(
+        model, task.encode("the qu"), 7, temperature=1.2, top_k=4, top_p=0.9,
+        key=jr.key(3)
+    )  # fmt: skip
+    assert sampled[0] == "the qu" + task.decode(tokens) + "\n"
+
+    for flags, message in [
+        (["--top-p", "1.5"], "--top-p"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            cli.generate_main([str(run), "--prompt", "x", *flags])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err
