@@ -155,27 +155,70 @@ def eval_main(argv: list[str] | None = None) -> None:
 def generate_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ssm-generate",
-        description="Sample text from a trained language model through its step form.",
+        description=(
+            "Sample text from a trained language model: the prompt is prefilled once, "
+            "then one compiled loop over the model's step form makes the new tokens. "
+            "Prints the prompt and its continuation to stdout, tokens/s to stderr."
+        ),
     )
-    parser.add_argument("run_dir")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--length", type=int, default=200, help="tokens to sample")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default="best")
+    parser.add_argument("run_dir", help="a run directory of ssm-train (an LM task)")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument(
+        "--max-new-tokens",
+        "--length",
+        dest="max_new_tokens",
+        type=int,
+        default=200,
+        help="tokens to generate (default 200; --length is an alias)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus: keep the most likely tokens up to mass p (1: off)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the same seed, the same text")
+    parser.add_argument(
+        "--checkpoint", default="best", help="best (default), latest or a step number"
+    )
     args = parser.parse_args(argv)
-    from .generate import sample
+    import jax.random as jr
 
+    from .generate import check_sampling, timed_generate
+
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:  # the message names the argument: name it as a flag
+        message = str(e)
+        for name in ("max_new_tokens", "temperature", "top_k", "top_p"):
+            message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
+        _fail(message)
     try:
         config, task, model, _ = _load_run(Path(args.run_dir), args.checkpoint)
         if task.kind != "lm" or not hasattr(task, "encode"):
             _fail(f"{args.run_dir} trained task {config.task.name!r}, not a language model")
-        if args.temperature < 0:
-            _fail(f"--temperature must be >= 0, got {args.temperature}")
         prompt = task.encode(args.prompt)
         if len(prompt) == 0:
             _fail("--prompt is empty")
-        tokens = sample(model, prompt, args.length, args.temperature, args.seed)
+        try:
+            tokens, stats = timed_generate(
+                model,
+                prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=None if args.top_p >= 1 else args.top_p,
+                key=jr.key(args.seed),
+            )
+        except ValueError as e:
+            _fail(f"{args.run_dir}: {e}")
     except ConfigError as e:
         _fail(str(e))
+    print(stats.describe(), file=sys.stderr)
     sys.stdout.write(args.prompt + task.decode(tokens) + "\n")
