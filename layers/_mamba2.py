@@ -62,6 +62,8 @@ class Mamba2(AbstractMixer):
     num_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
+    n_groups: int = eqx.field(static=True)
+    norm_eps: float = eqx.field(static=True)
     in_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv channels"]
     conv_bias: Float[Array, " channels"]
@@ -84,6 +86,8 @@ class Mamba2(AbstractMixer):
         dt_max: float = 1e-1,
         dt_floor: float = 1e-4,
         chunk_size: int = 64,
+        n_groups: int = 1,
+        norm_eps: float = 1e-5,
         *,
         key: PRNGKeyArray,
     ):
@@ -96,6 +100,11 @@ class Mamba2(AbstractMixer):
         - `num_heads`: `H`; each head has `d_inner / H` channels and its own `A`, `Δ`.
         - `dt_min`, `dt_max`, `dt_floor`: the initial step-size range and floor.
         - `chunk_size`: the chunk length of the chunked operator.
+        - `n_groups`: `G`, the number of `B, C` groups; the heads are split into `G`
+          contiguous runs that share one group's `B, C`, and the gated RMS norm
+          normalises each of the `G` slices of `d_inner` channels separately (as the
+          reference code, `RMSNormGated(group_size=d_inner / G)`).
+        - `norm_eps`: the epsilon of the gated RMS norm.
         - `key`: a `jax.random.PRNGKey`.
         """
         k_in, k_conv, k_cb, k_dt, k_a, k_out = jr.split(key, 6)
@@ -103,7 +112,12 @@ class Mamba2(AbstractMixer):
         self.d_model, self.d_inner, self.d_state = d_model, d_inner, d_state
         self.d_conv, self.num_heads, self.chunk_size = d_conv, num_heads, chunk_size
         self.head_dim = head_sizes(d_inner, num_heads, "expand * d_model")
-        channels = d_inner + 2 * d_state
+        if n_groups < 1 or num_heads % n_groups:
+            raise ValueError(
+                f"Mamba2: n_groups must divide num_heads={num_heads}, got {n_groups}."
+            )
+        self.n_groups, self.norm_eps = n_groups, norm_eps
+        channels = d_inner + 2 * n_groups * d_state
         self.in_proj = eqx.nn.Linear(
             d_model,
             d_inner + channels + num_heads,
@@ -131,33 +145,44 @@ class Mamba2(AbstractMixer):
         """Zeros: the convolution history and the `(H, N, P)` state."""
         dtype = real_dtype(self.in_proj.weight.dtype)
         return ConvState(
-            conv=jnp.zeros((self.d_conv - 1, self.d_inner + 2 * self.d_state), dtype),
+            conv=jnp.zeros(
+                (self.d_conv - 1, self.d_inner + 2 * self.n_groups * self.d_state), dtype
+            ),
             ssm=jnp.zeros((self.num_heads, self.d_state, self.head_dim), dtype),
         )
 
     def _features(self, u, conv_state):
         """Everything before the recurrence, as gated-linear-attention inputs."""
-        d, N, H = self.d_inner, self.d_state, self.num_heads
+        d, N, H, G = self.d_inner, self.d_state, self.num_heads, self.n_groups
+        GN = G * N
         zxbcdt = linear(self.in_proj, u)
-        z, xbc, dt = zxbcdt[:, :d], zxbcdt[:, d : 2 * d + 2 * N], zxbcdt[:, 2 * d + 2 * N :]
+        z, xbc, dt = (
+            zxbcdt[:, :d],
+            zxbcdt[:, d : 2 * d + 2 * GN],
+            zxbcdt[:, 2 * d + 2 * GN :],
+        )
         xbc, conv_state = causal_conv(self.conv_weight, self.conv_bias, xbc, conv_state)
         xbc = jax.nn.silu(xbc)
-        x, B, C = xbc[:, :d], xbc[:, d : d + N], xbc[:, d + N :]
+        x, B, C = xbc[:, :d], xbc[:, d : d + GN], xbc[:, d + GN :]
         rdt = real_dtype(u.dtype)
         delta = jax.nn.softplus(dt.astype(rdt) + self.dt_bias.astype(rdt)[None])  # (T, H)
         log_decay = -delta * jnp.exp(self.A_log.astype(rdt))[None]
         x = split_heads(x, H)  # (T, H, P)
         v = (x.astype(rdt) * delta[:, :, None]).astype(u.dtype)
-        q = jnp.broadcast_to(C[:, None, :], (u.shape[0], H, N))
-        k = jnp.broadcast_to(B[:, None, :], (u.shape[0], H, N))
+        T = u.shape[0]  # heads h of group h // (H / G) share its B, C
+        q = jnp.repeat(jnp.reshape(C, (T, G, N)), H // G, axis=1, total_repeat_length=H)
+        k = jnp.repeat(jnp.reshape(B, (T, G, N)), H // G, axis=1, total_repeat_length=H)
         return q, k, v, log_decay, x, z, conv_state
 
     def _output(self, y, x, z, u):
         rdt = real_dtype(u.dtype)
         y = y.astype(rdt) + self.D.astype(rdt)[None, :, None] * x.astype(rdt)
-        y = jnp.reshape(y, (y.shape[0], self.d_inner)) * jax.nn.silu(z.astype(rdt))
-        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-5)
-        y = y * self.norm_weight.astype(rdt)[None]
+        T, G = y.shape[0], self.n_groups
+        y = jnp.reshape(y, (T, G, self.d_inner // G)) * jnp.reshape(
+            jax.nn.silu(z.astype(rdt)), (T, G, self.d_inner // G)
+        )
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.norm_eps)
+        y = jnp.reshape(y, (T, self.d_inner)) * self.norm_weight.astype(rdt)[None]
         return linear(self.out_proj, y.astype(u.dtype))
 
     def __call__(

@@ -1,0 +1,361 @@
+"""`train.hf`: Hugging Face checkpoints in and out, against the reference's logits.
+
+The fixtures under `tests/fixtures/hf/` are tiny random `transformers` models with the
+reference's float64 logits on fixed odd-length token sequences
+(`scripts/make_hf_fixtures.py`). Nothing here needs torch, except the live test at
+the end, which is skipped without `torch` and `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import layers
+from train.hf import MODEL_TYPES, HFError, load_hf, save_hf
+
+from .helpers import rel_err
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+NAMES = ["mamba_tied", "mamba_untied", "mamba2_groups", "mamba2_tied"]
+TOL = 1e-4  # float32 against the reference's float64 logits
+SPLIT = 9  # prefill this many tokens, then step the rest
+
+
+def reference(name):
+    data = np.load(FIXTURES / name / "logits.npz")
+    return jnp.asarray(data["tokens"], jnp.int32), data["logits"]
+
+
+@eqx.filter_jit
+def parallel(model, tokens):
+    return jax.vmap(model)(tokens)
+
+
+@eqx.filter_jit
+def parallel_and_generated(model, tokens):
+    """Per-step logits of the parallel form (a batch), and of `prefill` on the first
+    `SPLIT` tokens of the first sequence followed by `step` on the rest."""
+    par = jax.vmap(model)(tokens)
+    seq = tokens[0]
+    head, state = model.prefill(seq[:SPLIT], model.init_state())
+
+    def one(state, token):
+        y, state = model.step(token, state)
+        return state, y
+
+    _, tail = jax.lax.scan(one, state, seq[SPLIT:])
+    return par, jnp.concatenate([head, tail])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_reference(name):
+    # chunk 4: the odd lengths (23, 9) end inside a chunk, and prefill starts at one
+    model, info = load_hf(FIXTURES / name, chunk_size=4)
+    assert (
+        info["model_type"]
+        == json.loads((FIXTURES / name / "config.json").read_text())["model_type"]
+    )
+    tied = info["config"]["tie_word_embeddings"]
+    assert (model.head is None) == tied
+    assert all(b.mlp is None for b in model.blocks)
+    tokens, ref = reference(name)
+    par, gen = parallel_and_generated(model, tokens)
+    assert par.dtype == jnp.float32
+    assert rel_err(par, ref) <= TOL, rel_err(par, ref)
+    assert rel_err(gen, ref[0]) <= TOL, rel_err(gen, ref[0])
+
+
+@pytest.mark.parametrize("name", ["mamba_untied", "mamba2_tied"])
+def test_tolerance_sees_an_option(name, tmp_path):
+    """The comparison is sharp enough to see an option: these fixtures' norms have
+    eps 1e-3, and reading it as the default 1e-5 moves the logits past the
+    tolerance."""
+    d = _copy(tmp_path, name)
+    _edit_config(d, layer_norm_epsilon=1e-5)
+    model, _ = load_hf(d)
+    tokens, ref = reference(name)
+    assert rel_err(parallel(model, tokens), ref) > 3 * TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_round_trip_exact(name, tmp_path):
+    model, _ = load_hf(FIXTURES / name)
+    out = save_hf(model, tmp_path / "out")
+    again, info = load_hf(out)
+    assert_same_model(model, again)
+    # the written tensors are the original ones (plus zero conv biases where the
+    # original had none: the saved config then says use_conv_bias: true)
+    original = load_file(FIXTURES / name / "model.safetensors")
+    written = load_file(out / "model.safetensors")
+    for k, v in original.items():
+        np.testing.assert_array_equal(written[k], v, err_msg=k)
+    for k in set(written) - set(original):
+        assert k.endswith("conv1d.bias") and not np.any(written[k]), k
+    assert info["config"]["tie_word_embeddings"] == (model.head is None)
+
+
+def test_sharded_and_half_precision(tmp_path):
+    """A sharded checkpoint (index + two files) and bfloat16/float16 tensors load to
+    the same model as widening the values to float32 would."""
+    src = FIXTURES / "mamba2_groups"
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2]}
+    shards["model-00002-of-00002.safetensors"] = names[1::2]
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(src / "config.json", d)
+    weight_map = {}
+    for file, keys in shards.items():
+        half = {}
+        for k in keys:
+            v = tensors[k]
+            if "in_proj" in k:  # bfloat16: the top 16 bits of the float32 pattern
+                half[k] = v
+            else:
+                half[k] = v.astype(np.float16)
+            weight_map[k] = file
+        _save_with_bf16(half, d / file, bf16={k for k in keys if "in_proj" in k})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model, _ = load_hf(d)
+    base, _ = load_hf(src)
+    flat = dict(jax.tree_util.tree_leaves_with_path(eqx.filter(model, eqx.is_array)))
+    flat_base = dict(jax.tree_util.tree_leaves_with_path(eqx.filter(base, eqx.is_array)))
+    for path, v in flat.items():
+        name = jax.tree_util.keystr(path)
+        b = np.asarray(flat_base[path])
+        if "in_proj" in name:
+            bits = (b.view(np.uint32) >> 16 << 16).view(np.float32)
+            np.testing.assert_array_equal(np.asarray(v), bits, err_msg=name)
+        else:
+            np.testing.assert_array_equal(
+                np.asarray(v), b.astype(np.float16).astype(np.float32), err_msg=name
+            )
+
+
+def _save_with_bf16(tensors, file, bf16):
+    """safetensors' numpy API has no bfloat16: write the float32 values truncated to
+    bfloat16 by hand, in the format's layout (a JSON header, then raw bytes)."""
+    header, blobs, offset = {}, [], 0
+    for k, v in tensors.items():
+        if k in bf16:
+            raw = (np.asarray(v, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+            dtype = "BF16"
+        else:
+            raw = np.ascontiguousarray(v).tobytes()
+            dtype = {np.float16: "F16", np.float32: "F32"}[v.dtype.type]
+        header[k] = {
+            "dtype": dtype,
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def assert_same_model(a, b):
+    """Same structure, static fields and dtypes, and bitwise-equal arrays."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        if eqx.is_array(x):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            assert x == y
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _copy(tmp_path, name="mamba_tied"):
+    d = tmp_path / name
+    shutil.copytree(FIXTURES / name, d)
+    return d
+
+
+def _edit_config(d, **changes):
+    config = json.loads((d / "config.json").read_text())
+    config.update(changes)
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(d, fn):
+    tensors = load_file(d / "model.safetensors")
+    save_file(fn(tensors), d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_config(tmp_path):
+    d = _copy(tmp_path)
+    (d / "config.json").unlink()
+    with pytest.raises(HFError, match="no config.json"):
+        load_hf(d)
+    with pytest.raises(HFError, match="not a directory"):
+        load_hf(tmp_path / "nowhere")
+
+
+def test_unknown_model_type(tmp_path):
+    d = _copy(tmp_path)
+    _edit_config(d, model_type="llama")
+    with pytest.raises(HFError, match="model_type 'llama' is not supported; supported: "):
+        load_hf(d)
+    config = json.loads((d / "config.json").read_text())
+    del config["model_type"]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFError, match="'model_type' is missing"):
+        load_hf(d)
+    assert set(MODEL_TYPES) >= {"mamba", "mamba2"}
+
+
+def test_missing_tensor(tmp_path):
+    d = _copy(tmp_path)
+    _edit_tensors(d, lambda t: {k: v for k, v in t.items() if "layers.1.mixer.D" not in k})
+    with pytest.raises(HFError, match=r"'backbone.layers.1.mixer.D' is missing.*\(32,\)"):
+        load_hf(d)
+
+
+def test_misshaped_tensor(tmp_path):
+    d = _copy(tmp_path, "mamba2_groups")
+    key = "backbone.layers.0.mixer.conv1d.weight"
+    _edit_tensors(d, lambda t: {**t, key: t[key][:, :, :3]})
+    with pytest.raises(
+        HFError, match=rf"'{key}' has shape \(56, 1, 3\), expected \(56, 1, 4\)"
+    ):
+        load_hf(d)
+
+
+def test_unused_tensor(tmp_path):
+    d = _copy(tmp_path)
+    _edit_tensors(
+        d, lambda t: {**t, "backbone.layers.0.mlp.weight": np.ones((2, 2), np.float32)}
+    )
+    with pytest.raises(HFError, match="mlp.weight'.* not used"):
+        load_hf(d)
+
+
+def test_unsupported_dtype(tmp_path):
+    d = _copy(tmp_path)
+    key = "backbone.norm_f.weight"
+    _edit_tensors(d, lambda t: {**t, key: t[key].astype(np.int8)})
+    with pytest.raises(HFError, match=f"'{key}' has dtype I8, which float32"):
+        load_hf(d)
+
+
+def test_no_weights_and_bad_index(tmp_path):
+    d = _copy(tmp_path)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(HFError, match=r"no model.safetensors.*only safetensors"):
+        load_hf(d)
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(HFError, match="names shard"):
+        load_hf(d)
+
+
+@pytest.mark.parametrize(
+    "name, field, value, message",
+    [
+        ("mamba_tied", "use_bias", True, "'use_bias' = True is not supported"),
+        ("mamba_tied", "hidden_act", "gelu", "'hidden_act' = 'gelu' is not supported"),
+        ("mamba_tied", "intermediate_size", 40, "not a multiple of hidden_size"),
+        ("mamba_tied", "state_size", "5", "'state_size' must be int"),
+        ("mamba2_groups", "time_step_limit", [0.0, 0.5], "'time_step_limit'"),
+        ("mamba2_groups", "n_groups", 3, "n_groups 3 does not divide num_heads 4"),
+        ("mamba2_groups", "head_dim", 4, "num_heads \\* head_dim = 16 differs"),
+    ],
+)
+def test_unsupported_options(tmp_path, name, field, value, message):
+    d = _copy(tmp_path, name)
+    _edit_config(d, **{field: value})
+    with pytest.raises(HFError, match=message):
+        load_hf(d)
+
+
+def random_model(*args, **kwargs):
+    """A `SequenceModel` with random values, built without running its initialiser
+    eagerly (op by op that costs many small compilations)."""
+    skeleton = eqx.filter_eval_shape(
+        lambda: layers.SequenceModel(*args, **kwargs, key=jr.key(0))
+    )
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda s: (
+            jnp.asarray(rng.normal(size=s.shape), s.dtype)
+            if isinstance(s, jax.ShapeDtypeStruct)
+            else s
+        ),
+        skeleton,
+    )
+
+
+def test_save_refuses_what_hf_cannot_hold(tmp_path):
+    kw = dict(vocab_size=11)
+    with pytest.raises(ValueError, match="no MLP"):
+        save_hf(random_model("mamba", 8, 1, 11, **kw), tmp_path / "a")
+    with pytest.raises(ValueError, match="one mixer of"):
+        save_hf(random_model("gla", 8, 1, 11, mlp_ratio=0, **kw), tmp_path / "b")
+    with pytest.raises(ValueError, match="one mixer of"):
+        save_hf(random_model(["mamba", "mamba2"], 8, 2, 11, mlp_ratio=0, **kw), tmp_path)
+    with pytest.raises(ValueError, match="pooling"):
+        save_hf(
+            random_model("mamba", 8, 1, 11, mlp_ratio=0, pooling="mean", **kw), tmp_path
+        )
+    model = random_model("mamba", 8, 1, 11, mlp_ratio=0, **kw)
+    with pytest.raises(ValueError, match="non-zero bias"):
+        save_hf(model, tmp_path / "c")
+    # a zero bias is no bias (the trainer's models have one)
+    model = eqx.tree_at(lambda m: m.head.bias, model, jnp.zeros(11, jnp.float32))
+    again, _ = load_hf(save_hf(model, tmp_path / "d"))
+    assert again.head.bias is None
+    np.testing.assert_array_equal(again.head.weight, model.head.weight)
+
+
+# ------------------------------------------------------------------------ live
+
+
+def test_live_against_transformers(tmp_path):
+    """Fresh random models built by `transformers`, compared live; and our saved
+    model loaded back by `transformers` gives our logits."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_hf_fixtures", Path(__file__).parents[1] / "scripts" / "make_hf_fixtures.py"
+    )
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    import transformers
+
+    tokens = np.random.default_rng(7).integers(0, fixtures.VOCAB, size=(1, 17))
+    for i, name in enumerate(["mamba_untied", "mamba2_groups"]):
+        model_type, options = fixtures.FIXTURES[name]
+        ref_model = fixtures.build(model_type, options, seed=1000 + i)
+        ref_model.save_pretrained(tmp_path / name)
+        ref = fixtures.reference_logits(ref_model, tokens)
+        ours, _ = load_hf(tmp_path / name)
+        out = parallel(ours, jnp.asarray(tokens, jnp.int32))
+        assert rel_err(out, ref) <= TOL
+        # ours -> transformers: perturb so the weights are not the ones it made
+        ours = jax.tree.map(lambda a: a * 1.01 if eqx.is_array(a) else a, ours)
+        save_hf(ours, tmp_path / f"{name}_ours")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}_ours")
+        with torch.no_grad():
+            theirs = back.eval()(torch.as_tensor(tokens), use_cache=False).logits.numpy()
+        out = parallel(ours, jnp.asarray(tokens, jnp.int32))
+        assert rel_err(out, theirs) <= TOL
