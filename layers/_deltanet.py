@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
@@ -19,6 +19,7 @@ from ._mixer import (
     AbstractMixer,
     ConvState,
     causal_conv,
+    check_resets,
     check_sequence,
     check_token,
     linear,
@@ -98,12 +99,12 @@ class AbstractDeltaRuleMixer(AbstractMixer):
             ssm=jnp.zeros((self.num_heads, self.head_dim, self.head_dim_v), dtype),
         )
 
-    def _features(self, u, conv_state):
+    def _features(self, u, conv_state, resets=None):
         """Everything before the recurrence: `q, k, v, β, log α` and the conv history."""
         T, H, dk, dv = u.shape[0], self.num_heads, self.head_dim, self.head_dim_v
         qkv = linear(self.qkv_proj, u)
         no_bias = jnp.zeros((self._channels,), qkv.dtype)
-        qkv, conv_state = causal_conv(self.conv_weight, no_bias, qkv, conv_state)
+        qkv, conv_state = causal_conv(self.conv_weight, no_bias, qkv, conv_state, resets)
         qkv = jax.nn.silu(qkv)
         q = qkv[:, : H * dk].reshape(T, H, dk)
         k = qkv[:, H * dk : 2 * H * dk].reshape(T, H, dk)
@@ -127,23 +128,21 @@ class AbstractDeltaRuleMixer(AbstractMixer):
             o32 = o32 * jax.nn.silu(gate).reshape(o32.shape)
         return linear(self.o_proj, o32.reshape(T, -1).astype(u.dtype))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: ConvState
+        self,
+        x: Float[Array, "seq d_model"],
+        state: ConvState,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], ConvState]:
-        """Run `x` from `state` (chunked); returns the outputs and the final state."""
+        """Run `x` from `state` (chunked), restarting the convolutions and the state at
+        `resets` (true at the first token of each packed document); returns the
+        outputs and the final state."""
         check_sequence(x, self.d_model, type(self).__name__)
-        q, k, v, beta, log_decay, conv = self._features(x, state.conv)
+        resets = check_resets(resets, x.shape[0], type(self).__name__)
+        q, k, v, beta, log_decay, conv = self._features(x, state.conv, resets)
         o, S = ssm.delta_rule(
-            q, k, v, beta, log_decay, state.ssm, chunk_size=self.chunk_size
+            q, k, v, beta, log_decay, state.ssm, resets=resets, chunk_size=self.chunk_size
         )
         return self._readout(o, x), ConvState(conv, S.astype(state.ssm.dtype))
 

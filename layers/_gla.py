@@ -7,12 +7,19 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
 from ._heads import head_rms_norm, head_sizes, merge_heads, split_heads
-from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
+from ._mixer import (
+    AbstractMixer,
+    check_resets,
+    check_sequence,
+    check_token,
+    linear,
+    real_dtype,
+)
 
 
 class GLA(AbstractMixer):
@@ -116,23 +123,21 @@ class GLA(AbstractMixer):
         gate = jax.nn.silu(linear(self.g_proj, x).astype(y.dtype))
         return linear(self.o_proj, (merge_heads(y) * gate).astype(x.dtype))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: Float[Array, "H dk dv"]
+        self,
+        x: Float[Array, "seq d_model"],
+        state: Float[Array, "H dk dv"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], Float[Array, "H dk dv"]]:
-        """Run `x` from `state` (chunked); returns the outputs and the final state."""
+        """Run `x` from `state` (chunked), restarting the state at `resets` (true at the
+        first token of each packed document); returns the outputs and the final
+        state."""
         check_sequence(x, self.d_model, "GLA")
+        resets = check_resets(resets, x.shape[0], "GLA")
         q, k, v, log_decay = self._features(x)
         o, S = ssm.gated_linear_attention(
-            q, k, v, log_decay, state, chunk_size=self.chunk_size
+            q, k, v, log_decay, state, resets=resets, chunk_size=self.chunk_size
         )
         return self._readout(o, x), S.astype(state.dtype)
 

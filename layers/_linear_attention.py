@@ -5,12 +5,19 @@ from __future__ import annotations
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
 from ._heads import feature_map, head_rms_norm, head_sizes, merge_heads, split_heads
-from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
+from ._mixer import (
+    AbstractMixer,
+    check_resets,
+    check_sequence,
+    check_token,
+    linear,
+    real_dtype,
+)
 
 _FEATURE_MAPS = ("elu", "relu", "identity")
 _NORMALIZATIONS = ("sum", "rms", "none")
@@ -130,22 +137,22 @@ class LinearAttention(AbstractMixer):
             o = head_rms_norm(o, self.norm_weight, self.eps)
         return linear(self.o_proj, merge_heads(o).astype(x.dtype))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: Float[Array, "H dk dv"]
+        self,
+        x: Float[Array, "seq d_model"],
+        state: Float[Array, "H dk dv"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], Float[Array, "H dk dv"]]:
-        """Run `x` from `state` (chunked); returns the outputs and the final state."""
+        """Run `x` from `state` (chunked), restarting the state at `resets` (true at the
+        first token of each packed document); returns the outputs and the final
+        state."""
         check_sequence(x, self.d_model, "LinearAttention")
+        resets = check_resets(resets, x.shape[0], "LinearAttention")
         q, k, v = self._features(x)
-        o, S = ssm.gated_linear_attention(q, k, v, None, state, chunk_size=self.chunk_size)
+        o, S = ssm.gated_linear_attention(
+            q, k, v, None, state, resets=resets, chunk_size=self.chunk_size
+        )
         return self._readout(o, x), S.astype(state.dtype)
 
     def step(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
@@ -19,6 +19,7 @@ from ._mixer import (
     AbstractMixer,
     ConvState,
     causal_conv,
+    check_resets,
     check_sequence,
     check_token,
     linear,
@@ -151,7 +152,7 @@ class Mamba2(AbstractMixer):
             ssm=jnp.zeros((self.num_heads, self.d_state, self.head_dim), dtype),
         )
 
-    def _features(self, u, conv_state):
+    def _features(self, u, conv_state, resets=None):
         """Everything before the recurrence, as gated-linear-attention inputs."""
         d, N, H, G = self.d_inner, self.d_state, self.num_heads, self.n_groups
         GN = G * N
@@ -161,7 +162,9 @@ class Mamba2(AbstractMixer):
             zxbcdt[:, d : 2 * d + 2 * GN],
             zxbcdt[:, 2 * d + 2 * GN :],
         )
-        xbc, conv_state = causal_conv(self.conv_weight, self.conv_bias, xbc, conv_state)
+        xbc, conv_state = causal_conv(
+            self.conv_weight, self.conv_bias, xbc, conv_state, resets
+        )
         xbc = jax.nn.silu(xbc)
         x, B, C = xbc[:, :d], xbc[:, d : d + GN], xbc[:, d + GN :]
         rdt = real_dtype(u.dtype)
@@ -185,23 +188,21 @@ class Mamba2(AbstractMixer):
         y = jnp.reshape(y, (T, self.d_inner)) * self.norm_weight.astype(rdt)[None]
         return linear(self.out_proj, y.astype(u.dtype))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
     def prefill(
-        self, u: Float[Array, "seq d_model"], state: ConvState
+        self,
+        u: Float[Array, "seq d_model"],
+        state: ConvState,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], ConvState]:
-        """Run `u` from `state` (chunked); returns the outputs and the final state."""
+        """Run `u` from `state` (chunked), restarting the convolution and the state at
+        `resets` (true at the first token of each packed document); returns the
+        outputs and the final state."""
         check_sequence(u, self.d_model, "Mamba2")
-        q, k, v, log_decay, x, z, conv = self._features(u, state.conv)
+        resets = check_resets(resets, u.shape[0], "Mamba2")
+        q, k, v, log_decay, x, z, conv = self._features(u, state.conv, resets)
         y, S = ssm.gated_linear_attention(
-            q, k, v, log_decay, state.ssm, chunk_size=self.chunk_size
+            q, k, v, log_decay, state.ssm, resets=resets, chunk_size=self.chunk_size
         )
         return self._output(y, x, z, u), ConvState(conv, S.astype(state.ssm.dtype))
 

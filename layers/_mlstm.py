@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
@@ -17,6 +17,7 @@ from ._heads import head_group_norm, head_sizes, merge_heads, split_heads
 from ._mixer import (
     AbstractMixer,
     causal_conv,
+    check_resets,
     check_sequence,
     check_token,
     linear,
@@ -154,10 +155,12 @@ class MLSTM(AbstractMixer):
         )
         return MLSTMLayerState(jnp.zeros((self.d_conv - 1, self.d_inner), dtype), cell)
 
-    def _features(self, x, conv_state):
+    def _features(self, x, conv_state, resets=None):
         xz = linear(self.up_proj, x)
         x_m, z = xz[..., : self.d_inner], xz[..., self.d_inner :]
-        c, conv_state = causal_conv(self.conv_weight, self.conv_bias, x_m, conv_state)
+        c, conv_state = causal_conv(
+            self.conv_weight, self.conv_bias, x_m, conv_state, resets
+        )
         c = jax.nn.silu(c)
         q, k = _headwise(self.q_weight, c), _headwise(self.k_weight, c)
         v = _headwise(self.v_weight, x_m)
@@ -175,22 +178,22 @@ class MLSTM(AbstractMixer):
         y = y * jax.nn.silu(z.astype(y.dtype))
         return linear(self.down_proj, y.astype(x.dtype))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: MLSTMLayerState
+        self,
+        x: Float[Array, "seq d_model"],
+        state: MLSTMLayerState,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], MLSTMLayerState]:
-        """Run `x` from `state` (chunked); returns the outputs and the final state."""
+        """Run `x` from `state` (chunked), restarting the convolution and the memory at
+        `resets` (true at the first token of each packed document); returns the
+        outputs and the final state."""
         check_sequence(x, self.d_model, "MLSTM")
-        (q, k, v), log_f, log_i, c, z, conv = self._features(x, state.conv)
-        h, cell = ssm.mlstm(q, k, v, log_f, log_i, state.cell, chunk_size=self.chunk_size)
+        resets = check_resets(resets, x.shape[0], "MLSTM")
+        (q, k, v), log_f, log_i, c, z, conv = self._features(x, state.conv, resets)
+        h, cell = ssm.mlstm(
+            q, k, v, log_f, log_i, state.cell, resets=resets, chunk_size=self.chunk_size
+        )
         return self._readout(h, c, z, x), MLSTMLayerState(conv, cell)
 
     def step(

@@ -9,12 +9,19 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import ssm
 
 from ._heads import head_group_norm, head_sizes, merge_heads, rotary, split_heads
-from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
+from ._mixer import (
+    AbstractMixer,
+    check_resets,
+    check_sequence,
+    check_token,
+    linear,
+    real_dtype,
+)
 
 
 class RetNetState(NamedTuple):
@@ -23,6 +30,16 @@ class RetNetState(NamedTuple):
 
     S: Float[Array, "H dk dv"]
     position: Int[Array, ""]
+
+
+def _positions(position, T, resets=None):
+    """The rotary positions of `T` steps after `position` steps: counted from each
+    document's first token where `resets` marks one (positions restart there)."""
+    index = jnp.arange(T, dtype=jnp.int32)
+    if resets is None:
+        return position + index
+    start = jax.lax.cummax(jnp.where(resets, index, -1))  # the latest reset, or -1
+    return jnp.where(start >= 0, index - start, position + index)
 
 
 class RetNet(AbstractMixer):
@@ -109,8 +126,8 @@ class RetNet(AbstractMixer):
         S = jnp.zeros((self.num_heads, self.head_dim, self.head_dim_v), dtype)
         return RetNetState(S, jnp.zeros((), jnp.int32))
 
-    def _features(self, x, position):
-        positions = position + jnp.arange(x.shape[0], dtype=jnp.int32)
+    def _features(self, x, position, resets=None):
+        positions = _positions(position, x.shape[0], resets)
         H = self.num_heads
         q = rotary(split_heads(linear(self.q_proj, x), H), positions).astype(x.dtype)
         k = rotary(split_heads(linear(self.k_proj, x), H), positions)
@@ -124,25 +141,24 @@ class RetNet(AbstractMixer):
         gate = jax.nn.silu(linear(self.g_proj, x).astype(y.dtype))
         return linear(self.o_proj, (gate * merge_heads(y)).astype(x.dtype))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: RetNetState
+        self,
+        x: Float[Array, "seq d_model"],
+        state: RetNetState,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], RetNetState]:
-        """Run `x` from `state` (chunked); returns the outputs and the final state."""
+        """Run `x` from `state` (chunked), restarting the state and the rotary positions
+        at `resets` (true at the first token of each packed document); returns the
+        outputs and the final state."""
         check_sequence(x, self.d_model, "RetNet")
-        q, k, v, log_decay = self._features(x, state.position)
+        resets = check_resets(resets, x.shape[0], "RetNet")
+        q, k, v, log_decay = self._features(x, state.position, resets)
         o, S = ssm.gated_linear_attention(
-            q, k, v, log_decay, state.S, chunk_size=self.chunk_size
+            q, k, v, log_decay, state.S, resets=resets, chunk_size=self.chunk_size
         )
-        new = RetNetState(S.astype(state.S.dtype), state.position + x.shape[0])
+        position = _positions(state.position, x.shape[0], resets)[-1] + 1
+        new = RetNetState(S.astype(state.S.dtype), position)
         return self._readout(o, x), new
 
     def step(
