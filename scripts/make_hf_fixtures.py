@@ -148,6 +148,24 @@ def tokens_for(seed: int) -> np.ndarray:
     return rng.integers(0, VOCAB, size=(2, 23)).astype(np.int64)
 
 
+# A character-level tokenizer.json beside one fixture, smaller than its vocabulary (so
+# fine-tuning through `init_from: hf:PATH` cuts the embedding's rows to the task's).
+TOKENIZER_FOR = "mamba_tied"
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:\n"
+
+
+def write_tokenizer(out: Path) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    vocab.update({c: i + 2 for i, c in enumerate(CHARS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(out / "tokenizer.json"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT)
@@ -159,6 +177,9 @@ def main():
         model.save_pretrained(out, safe_serialization=True)
         tokens = tokens_for(100 + seed)
         np.savez(out / "logits.npz", tokens=tokens, logits=reference_logits(model, tokens))
+        (out / "generation_config.json").unlink(missing_ok=True)
+        if name == TOKENIZER_FOR:
+            write_tokenizer(out)
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"{name}: {model_type}, {size / 1024:.0f} KiB")
 

@@ -359,3 +359,91 @@ def test_live_against_transformers(tmp_path):
             theirs = back.eval()(torch.as_tensor(tokens), use_cache=False).logits.numpy()
         out = parallel(ours, jnp.asarray(tokens, jnp.int32))
         assert rel_err(out, theirs) <= TOL
+
+
+# ------------------------------------------------------------------------ the CLI
+
+
+def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, capsys):
+    """`init_from: hf:PATH` takes the model section and the tokenizer from the
+    checkpoint, starts from its exact function (on the tokenizer's vocabulary, a
+    prefix of the checkpoint's), trains, generates, and exports back."""
+    import yaml
+
+    from train import cli, config as config_lib, data
+    from train.finetune import load_matching
+    from train.hf.__main__ import main as hf_main
+    from train.trainer import build_model
+
+    src = _copy(tmp_path, "mamba_tied")  # with a 33-token tokenizer.json
+    (tmp_path / "corpus.txt").write_text(
+        "the quick brown fox jumps over the lazy dog.\n" * 9
+    )
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "init_from": f"hf:{src}",
+        "task": {
+            "name": "lm",
+            "paths": ["corpus.txt"],
+            "documents": "none",
+            "seq_len": 15,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "train": {
+            "steps": 2,
+            "batch_size": 4,
+            "eval_every": 2,
+            "eval_batch_size": 4,
+            "checkpoint_every": 2,
+            "progress": False,
+        },
+        "logging": {"plot": False},
+    }
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    config = config_lib.load(cfg, [])
+    assert (config.model.mixer, config.model.d_model, config.model.n_layers) == (
+        "mamba",
+        16,
+        2,
+    )
+    assert config.model.mlp_ratio == 0
+    assert config.model.mixer_kwargs == {
+        "d_state": 5,
+        "d_conv": 4,
+        "expand": 2,
+        "dt_rank": 3,
+    }
+    assert config.task.tokenizer == str(src / "tokenizer.json")
+    assert config.train.freeze == ["head.bias"]
+    with pytest.raises(config_lib.ConfigError, match="model.d_model: 32 differs"):
+        config_lib.load(cfg, ["model.d_model=32"])
+
+    # the trainer's model starts as the checkpoint's function on the first 33 tokens
+    with jax.numpy_dtype_promotion("standard"):
+        task = data.build_task(config.task)
+        model = build_model(config, task, jr.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    params, report = load_matching(params, f"hf:{src}", report=lambda m: None)
+    assert sorted(report["reshaped"])[0].startswith("embedding.weight (61 rows")
+    tokens, _ = reference("mamba_tied")
+    tokens = tokens % task.vocab_size
+    start = parallel(eqx.combine(params, static), tokens)
+    ref = parallel(load_hf(src)[0], tokens)[..., : task.vocab_size]
+    assert rel_err(start, ref) <= 1e-6
+
+    with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
+        cli.train_main([str(cfg), "--run-dir", str(tmp_path / "run")])
+        cli.generate_main(
+            [str(tmp_path / "run"), "--prompt", "the ", "--max-new-tokens", "4"]
+        )
+        hf_main(["export", str(tmp_path / "run"), str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "loaded 21 parameters" in out and "\nthe " in out
+    exported, info = load_hf(tmp_path / "out")
+    assert info["tokenizer"] == str(tmp_path / "out" / "tokenizer.json")
+    assert exported.head is not None and exported.head.weight.shape == (33, 16)
+    trained = cli._load_run(tmp_path / "run", "latest")[2]
+    np.testing.assert_array_equal(exported.head.weight, trained.head.weight)
+    assert not np.array_equal(exported.head.weight, params.head.weight)  # it trained

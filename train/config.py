@@ -47,7 +47,9 @@ class ModelConfig:
         "mixer name (e.g. {local_attention: {window: 64}})",
         default_factory=dict,
     )
-    mlp_ratio: float = _help("hidden width of the gated MLP / d_model", default=4.0)
+    mlp_ratio: float = _help(
+        "hidden width of the gated MLP / d_model (0: no MLP)", default=4.0
+    )
     dropout: float = _help("dropout rate inside the blocks", default=0.0)
     pooling: Literal["auto", "mean", "last", "none"] = _help(
         "pooling of the outputs: auto = mean for classification, none otherwise",
@@ -89,7 +91,8 @@ class ModelConfig:
             window = options.get("window")
             if window is not None and (type(window) is not int or window < 1):
                 raise ValueError(f"{key}.window: must be an integer >= 1, got {window!r}")
-        _positive(self, "d_model", "n_layers", "mlp_ratio")
+        _positive(self, "d_model", "n_layers")
+        _nonnegative(self, "mlp_ratio")  # 0: mixer-only blocks (Mamba)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
 
@@ -299,7 +302,9 @@ class Config:
 
     name: str = _help("run name (default: the config file's stem)", default="run")
     init_from: str | None = _help(
-        "fine-tune: a run directory or checkpoint to load matching parameters from",
+        "fine-tune: a run directory or checkpoint to load matching parameters from, "
+        "or hf:PATH, a Hugging Face model directory (its model section and "
+        "tokenizer.json are taken from it)",
         default=None,
     )
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -428,6 +433,11 @@ def _from_dict(cls, raw, prefix: str):
 
 
 def _config_from_dict(raw) -> Config:
+    init_from = raw.get("init_from")
+    if isinstance(init_from, str) and init_from.startswith("hf:"):
+        from .hf import with_hf_model  # the model section the checkpoint needs
+
+        raw = with_hf_model(raw)
     kwargs = {}
     fields = _fields(Config)
     unknown = sorted(set(raw) - set(fields))

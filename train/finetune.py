@@ -49,11 +49,17 @@ def _best_step(run_dir: Path) -> int | None:
 def load_matching(params, source: str | Path, report=print):
     """Copy into `params` every parameter of `source` with the same path and shape.
 
+    `source` may also be `hf:PATH`, a Hugging Face model directory (`train.hf`).
+
     A parameter whose shape differs but whose size is the same is reshaped; one whose
     size differs (a new head, a new class count) or that the source lacks keeps its
     fresh initialisation. Returns the new parameters and a report
     `{"loaded": [...], "reshaped": [...], "skipped": {path: reason}, "source": ...}`.
     """
+    if str(source).startswith("hf:"):  # a Hugging Face model directory
+        from .hf import load_matching_hf
+
+        return load_matching_hf(params, str(source), report)
     directory, step = resolve_source(source)
     ckpt = Checkpointer(directory, asynchronous=False)
     try:

@@ -158,3 +158,9 @@ def _check_savable(model):
     if any(b.norm1.eps != model.norm.eps for b in model.blocks):
         raise ValueError("save_hf: the blocks' and the final norm's eps differ")
     return _BY_MIXER[next(iter(kinds))]
+
+
+from ._finetune import (  # noqa: E402  (they use load_hf above)
+    load_matching_hf as load_matching_hf,
+    with_hf_model as with_hf_model,
+)
