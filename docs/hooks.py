@@ -2,7 +2,7 @@
 
 `<!-- config-reference -->` in a page becomes the full config reference: one table
 per section of `train.config.Config` and one per task in `train.data.TASKS`, each row a
-dataclass field with its type, default and the `help` text of its metadata (what
+dataclass field with its type, default (as YAML) and the `help` text of its metadata (what
 `ssm-train --help` prints).
 """
 
@@ -36,14 +36,12 @@ def _cell(text: str) -> str:
 def _code(value) -> str:
     if value is dataclasses.MISSING:
         return "(required)"
-    if value is None:
-        text = "null"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, tuple):
-        text = repr(list(value))
-    else:
-        text = repr(value)
+    import yaml
+
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    text = text.removesuffix("...").strip()  # a bare scalar ends its YAML document
     return "`" + text.replace("|", "\\|") + "`"
 
 
