@@ -8,11 +8,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
-from ._mixer import AbstractMixer
+from ._mixer import AbstractMixer, check_resets, keep_mask
 
 
 def _uniform(key, shape, bound, dtype):
@@ -107,17 +107,27 @@ class GRU(AbstractMixer):
         return (1 - z) * n + z * h
 
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: Float[Array, " d_hidden"]
+        self,
+        x: Float[Array, "seq d_model"],
+        state: Float[Array, " d_hidden"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq d_model"], Float[Array, " d_hidden"]]:
-        """Run over a sequence from `state`; returns the outputs and the final state."""
+        """Run over a sequence from `state`, restarting from the zero state at `resets`
+        (true at the first token of each packed document); returns the outputs and the
+        final state."""
         _check_sequence(x, self.d_model, "GRU")
+        resets = check_resets(resets, x.shape[0], "GRU")
         gx = x.astype(self.weight_ih.dtype) @ self.weight_ih.T + self.bias_ih[None]
 
-        def step(h, g):
-            h = self._cell(h, g)
+        def step(h, inputs):
+            g, keep = inputs
+            h = self._cell(h if keep is None else keep * h, g)
             return h, h
 
-        state, hs = ssm.scan(step, state, gx, checkpoints=self.checkpoints)
+        state, hs = ssm.scan(
+            step, state, (gx, keep_mask(resets, gx.dtype)), checkpoints=self.checkpoints
+        )
         return hs @ self.weight_out.T, state
 
     def step(
@@ -127,10 +137,3 @@ class GRU(AbstractMixer):
         gx = self.weight_ih @ x_t.astype(self.weight_ih.dtype) + self.bias_ih
         h = self._cell(state, gx)
         return self.weight_out @ h, h
-
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """The outputs for one sequence from the zero state (`key` is unused)."""
-        del key
-        return self.prefill(x, self.init_state())[0]

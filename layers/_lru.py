@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Complex, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Complex, Float, PRNGKeyArray
 
 import ssm
 
 from ._init import as_complex, complex_normal
 from ._mixer import (
     AbstractMixer,
+    check_resets,
     check_sequence,
     check_token,
     complex_dtype,
@@ -108,18 +109,17 @@ class LRU(AbstractMixer):
     def init_state(self) -> Complex[Array, " state"]:
         return jnp.zeros((self.state_size,), jnp.complex64)
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
-    def prefill(self, x: Float[Array, "seq d_model"], state: Complex[Array, " state"]):
-        """Run `x` from `state`; returns the outputs and the state after the last step."""
+    def prefill(
+        self,
+        x: Float[Array, "seq d_model"],
+        state: Complex[Array, " state"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run `x` from `state`, restarting at `resets` (true at the first token of each
+        packed document); returns the outputs and the state after the last step."""
         check_sequence(x, self.d_model, "LRU")
+        resets = check_resets(resets, x.shape[0], "LRU")
         rdt = real_dtype(x.dtype)
         lam, gB, C = self._params(rdt)
         u = x.astype(rdt)
@@ -127,6 +127,7 @@ class LRU(AbstractMixer):
             lam,
             u.astype(gB.dtype) @ gB.T,
             state.astype(lam.dtype),
+            resets=resets,
             mesh_axis=time_axis(self.seq_axis),
         )
         y = (h @ C.T).real + self.D.astype(rdt)[None] * u

@@ -8,12 +8,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
 from ._gru import _check_sequence, _uniform
-from ._mixer import AbstractMixer
+from ._mixer import AbstractMixer, check_resets, keep_mask
 
 
 class LSTM(AbstractMixer):
@@ -95,16 +95,30 @@ class LSTM(AbstractMixer):
         c = f * c + i * n
         return o * jnp.tanh(c), c
 
-    def prefill(self, x: Float[Array, "seq d_model"], state):
-        """Run over a sequence from `state`; returns the outputs and the final state."""
+    def prefill(
+        self,
+        x: Float[Array, "seq d_model"],
+        state,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run over a sequence from `state`, restarting from the zero state at `resets`
+        (true at the first token of each packed document); returns the outputs and the
+        final state."""
         _check_sequence(x, self.d_model, "LSTM")
+        resets = check_resets(resets, x.shape[0], "LSTM")
         gx = x.astype(self.weight_ih.dtype) @ self.weight_ih.T + self.bias[None]
 
-        def step(s, g):
+        def step(s, inputs):
+            g, keep = inputs
+            if keep is not None:
+                s = (keep * s[0], keep * s[1])
             s = self._cell(s, g)
             return s, s[0]
 
-        state, hs = ssm.scan(step, state, gx, checkpoints=self.checkpoints)
+        state, hs = ssm.scan(
+            step, state, (gx, keep_mask(resets, gx.dtype)), checkpoints=self.checkpoints
+        )
         return hs @ self.weight_out.T, state
 
     def step(self, x_t: Float[Array, " d_model"], state):
@@ -112,10 +126,3 @@ class LSTM(AbstractMixer):
         gx = self.weight_ih @ x_t.astype(self.weight_ih.dtype) + self.bias
         state = self._cell(state, gx)
         return self.weight_out @ state[0], state
-
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """The outputs for one sequence from the zero state (`key` is unused)."""
-        del key
-        return self.prefill(x, self.init_state())[0]

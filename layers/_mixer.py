@@ -43,7 +43,6 @@ class AbstractMixer(eqx.Module):
     d_model: eqx.AbstractVar[int]
     ssm_params: ClassVar[tuple[str, ...]] = ()
 
-    @abc.abstractmethod
     def __call__(
         self,
         x: Float[Array, "seq d_model"],
@@ -51,7 +50,19 @@ class AbstractMixer(eqx.Module):
         resets: Bool[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d_model"]:
-        raise NotImplementedError
+        """The parallel form over one sequence.
+
+        **Arguments:**
+
+        - `x`: one sequence `(seq, d_model)`.
+        - `resets`: optional boolean `(seq,)`, true at the first token of each packed
+          document; the state restarts there.
+        - `key`: unused by deterministic mixers.
+
+        **Returns:** `(seq, d_model)`, causal. By default `prefill` from
+        `init_state()`; mixers with a faster parallel form override it.
+        """
+        return self.prefill(x, self.init_state(), resets=resets)[0]
 
     @abc.abstractmethod
     def init_state(self) -> PyTree[Array]:
@@ -204,9 +215,10 @@ def causal_conv(
     return y, new_history
 
 
-def restart(state: PyTree[Array], reset: Bool[Array, ""]) -> PyTree[Array]:
-    """`state` with every leaf zeroed where `reset` (a scalar boolean) is true."""
-    return jax.tree.map(lambda s: jnp.where(reset, jnp.zeros_like(s), s), state)
+def keep_mask(resets: Bool[Array, " seq"] | None, dtype) -> Float[Array, " seq"] | None:
+    """`1 - resets` in `dtype` (None stays None): multiplies a nonlinear recurrence's
+    carried state before each step, so that it restarts from zero at each document."""
+    return None if resets is None else jnp.logical_not(resets).astype(dtype)
 
 
 def chunked(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
@@ -17,6 +17,7 @@ from ._mixer import (
     AbstractMixer,
     ConvState,
     causal_conv,
+    check_resets,
     check_sequence,
     check_token,
     linear,
@@ -140,31 +141,32 @@ class RGLRU(AbstractMixer):
         b = jnp.sqrt(-jnp.expm1(2 * log_a)) * (i * x.astype(rdt))
         return log_a, b
 
-    def _pre(self, u, conv_state):
+    def _pre(self, u, conv_state, resets=None):
         gate = jax.nn.gelu(linear(self.gate_proj, u))
         x, conv_state = causal_conv(
-            self.conv_weight, self.conv_bias, linear(self.in_proj, u), conv_state
+            self.conv_weight, self.conv_bias, linear(self.in_proj, u), conv_state, resets
         )
         return gate, x, conv_state
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
-    def prefill(self, u: Float[Array, "seq d_model"], state: ConvState):
-        """Run `u` from `state`; returns the outputs and the state after the last step."""
+    def prefill(
+        self,
+        u: Float[Array, "seq d_model"],
+        state: ConvState,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run `u` from `state`, restarting the convolution and the recurrence at
+        `resets` (true at the first token of each packed document); returns the outputs
+        and the state after the last step."""
         check_sequence(u, self.d_model, "RGLRU")
-        gate, x, conv_state = self._pre(u, state.conv)
+        resets = check_resets(resets, u.shape[0], "RGLRU")
+        gate, x, conv_state = self._pre(u, state.conv, resets)
         log_a, b = self._gates(x)
         h = ssm.linear_scan(
             jnp.exp(log_a),
             b,
             state.ssm.astype(b.dtype),
+            resets=resets,
             mesh_axis=time_axis(self.seq_axis),
         )
         y = linear(self.out_proj, gate * h.astype(u.dtype))

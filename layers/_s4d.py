@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Complex, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Complex, Float, PRNGKeyArray
 
 import ssm
 
 from ._init import as_complex, complex_normal, log_uniform
 from ._mixer import (
     AbstractMixer,
+    check_resets,
     check_sequence,
     check_token,
     chunked,
@@ -146,19 +147,29 @@ class S4D(AbstractMixer):
         return jnp.zeros((self.d_model, self.state_size // 2), jnp.complex64)
 
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq d_model"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
+        """**Arguments:**
+
+        - `x`: one sequence `(seq, d_model)`.
+        - `resets`: true at the first token of each packed document; the state
+          restarts there. Packed sequences always run the recurrence (a convolution
+          kernel does not stop at document boundaries), whatever `mode` says.
+        - `key`: unused.
 
         **Returns:** `(seq, d_model)`, causal.
         """
         check_sequence(x, self.d_model, "S4D")
         T = x.shape[0]
-        conv = self.mode == "convolution" or (
-            self.mode == "auto" and T >= self.CONV_MIN_LENGTH
-        )
+        resets = check_resets(resets, T, "S4D")
+        long = self.mode == "auto" and T >= self.CONV_MIN_LENGTH
+        conv = resets is None and (self.mode == "convolution" or long)
         if not conv:
-            return self.prefill(x, self.init_state())[0]
+            return self.prefill(x, self.init_state(), resets=resets)[0]
         rdt = real_dtype(x.dtype)
         u = x.astype(rdt)
         y = fft_causal_conv(u, self.kernel(T, rdt)) + self.D.astype(rdt)[None] * u
@@ -195,19 +206,27 @@ class S4D(AbstractMixer):
         return vandermonde(*(p.astype(rdt) for p in params))
 
     def prefill(
-        self, x: Float[Array, "seq d_model"], state: Complex[Array, "d_model modes"]
+        self,
+        x: Float[Array, "seq d_model"],
+        state: Complex[Array, "d_model modes"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
     ):
-        """Run `x` from `state`; returns the outputs and the state after the last step."""
+        """Run `x` from `state` (`resets` as in `__call__`); returns the outputs and the
+        state after the last step."""
         check_sequence(x, self.d_model, "S4D")
+        resets = check_resets(resets, x.shape[0], "S4D")
         rdt = real_dtype(x.dtype)
         dA, dB, C = self.discretise(rdt)
         u = x.astype(rdt)
 
-        def chunk(h0, u_c):
-            h = ssm.linear_scan(dA, dB[None] * u_c[:, :, None].astype(dB.dtype), h0)
+        def chunk(h0, inputs):
+            u_c, r_c = inputs
+            b = dB[None] * u_c[:, :, None].astype(dB.dtype)
+            h = ssm.linear_scan(dA, b, h0, resets=r_c)
             return 2 * jnp.sum(C[None] * h, -1).real, h
 
-        y, h = chunked(chunk, state.astype(dA.dtype), u, self.chunk_size)
+        y, h = chunked(chunk, state.astype(dA.dtype), (u, resets), self.chunk_size)
         y = y + self.D.astype(rdt)[None] * u
         return y.astype(x.dtype), h.astype(state.dtype)
 

@@ -10,12 +10,19 @@ import jax.random as jr
 import numpy as np
 import scipy.linalg
 from jax import lax
-from jaxtyping import Array, Complex, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Complex, Float, PRNGKeyArray
 
 import ssm
 
 from ._init import as_complex, hippo_normal, log_uniform
-from ._mixer import AbstractMixer, check_sequence, check_token, complex_dtype, real_dtype
+from ._mixer import (
+    AbstractMixer,
+    check_resets,
+    check_sequence,
+    check_token,
+    complex_dtype,
+    real_dtype,
+)
 
 
 class S5(AbstractMixer):
@@ -131,35 +138,57 @@ class S5(AbstractMixer):
             raise ValueError("A bidirectional S5 is not causal: it has no recurrent state.")
         return jnp.zeros((self.state_size // 2,), jnp.complex64)
 
-    def _run(self, x, h0, reverse, C):
+    def _run(self, x, h0, reverse, C, resets=None):
         rdt = real_dtype(x.dtype)
         dA, dB = self.discretise(rdt)
         u = x.astype(rdt)
         Bu = u.astype(dB.dtype) @ dB.T
-        h = ssm.linear_scan(dA, Bu, h0, reverse=reverse)
+        h = ssm.linear_scan(dA, Bu, h0, reverse=reverse, resets=resets)
         y = 2 * (h @ as_complex(C, dB.dtype).T).real
         return y, h, u
 
     def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
+        self,
+        x: Float[Array, "seq d_model"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
+        """**Arguments:**
+
+        - `x`: one sequence `(seq, d_model)`.
+        - `resets`: true at the first token of each packed document; both directions
+          of a bidirectional S5 stay inside documents.
+        - `key`: unused.
 
         **Returns:** `(seq, d_model)`; causal unless `bidirectional`.
         """
         check_sequence(x, self.d_model, "S5")
+        resets = check_resets(resets, x.shape[0], "S5")
         if not self.bidirectional:
-            return self.prefill(x, self.init_state())[0]
-        y, _, u = self._run(x, None, False, self.C[0])
-        y_rev, _, _ = self._run(x, None, True, self.C[1])
+            return self.prefill(x, self.init_state(), resets=resets)[0]
+        # Backwards, a document's chain is cut at its last token: the next one starts
+        # another document.
+        ends = None if resets is None else jnp.append(resets[1:], False)
+        y, _, u = self._run(x, None, False, self.C[0], resets)
+        y_rev, _, _ = self._run(x, None, True, self.C[1], ends)
         y = y + y_rev + self.D.astype(u.dtype)[None] * u
         return y.astype(x.dtype)
 
-    def prefill(self, x: Float[Array, "seq d_model"], state: Complex[Array, " modes"]):
-        """Run `x` from `state`; returns the outputs and the state after the last step."""
+    def prefill(
+        self,
+        x: Float[Array, "seq d_model"],
+        state: Complex[Array, " modes"],
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run `x` from `state` (`resets` as in `__call__`); returns the outputs and the
+        state after the last step."""
         check_sequence(x, self.d_model, "S5")
         self._check_causal()
-        y, h, u = self._run(x, state.astype(complex_dtype(x.dtype)), False, self.C[0])
+        resets = check_resets(resets, x.shape[0], "S5")
+        h0 = state.astype(complex_dtype(x.dtype))
+        y, h, u = self._run(x, h0, False, self.C[0], resets)
         y = y + self.D.astype(u.dtype)[None] * u
         return y.astype(x.dtype), h[-1].astype(state.dtype)
 

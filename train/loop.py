@@ -371,6 +371,7 @@ def run(
         "train": book.last_train,
         "val": final_val,
         "steps": step,
+        "parameters": sum(int(v.size) for v in jax.tree.leaves(state.params)),
         "best_step": book.best_step if tc.eval_with_best else step,
         f"best_val_{tc.best_metric}": book.best_value,
         "train_time_s": time.perf_counter() - started,
