@@ -89,9 +89,25 @@ FIXTURES = {
             chunk_size=5,
         ),
     ),
+    "falcon_mamba": (
+        "falcon_mamba",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=2,
+            state_size=4,
+            conv_kernel=4,
+            expand=2,
+            time_step_rank=3,
+            use_conv_bias=True,
+            tie_word_embeddings=True,
+            layer_norm_epsilon=1e-5,
+            mixer_rms_eps=1e-3,
+        ),
+    ),
 }
 
 CLASSES = {
+    "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM),
     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
     "mamba2": (transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
 }
@@ -169,8 +185,11 @@ def write_tokenizer(out: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--only", nargs="*", help="fixture names (default: all)")
     args = parser.parse_args()
     for seed, (name, (model_type, options)) in enumerate(FIXTURES.items()):
+        if args.only and name not in args.only:
+            continue
         model = build(model_type, options, seed)
         out = args.out / name
         shutil.rmtree(out, ignore_errors=True)

@@ -22,11 +22,12 @@ from safetensors.numpy import load_file, save_file
 
 import layers
 from train.hf import MODEL_TYPES, HFError, load_hf, save_hf
+from train.hf._tree import arrays_of
 
 from .helpers import rel_err
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-NAMES = ["mamba_tied", "mamba_untied", "mamba2_groups", "mamba2_tied"]
+NAMES = ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2_groups", "mamba2_tied"]
 TOL = 1e-4  # float32 against the reference's float64 logits
 SPLIT = 9  # prefill this many tokens, then step the rest
 
@@ -75,13 +76,19 @@ def test_logits_match_reference(name):
     assert rel_err(gen, ref[0]) <= TOL, rel_err(gen, ref[0])
 
 
-@pytest.mark.parametrize("name", ["mamba_untied", "mamba2_tied"])
-def test_tolerance_sees_an_option(name, tmp_path):
+@pytest.mark.parametrize(
+    "name, option",
+    [
+        ("mamba_untied", "layer_norm_epsilon"),
+        ("falcon_mamba", "mixer_rms_eps"),
+        ("mamba2_tied", "layer_norm_epsilon"),
+    ],
+)
+def test_tolerance_sees_an_option(name, option, tmp_path):
     """The comparison is sharp enough to see an option: these fixtures' norms have
-    eps 1e-3, and reading it as the default 1e-5 moves the logits past the
-    tolerance."""
+    eps 1e-3, and reading it as 1e-5 moves the logits past the tolerance."""
     d = _copy(tmp_path, name)
-    _edit_config(d, layer_norm_epsilon=1e-5)
+    _edit_config(d, **{option: 1e-5})
     model, _ = load_hf(d)
     tokens, ref = reference(name)
     assert rel_err(parallel(model, tokens), ref) > 3 * TOL
@@ -420,18 +427,25 @@ def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, cap
     with pytest.raises(config_lib.ConfigError, match="model.d_model: 32 differs"):
         config_lib.load(cfg, ["model.d_model=32"])
 
-    # the trainer's model starts as the checkpoint's function on the first 33 tokens
-    with jax.numpy_dtype_promotion("standard"):
-        task = data.build_task(config.task)
-        model = build_model(config, task, jr.key(0))
-    params, static = eqx.partition(model, eqx.is_array)
+    # the trainer's model starts as the checkpoint's function on the tokenizer's 33
+    # tokens: its parameters are the checkpoint's (the tied head is the embedding, the
+    # bias zero); the two models' functions are compared in test_logits_match_reference
+    task = data.build_task(config.task)
+    model = eqx.filter_eval_shape(build_model, config, task, jr.key(0))
+    params, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     params, report = load_matching(params, f"hf:{src}", report=lambda m: None)
     assert sorted(report["reshaped"])[0].startswith("embedding.weight (61 rows")
-    tokens, _ = reference("mamba_tied")
-    tokens = tokens % task.vocab_size
-    start = parallel(eqx.combine(params, static), tokens)
-    ref = parallel(load_hf(src)[0], tokens)[..., : task.vocab_size]
-    assert rel_err(start, ref) <= 1e-6
+    hf = load_hf(src)[0]
+    V = task.vocab_size
+    np.testing.assert_array_equal(params.embedding.weight, hf.embedding.weight[:V])
+    np.testing.assert_array_equal(params.head.weight, hf.embedding.weight[:V])
+    np.testing.assert_array_equal(params.head.bias, np.zeros(V, np.float32))
+    ours, theirs = arrays_of(eqx.combine(params, static)), arrays_of(hf)
+    body = sorted(k for k in theirs if not k.startswith(("embedding.", "head.")))
+    assert body == sorted(k for k in ours if not k.startswith(("embedding.", "head.")))
+    for k in body:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    assert static.blocks[0].norm1.eps == hf.blocks[0].norm1.eps == static.norm.eps
 
     with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
         cli.train_main([str(cfg), "--run-dir", str(tmp_path / "run")])

@@ -32,7 +32,7 @@ from ._io import (
     write_dir,
 )
 
-_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2)}
+_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2)} | {_mamba.FALCON_TYPE: _mamba}
 MODEL_TYPES: tuple[str, ...] = tuple(_MODULES)
 _BY_MIXER = {layers.Mamba: _mamba, layers.Mamba2: _mamba2}
 
@@ -76,7 +76,7 @@ def load_hf(
     model = module.load(config, tensors, path, chunk_size)
     tokenizer = path / TOKENIZER_FILE
     info = {
-        "model_type": module.MODEL_TYPE,
+        "model_type": config["model_type"],
         "config": config,
         "path": str(path),
         "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
@@ -105,7 +105,8 @@ def save_hf(
     **Arguments:**
 
     - `model`: a token `SequenceModel` whose blocks all hold the same mixer of a
-      supported type (`layers.Mamba`: `mamba`; `layers.Mamba2`: `mamba2`), with no
+      supported type (`layers.Mamba`: `mamba`, or `falcon_mamba` with
+      `bcdt_norm_eps`; `layers.Mamba2`: `mamba2`), with no
       MLP, no pooling and no head bias (or an all-zero one).
     - `path`: the directory to write (created; files in it are replaced).
     - `tokenizer`: a `tokenizer.json` to copy beside the weights.
@@ -139,6 +140,8 @@ def _check_savable(model):
             f"save_hf: every block must hold one mixer of "
             f"{[k.__name__ for k in _BY_MIXER]}, got {names}"
         )
+    if len({getattr(b.mixer, "bcdt_norm_eps", None) for b in model.blocks}) != 1:
+        raise ValueError("save_hf: the blocks' Mamba mixers differ in bcdt_norm_eps")
     if any(b.mlp is not None for b in model.blocks):
         raise ValueError("save_hf: the Hugging Face Mamba models have no MLP (mlp_ratio=0)")
     if model.head is not None:

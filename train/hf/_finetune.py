@@ -131,7 +131,10 @@ def load_matching_hf(params, source: str, report=print):
         elif s is not None and name in _VOCAB_ROWS and s.shape[1:] == value.shape[1:]:
             rows = min(s.shape[0], value.shape[0])
             reshaped.append(f"{name} ({s.shape[0]} rows in the checkpoint, {rows} kept)")
-            new[name] = jnp.asarray(value).at[:rows].set(jnp.asarray(s[:rows], value.dtype))
+            if rows == value.shape[0]:  # cut: nothing of the fresh value is kept
+                new[name] = jnp.asarray(s[:rows], value.dtype)
+            else:  # extended: the new rows keep their fresh initialisation
+                new[name] = jnp.asarray(value).at[:rows].set(s.astype(value.dtype))
         elif name.startswith("head."):  # a new head (another task's outputs)
             skipped[name] = "not in the checkpoint" if s is None else f"shape {s.shape}"
             new[name] = value

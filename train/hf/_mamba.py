@@ -1,4 +1,6 @@
-"""`mamba` (`MambaForCausalLM`): Gu and Dao's Mamba language model.
+"""`mamba` (`MambaForCausalLM`): Gu and Dao's Mamba language model; and
+`falcon_mamba` (`FalconMambaForCausalLM`), the same with weightless RMS norms on the
+step-size input and `B`, `C` (`layers.Mamba(bcdt_norm_eps=mixer_rms_eps)`).
 
 The reference (`transformers.models.mamba`) is `x + mixer(RMSNorm(x))` per layer, no
 MLP, a final `norm_f` and an `lm_head` tied to the embedding by default. Its mixer is
@@ -23,6 +25,8 @@ from ._tree import arrays_of, build
 
 MODEL_TYPE = "mamba"
 ARCHITECTURE = "MambaForCausalLM"
+FALCON_TYPE = "falcon_mamba"
+FALCON_ARCHITECTURE = "FalconMambaForCausalLM"
 
 
 def _options(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -50,6 +54,15 @@ def _options(config: dict[str, Any], path: Path) -> dict[str, Any]:
         default=False,
         why="layers.Mamba's in_proj and out_proj have no bias",
     )
+    mixer_kwargs = {
+        "d_state": field(config, "state_size", int, path),
+        "d_conv": field(config, "conv_kernel", int, path),
+        "expand": d_inner // d_model,
+        "dt_rank": rank,
+    }
+    if config.get("model_type") == FALCON_TYPE:
+        eps = field(config, "mixer_rms_eps", float, path, default=1e-6)
+        mixer_kwargs["bcdt_norm_eps"] = float(eps)
     return {
         "d_model": d_model,
         "n_layers": field(config, "num_hidden_layers", int, path),
@@ -57,12 +70,7 @@ def _options(config: dict[str, Any], path: Path) -> dict[str, Any]:
         "norm_eps": float(field(config, "layer_norm_epsilon", float, path, default=1e-5)),
         "tie": bool(field(config, "tie_word_embeddings", bool, path, default=True)),
         "conv_bias": bool(field(config, "use_conv_bias", bool, path, default=True)),
-        "mixer_kwargs": {
-            "d_state": field(config, "state_size", int, path),
-            "d_conv": field(config, "conv_kernel", int, path),
-            "expand": d_inner // d_model,
-            "dt_rank": rank,
-        },
+        "mixer_kwargs": mixer_kwargs,
     }
 
 
@@ -156,9 +164,10 @@ def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndar
     tied = model.head is None
     if not tied:
         tensors["lm_head.weight"] = a["head.weight"]
+    falcon = mixer.bcdt_norm_eps is not None
     config = {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
+        "architectures": [FALCON_ARCHITECTURE if falcon else ARCHITECTURE],
+        "model_type": FALCON_TYPE if falcon else MODEL_TYPE,
         "hidden_size": D,
         "intermediate_size": E,
         "expand": E // D,
@@ -174,4 +183,6 @@ def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndar
         "residual_in_fp32": True,
         "tie_word_embeddings": tied,
     }
+    if falcon:
+        config["mixer_rms_eps"] = mixer.bcdt_norm_eps
     return config, tensors
