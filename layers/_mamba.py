@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
@@ -19,9 +19,9 @@ from ._mixer import (
     AbstractMixer,
     ConvState,
     causal_conv,
+    check_resets,
     check_sequence,
     check_token,
-    chunked,
     linear,
     real_dtype,
 )
@@ -45,10 +45,10 @@ class Mamba(AbstractMixer):
 
     initialised with `A_log[d, n] = log(n + 1)` (S4D-Real), `D = 1` and `dt_bias =
     softplus⁻¹(Δ₀)` for `Δ₀` log-uniform in `[dt_min, dt_max]` (floored at
-    `dt_floor`). The recurrence runs through `ssm.linear_scan` in chunks of
-    `chunk_size` steps whose bodies are rematerialised, so only the chunk-boundary
-    states are kept: the `T × d_inner × d_state` state history is never stored, in
-    the forward or the backward pass.
+    `dt_floor`). The recurrence runs through `ssm.selective_scan`, which discretises
+    on the fly and keeps only the states at the starts of chunks of `chunk_size`
+    steps: no `T × d_inner × d_state` tensor is ever stored, in the forward or the
+    backward pass.
     """
 
     d_model: int = eqx.field(static=True)
@@ -95,7 +95,8 @@ class Mamba(AbstractMixer):
         - `dt_rank`: the rank of the step-size projection (default `ceil(d_model/16)`).
         - `dt_min`, `dt_max`, `dt_floor`: the initial step-size range and floor.
         - `dt_scale`: scales the init of `dt_proj`'s weight (`±dt_scale/√dt_rank`).
-        - `chunk_size`: the time chunk over which states are rematerialised.
+        - `chunk_size`: the chunk of `ssm.selective_scan` (states are saved at its
+          starts and recomputed inside it in the backward pass).
         - `bcdt_norm_eps`: when given, the step-size input and `B`, `C` (the three
           parts of `x_proj`'s output) are each RMS-normalised, without weights, with
           this epsilon: Falcon Mamba (Zuo et al. 2024). `None`: Mamba.
@@ -151,11 +152,11 @@ class Mamba(AbstractMixer):
         ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         return (x32 * jax.lax.rsqrt(ms + self.bcdt_norm_eps)).astype(x.dtype)
 
-    def _selective_inputs(self, u, conv_state):
+    def _selective_inputs(self, u, conv_state, resets=None):
         """The projections and convolution: everything before the recurrence."""
         xz = linear(self.in_proj, u)
         x, z = xz[..., : self.d_inner], xz[..., self.d_inner :]
-        x, conv_state = causal_conv(self.conv_weight, self.conv_bias, x, conv_state)
+        x, conv_state = causal_conv(self.conv_weight, self.conv_bias, x, conv_state, resets)
         x = jax.nn.silu(x)
         dbc = linear(self.x_proj, x)
         r, n = self.dt_rank, self.d_state
@@ -177,33 +178,35 @@ class Mamba(AbstractMixer):
         y = (y + D * x.astype(rdt)).astype(u_dtype)
         return linear(self.out_proj, y * jax.nn.silu(z))
 
-    def __call__(
-        self, x: Float[Array, "seq d_model"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "seq d_model"]:
-        """**Arguments:** `x`, one sequence `(seq, d_model)`; `key` is unused.
-
-        **Returns:** `(seq, d_model)`, causal.
-        """
-        return self.prefill(x, self.init_state())[0]
-
-    def prefill(self, u: Float[Array, "seq d_model"], state: ConvState):
-        """Run `u` from `state`; returns the outputs and the state after the last step."""
+    def prefill(
+        self,
+        u: Float[Array, "seq d_model"],
+        state: ConvState,
+        *,
+        resets: Bool[Array, " seq"] | None = None,
+    ):
+        """Run `u` from `state`, restarting the convolution and the recurrence at
+        `resets` (true at the first token of each packed document); returns the outputs
+        and the state after the last step."""
         check_sequence(u, self.d_model, "Mamba")
-        x, z, delta, B, C, conv_state = self._selective_inputs(u, state.conv)
+        resets = check_resets(resets, u.shape[0], "Mamba")
+        x, z, delta, B, C, conv_state = self._selective_inputs(u, state.conv, resets)
         rdt = delta.dtype
         A = -jnp.exp(self.A_log.astype(rdt))
-
-        def chunk(h0, inputs):
-            delta_c, B_c, C_c, x_c = inputs
-            dA = jnp.exp(delta_c[:, :, None] * A[None])
-            dBx = (delta_c * x_c)[:, :, None] * B_c[:, None, :]
-            h = ssm.linear_scan(dA, dBx, h0)
-            return jnp.einsum("tdn,tn->td", h, C_c), h
-
-        y, h = chunked(
-            chunk, state.ssm.astype(rdt), (delta, B, C, x.astype(rdt)), self.chunk_size
+        y, h = ssm.selective_scan(
+            x.astype(rdt),
+            delta,
+            A,
+            B,
+            C,
+            self.D.astype(rdt),
+            z.astype(rdt),
+            state.ssm.astype(rdt),
+            resets=resets,
+            return_state=True,
+            chunk_size=self.chunk_size,
         )
-        out = self._output(y, x, z, u.dtype)
+        out = linear(self.out_proj, y.astype(u.dtype))
         return out, ConvState(conv_state, h.astype(state.ssm.dtype))
 
     def step(self, u_t: Float[Array, " d_model"], state: ConvState):
