@@ -9,15 +9,12 @@ the same keys; the sampling rules against NumPy references; the CLI on a tiny ru
 
 from __future__ import annotations
 
-import json
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-import yaml
 
 import layers
 from train import cli
@@ -126,9 +123,8 @@ def test_sampling_inside_the_loop_matches_the_parallel_form():
     prompt, key = prompt_of(4), jr.key(7)
     opts = dict(temperature=1.7, top_k=6, top_p=0.8)
     tokens = np.asarray(generate(model, prompt, NEW, **opts, key=key))
-    ref = reference_tokens(
-        model, prompt, NEW, lambda i, lg: sample_logits(jr.fold_in(key, i), lg, **opts)
-    )
+    one = jax.jit(lambda i, lg: sample_logits(jr.fold_in(key, i), lg, **opts))
+    ref = reference_tokens(model, prompt, NEW, one)
     np.testing.assert_array_equal(tokens, ref)
     again = np.asarray(generate(model, prompt, NEW, **opts, key=key))
     np.testing.assert_array_equal(again, tokens)
@@ -158,10 +154,14 @@ def ranked(x):
     return np.lexsort((np.arange(len(x)), -x))
 
 
+# k and p traced: one compiled program each for every case below.
+top_k_jit, top_p_jit = jax.jit(top_k_logits), jax.jit(top_p_logits)
+
+
 @pytest.mark.parametrize("k", [1, 2, 5, 36, 37, 0, 50])
 def test_top_k_keeps_exactly_the_k_largest(k):
     x = logits_with_ties(k)
-    out = np.asarray(top_k_logits(jnp.asarray(x), k))
+    out = np.asarray(top_k_jit(jnp.asarray(x), k))
     n = len(x) if k <= 0 or k >= len(x) else k
     kept = np.flatnonzero(np.isfinite(out))
     np.testing.assert_array_equal(np.sort(kept), np.sort(ranked(x)[:n]))
@@ -172,7 +172,7 @@ def test_top_k_keeps_exactly_the_k_largest(k):
 @pytest.mark.parametrize("p", [0.01, 0.3, 0.5, 0.77, 0.95, 0.999, 1.0])
 def test_top_p_keeps_the_smallest_set_with_mass_p(p):
     x = logits_with_ties(int(p * 100) + 1)
-    out = np.asarray(top_p_logits(jnp.asarray(x), p))
+    out = np.asarray(top_p_jit(jnp.asarray(x), p))
     probs = np.exp(x - x.max())
     probs /= probs.sum()
     order = ranked(x)
@@ -185,35 +185,48 @@ def test_top_p_keeps_the_smallest_set_with_mass_p(p):
     assert n == 1 or probs[order[: n - 1]].sum() < p  # ... and no smaller set has it
 
 
+def reference_filter(x, temperature, k, p):
+    """NumPy, from the definitions: `x / temperature`, then the `k` largest (ties to
+    the lower id), then the smallest most-likely set of mass `>= p`; -inf elsewhere."""
+    x = np.asarray(x, np.float64) / temperature
+    keep = np.zeros(len(x), bool)
+    keep[ranked(x)[: k if 0 < k < len(x) else len(x)]] = True
+    x = np.where(keep, x, -np.inf)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    order = ranked(x)
+    n = min(int(np.searchsorted(np.cumsum(probs[order]), p)) + 1, len(x))
+    keep = np.zeros(len(x), bool)
+    keep[order[:n]] = True
+    return np.where(keep, x, -np.inf)
+
+
 @jax.jit
 def draw(keys, x, temperature, top_k, top_p):
-    return jax.vmap(lambda k: sample_logits(k, x, temperature, top_k, top_p))(keys)
+    """Samples and the filtered logits, with traced settings (one compiled program)."""
+    samples = jax.vmap(lambda k: sample_logits(k, x, temperature, top_k, top_p))(keys)
+    return samples, filter_logits(x, temperature, top_k, top_p)
 
 
 def test_samples_follow_the_filtered_distribution():
     """Draws never leave the top-k / top-p set, and their frequencies are those of the
-    renormalised `softmax(logits / temperature)` on it (one compiled program: the
-    settings are traced, k=0 and p=1 switch a filter off)."""
+    renormalised `softmax(logits / temperature)` on it; k=0 and p=1 switch a filter
+    off; temperature 0 is the argmax whatever the key."""
     x = jnp.asarray(logits_with_ties(5, V=23))
     keys = jr.split(jr.key(0), 8_000)
     for temperature, top_k, top_p in [(0.5, 0, 1.0), (2.0, 7, 1.0), (1.3, 9, 0.7)]:
         args = jnp.asarray(temperature, f64), jnp.asarray(top_k), jnp.asarray(top_p, f64)
-        samples = np.asarray(draw(keys, x, *args))
-        allowed = np.asarray(filter_logits(x, temperature, top_k or None, top_p))
-        assert np.all(np.isfinite(allowed[samples])), (temperature, top_k, top_p)
-        assert np.sum(np.isfinite(allowed)) <= (top_k or len(x))
-        expected = np.exp(allowed - allowed.max())
+        samples, filtered = map(np.asarray, draw(keys, x, *args))
+        ref = reference_filter(x, temperature, top_k, top_p)
+        np.testing.assert_allclose(filtered, ref, rtol=1e-12)
+        assert np.all(np.isfinite(ref[samples])), (temperature, top_k, top_p)
+        expected = np.exp(ref - ref.max())
         expected /= expected.sum()
         freq = np.bincount(samples, minlength=len(x)) / len(samples)
         np.testing.assert_allclose(freq, expected, atol=0.02)
-    # Temperature 0 is the argmax, whatever the key and the filters.
     args = jnp.asarray(0.0, f64), jnp.asarray(3), jnp.asarray(0.5, f64)
-    greedy = np.asarray(draw(keys[:50], x, *args))
-    assert np.all(greedy == int(np.argmax(np.asarray(x))))
-    # The filters compose in order: temperature, top-k, top-p.
-    np.testing.assert_array_equal(
-        filter_logits(x, 1.3, 9, 0.7), top_p_logits(top_k_logits(x / 1.3, 9), 0.7)
-    )
+    greedy, _ = draw(keys[:50], x, *args)
+    assert np.all(np.asarray(greedy) == int(np.argmax(np.asarray(x))))
     np.testing.assert_array_equal(temperature_logits(x, 0.0), x)
 
 
@@ -267,66 +280,65 @@ def test_cache_length_and_errors():
         check_sampling(2.5, 1.0, None, None)
 
 
-RUN = {
-    "model": {
-        "mixer": "attention",
-        "d_model": 16,
-        "n_layers": 1,
-        "mixer_kwargs": {"num_heads": 2},
-    },
-    "task": {"name": "lm_bytes", "seq_len": 16},
-    "train": {"steps": 2, "batch_size": 4, "eval_every": 0, "progress": False},
-    "logging": {"plot": False},
-}
+class Letters:
+    """A tokenizer on the model's 13 tokens: the letters a..m."""
+
+    kind = "lm"
+
+    @staticmethod
+    def encode(text):
+        return np.asarray([ord(c) - ord("a") for c in text], np.int32)
+
+    @staticmethod
+    def decode(tokens):
+        return "".join(chr(ord("a") + int(t)) for t in np.asarray(tokens))
 
 
-def test_cli_on_a_run_directory(tmp_path, capsys):
-    """`ssm-generate` on a global-attention run (no `max_len` in its config): greedy
-    output equal to the Python API's on the restored model, tokens/s on stderr, the
-    same seed the same sample, and bad flags exit 2 without a traceback."""
-    text = tmp_path / "corpus.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
-    raw = json.loads(json.dumps(RUN))
-    raw["task"]["paths"] = [str(text)]
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run = tmp_path / "run"
-    with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
-        cli.train_main([str(config), "--run-dir", str(run)])
-    capsys.readouterr()
-
-    cli.generate_main(
-        [str(run), "--prompt", "the qu", "--max-new-tokens", "7", "--temperature", "0"]
+def test_cli(monkeypatch, capsys):
+    """`ssm-generate`'s flags on a model without a KV cache size (global attention):
+    greedy and sampled output equal to the Python API's, tokens/s on stderr, the same
+    seed the same sample, bad flags exit 2 without a traceback. The run is stubbed
+    (`_load_run`); tests/test_train.py runs `ssm-generate` on a trained run."""
+    model = make("attention", 1)  # compiled programs shared with the tests above
+    config = type("Config", (), {"task": type("T", (), {"name": "letters"})})()
+    monkeypatch.setattr(
+        cli, "_load_run", lambda run_dir, which: (config, Letters, model, 0)
     )
+    prompt = "".join(Letters.decode(prompt_of(2)))
+
+    cli.generate_main(["run", "--prompt", prompt, "--max-new-tokens", str(NEW),
+                       "--temperature", "0"])  # fmt: skip
     out, err = capsys.readouterr()
-    assert out.startswith("the qu") and "tokens/s" in err and "prefill" in err
-    _, task, model, _ = cli._load_run(run, "best")
-    tokens, stats = timed_generate(
-        model, task.encode("the qu"), 7, temperature=0.0, key=jr.key(0)
-    )
-    assert out == "the qu" + task.decode(tokens) + "\n"
-    assert stats.new_tokens == 7 and stats.prompt_tokens == 6 and stats.state_bytes > 0
+    tokens = generate(model, Letters.encode(prompt), NEW, temperature=0.0, key=jr.key(0))
+    assert out == prompt + Letters.decode(tokens) + "\n"
+    assert "prefill: 5 tokens" in err and "decode: 9 tokens" in err and "tokens/s" in err
 
     sampled = []
     for _ in range(2):
         cli.generate_main(
-            [str(run), "--prompt", "the qu", "--length", "7", "--temperature", "1.2",
+            ["run", "--prompt", prompt, "--length", str(NEW), "--temperature", "1.2",
              "--top-k", "4", "--top-p", "0.9", "--seed", "3"]
         )  # fmt: skip
         sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1]  # the same seed, the same text
-    tokens, _ = timed_generate(
-        model, task.encode("the qu"), 7, temperature=1.2, top_k=4, top_p=0.9,
+    tokens, stats = timed_generate(
+        model, Letters.encode(prompt), NEW, temperature=1.2, top_k=4, top_p=0.9,
         key=jr.key(3)
     )  # fmt: skip
-    assert sampled[0] == "the qu" + task.decode(tokens) + "\n"
+    assert sampled[0] == prompt + Letters.decode(tokens) + "\n"
+    assert stats.new_tokens == NEW and stats.prompt_tokens == PROMPT
+    cache = with_cache_length(model, PROMPT + NEW).init_state()
+    assert stats.state_bytes == sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
 
     for flags, message in [
         (["--top-p", "1.5"], "--top-p"),
+        (["--top-k", "-1"], "--top-k"),
         (["--temperature", "-1"], "--temperature"),
         (["--max-new-tokens", "-3"], "--max-new-tokens"),
+        (["--prompt", ""], "empty"),
+        (["--prompt", "xyz"], "vocabulary"),
     ]:
         with pytest.raises(SystemExit) as exc:
-            cli.generate_main([str(run), "--prompt", "x", *flags])
+            cli.generate_main(["run", "--prompt", "abc", *flags])
         err = capsys.readouterr().err
-        assert exc.value.code == 2 and message in err and "Traceback" not in err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err, err
