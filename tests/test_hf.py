@@ -461,3 +461,36 @@ def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, cap
     trained = cli._load_run(tmp_path / "run", "latest")[2]
     np.testing.assert_array_equal(exported.head.weight, trained.head.weight)
     assert not np.array_equal(exported.head.weight, params.head.weight)  # it trained
+
+
+def test_init_from_hf_for_a_new_head_and_a_larger_vocabulary():
+    """A classification head keeps its fresh initialisation; a vocabulary larger than
+    the checkpoint's keeps fresh rows after the checkpoint's; a model section that
+    does not match is an error, not a partial model."""
+    from train.config import ConfigError
+    from train.finetune import load_matching
+
+    src = FIXTURES / "mamba_untied"
+    hf = load_hf(src)[0]
+    kw = dict(mlp_ratio=0, mixer_kwargs={"d_state": 4, "d_conv": 3, "expand": 3})
+
+    def params_of(d_output, vocab, **extra):
+        model = random_model("mamba", 12, 2, d_output, vocab_size=vocab, **kw, **extra)
+        return eqx.partition(model, eqx.is_array)[0]
+
+    fresh = params_of(3, 61, pooling="mean")
+    params, report = load_matching(fresh, f"hf:{src}", report=lambda m: None)
+    assert set(report["skipped"]) == {"head.weight", "head.bias"}
+    np.testing.assert_array_equal(params.head.weight, fresh.head.weight)
+    np.testing.assert_array_equal(params.embedding.weight, hf.embedding.weight)
+
+    fresh = params_of(70, 70)
+    params, report = load_matching(fresh, f"hf:{src}", report=lambda m: None)
+    assert len(report["reshaped"]) == 3 and not report["skipped"]
+    np.testing.assert_array_equal(params.head.weight[:61], hf.head.weight)
+    np.testing.assert_array_equal(params.head.weight[61:], fresh.head.weight[61:])
+    np.testing.assert_array_equal(params.head.bias[:61], np.zeros(61, np.float32))
+
+    kw["mixer_kwargs"] = {"d_state": 5, "d_conv": 3, "expand": 3}
+    with pytest.raises(ConfigError, match=r"x_proj.weight of shape \(9, 36\) in the"):
+        load_matching(params_of(61, 61), f"hf:{src}")

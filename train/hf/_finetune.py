@@ -122,13 +122,21 @@ def load_matching_hf(params, source: str, report=print):
     if "head.bias" not in src:
         src["head.bias"] = np.zeros(src["head.weight"].shape[0], np.float32)
     flat = flatten(params)
+    vocab = flat["embedding.weight"].shape[0] if "embedding.weight" in flat else None
     loaded, reshaped, skipped, new = [], [], {}, {}
     for name, value in flat.items():
         s = src.get(name)
+        # a head over the vocabulary (language modelling), not over classes
+        lm_rows = name == "embedding.weight" or value.shape[0] == vocab
         if s is not None and s.shape == value.shape:
             loaded.append(name)
             new[name] = jnp.asarray(s, value.dtype)
-        elif s is not None and name in _VOCAB_ROWS and s.shape[1:] == value.shape[1:]:
+        elif (
+            s is not None
+            and name in _VOCAB_ROWS
+            and lm_rows
+            and s.shape[1:] == value.shape[1:]
+        ):
             rows = min(s.shape[0], value.shape[0])
             reshaped.append(f"{name} ({s.shape[0]} rows in the checkpoint, {rows} kept)")
             if rows == value.shape[0]:  # cut: nothing of the fresh value is kept
