@@ -13,6 +13,8 @@ measured in one run:
   compiled programs (compiled ahead of time, so compilation is not timed);
 - state: the bytes of the recurrent state after the context (KV caches included),
   which a sequence holds while it generates and each new token reads;
+- with `--python-loop`, the same generation with one dispatch per token from
+  Python (a jitted `step` and a jitted draw), the loop the compiled one replaces;
 - decode temp: the compiled decode loop's temporary memory
   (`compile().memory_analysis().temp_size_in_bytes`), per generated token it is this
   divided by `--new-tokens`.
@@ -108,6 +110,11 @@ def measure(model, context: int, args) -> dict:
 
     jax.block_until_ready(run_decode())  # warm-up
     decode_s = median_time(run_decode, args.runs)
+    extra = {}
+    if args.python_loop:
+        extra["python_loop_ms_per_token"] = (
+            1e3 * python_loop_s(model, logits, state, key, sampling, n, args.runs) / n
+        )
     return {
         "context": context,
         "new_tokens": n,
@@ -116,7 +123,28 @@ def measure(model, context: int, args) -> dict:
         "decode_ms_per_token": 1e3 * decode_s / n,
         "state_bytes": gen.cache_bytes(state),
         "decode_temp_bytes": temp,
+        **extra,
     }
+
+
+_step = eqx.filter_jit(lambda model, token, state: model.step(token, state))
+_draw = jax.jit(gen.sample_logits)
+
+
+def python_loop_s(model, logits, state, key, sampling, n: int, runs: int) -> float:
+    """The median time of the same generation with one dispatch per token (a jitted
+    `step` and a jitted draw called from Python, as `ssm-generate` did before)."""
+
+    def run():
+        last, s, out = logits, state, []
+        for i in range(n):
+            token = _draw(jr.fold_in(key, i), last, *sampling)
+            out.append(token)
+            last, s = _step(model, token, s)
+        return out
+
+    jax.block_until_ready(run())  # compile and warm up
+    return median_time(run, runs)
 
 
 def kib(b: int) -> str:
@@ -138,6 +166,11 @@ def main() -> None:
         action="store_true",
         help=f"contexts 256,4096; mixers {QUICK_MIXERS}; d_model 64, 2 layers, "
         "vocab 256, 32 new tokens, 3 runs (flags given explicitly still apply)",
+    )
+    p.add_argument(
+        "--python-loop",
+        action="store_true",
+        help="also time one dispatch per token from Python (the loop this replaces)",
     )
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)
@@ -169,11 +202,12 @@ def main() -> None:
         f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, "
         f"{platform.machine()}, jax {jax.__version__}\n"
     )
+    loop_col = " Python loop ms/token |" if args.python_loop else ""
     print(
         "| mixer | context | prefill tok/s | decode tok/s | ms/token | state KiB "
-        "| decode temp KiB |"
+        "| decode temp KiB |" + loop_col
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.python_loop else ""))
     rows = []
     for mixer in mixers:
         model = build(mixer, args)
@@ -183,7 +217,8 @@ def main() -> None:
             print(
                 f"| {mixer} | {context} | {row['prefill_tokens_per_s']:,.0f} "
                 f"| {row['decode_tokens_per_s']:,.0f} | {row['decode_ms_per_token']:.2f} "
-                f"| {kib(row['state_bytes'])} | {kib(row['decode_temp_bytes'])} |",
+                f"| {kib(row['state_bytes'])} | {kib(row['decode_temp_bytes'])} |"
+                + (f" {row['python_loop_ms_per_token']:.2f} |" if args.python_loop else ""),
                 flush=True,
             )
     if args.json:
