@@ -1,35 +1,30 @@
-"""The allocator setting both benchmark scripts run under (imported before JAX).
+"""The allocator the benchmark scripts run under (set up before JAX allocates).
 
-By default a benchmark re-executes itself with glibc told to keep freed memory in the
-process (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**36``).
-Without it, every buffer above glibc's 32 MiB mmap threshold is mmapped afresh on each
-call and page-faulted in again (about 20 ms per 64 MiB on our 2-core VM), which
-charges every contender for its allocation pattern rather than its algorithm, and on
-GPUs XLA's own allocator never does that. ``--system-malloc`` keeps the process's
-allocator as it is.
+By default a benchmark configures glibc exactly as `ssm-train`, `ssm-eval` and
+`ssm-generate` do (`train.configure_allocator`: freed memory stays in the process, see
+`train/allocator.py`), so its figures are those of the environment the product's entry
+points run in. Without it, every buffer above glibc's mmap threshold is mmapped afresh
+on each call and page-faulted in again (about 20 ms per 64 MiB on a 2-core VM).
+``--system-malloc`` leaves the process's allocator as it is: the figures a library
+user gets who calls `ssm` from a program of their own without
+`train.configure_allocator()`. Each table's header says which.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-}
+from train.allocator import allocator_state, configure_allocator
 
 
 def retain_freed_memory() -> None:
-    """Re-execute this script with `MALLOC_ENV`, unless ``--system-malloc`` is given
-    or this is the re-executed process."""
-    if "--system-malloc" in sys.argv or os.environ.get("_SSM_BENCH_CHILD"):
-        return
-    env = dict(os.environ, _SSM_BENCH_CHILD="1", **MALLOC_ENV)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    """Configure the allocator as the entry points do, unless ``--system-malloc``."""
+    if "--system-malloc" not in sys.argv:
+        configure_allocator()
 
 
 def describe() -> str:
-    retained = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
-    return f"retained-malloc={retained}"
+    state = allocator_state()
+    if state == "retained":
+        return "allocator: retained (as ssm-train configures it)"
+    return f"allocator: system malloc ({state}; what a plain library user gets)"

@@ -11,6 +11,7 @@ summary = train.run(config, "runs/try")
 """
 
 from . import config as config, data as data
+from .allocator import configure_allocator as configure_allocator
 from .checkpoint import (
     Checkpointer as Checkpointer,
     CheckpointError as CheckpointError,

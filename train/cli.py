@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_lib
+from .allocator import configure_allocator
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
@@ -25,6 +26,7 @@ def _fail(message: str, code: int = 2):
 
 
 def train_main(argv: list[str] | None = None) -> None:
+    configure_allocator()  # before JAX allocates; SSM_JAX_MALLOC=system opts out
     parser = argparse.ArgumentParser(
         prog="ssm-train",
         description="Train a sequence model from a YAML config.",
@@ -120,6 +122,7 @@ def _load_run(run_dir: Path, which: str):
 
 
 def eval_main(argv: list[str] | None = None) -> None:
+    configure_allocator()  # before JAX allocates; SSM_JAX_MALLOC=system opts out
     parser = argparse.ArgumentParser(
         prog="ssm-eval", description="Evaluate a run's checkpoint on a split."
     )
@@ -153,6 +156,7 @@ def eval_main(argv: list[str] | None = None) -> None:
 
 
 def generate_main(argv: list[str] | None = None) -> None:
+    configure_allocator()  # before JAX allocates; SSM_JAX_MALLOC=system opts out
     parser = argparse.ArgumentParser(
         prog="ssm-generate",
         description=(
