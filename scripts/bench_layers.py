@@ -24,10 +24,9 @@ Prints markdown tables: time (median of `--runs` runs after a warm-up) and temp
 memory (`compile().memory_analysis().temp_size_in_bytes`), and the Mamba memory
 check against `T x d_inner x d_state` state bytes.
 
-Like `bench_scan.py`, the script re-executes itself with glibc told to keep freed
-memory (see `scripts/_allocator.py`); `--system-malloc` runs it with the system
-allocator as it is, where every temp buffer above 32 MiB is page-faulted in on each
-call.
+Like `bench_scan.py`, the script configures the allocator as `ssm-train` does (glibc
+keeps freed memory, see `scripts/_allocator.py`); `--system-malloc` leaves it as it
+is, where every temp buffer above 32 MiB is page-faulted in on each call.
 """
 
 from __future__ import annotations

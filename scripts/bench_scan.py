@@ -12,12 +12,13 @@ passes with no loop: the time this machine's memory bandwidth allows.
     python scripts/bench_scan.py            # T in {1024, 16384, 65536}, D = 256
     python scripts/bench_scan.py --quick    # small sizes, a smoke test
 
-By default the script re-executes itself with glibc told to keep freed memory
-(``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``). Without it,
-every fresh 64 MiB buffer is returned to the kernel after each call and page-faulted
-back in on the next (about 20 ms per buffer on our 2-core VM, for every contender
-alike), which drowns the differences between algorithms. ``--system-malloc`` turns
-this off.
+By default the allocator is configured as `ssm-train` configures it (glibc keeps
+freed memory in the process, `train/allocator.py`): the environment the product's
+entry points run in. Without it, every fresh 64 MiB buffer is returned to the kernel
+after each call and page-faulted back in on the next (about 20 ms per buffer on our
+2-core VM, for every contender alike). ``--system-malloc`` leaves the allocator alone
+(what a library user gets without `train.configure_allocator()`); the header says
+which.
 """
 
 from __future__ import annotations
