@@ -105,9 +105,12 @@ def top_p_logits(
     """
     dtype = _dtype(logits)
     order, ranks = _descending(logits)
-    probs = jax.nn.softmax(logits)[order]
-    before = jnp.cumsum(probs) - probs  # the mass ranked above each token
-    keep_sorted = before < jnp.asarray(p, dtype)
+    # bfloat16 sums are too coarse: the probabilities in float32 at least.
+    wide = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    probs = jax.nn.softmax(logits.astype(wide))[order]
+    # The mass ranked above each token (an exclusive cumulative sum).
+    before = jnp.concatenate([jnp.zeros((1,), wide), jnp.cumsum(probs)[:-1]])
+    keep_sorted = before < jnp.asarray(p, wide)
     keep_sorted = keep_sorted.at[0].set(True)
     return jnp.where(keep_sorted[ranks], logits, jnp.asarray(-jnp.inf, dtype))
 
