@@ -227,6 +227,10 @@ def test_samples_follow_the_filtered_distribution():
     args = jnp.asarray(0.0, f64), jnp.asarray(3), jnp.asarray(0.5, f64)
     greedy, _ = draw(keys[:50], x, *args)
     assert np.all(np.asarray(greedy) == int(np.argmax(np.asarray(x))))
+    # One sort for both filters: the same as one filter after the other.
+    np.testing.assert_array_equal(
+        filter_logits(x, 1.3, 9, 0.7), top_p_jit(top_k_jit(x / 1.3, 9), 0.7)
+    )
     np.testing.assert_array_equal(temperature_logits(x, 0.0), x)
 
 

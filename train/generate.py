@@ -64,6 +64,29 @@ def _descending(logits):
     return order, ranks
 
 
+def _mask_ranked(logits, k, p):
+    """Keep the `k` top-ranked tokens and, among them, the smallest most likely set of
+    mass `>= p` (`k`: an int32 in `[1, vocab]`; `p >= 1`: no mass test); one sort."""
+    dtype, V = _dtype(logits), logits.shape[-1]
+    order, ranks = _descending(logits)
+    keep = jnp.arange(V, dtype=jnp.int32) < k
+    # bfloat16 sums are too coarse: the probabilities in float32 at least.
+    wide = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    ranked = jnp.where(keep, logits[order].astype(wide), jnp.asarray(-jnp.inf, wide))
+    probs = jax.nn.softmax(ranked)
+    # The mass ranked above each token (an exclusive cumulative sum).
+    before = jnp.concatenate([jnp.zeros((1,), wide), jnp.cumsum(probs)[:-1]])
+    p = jnp.asarray(p, wide)
+    keep = (keep & ((before < p) | (p >= 1))).at[0].set(True)
+    return jnp.where(keep[ranks], logits, jnp.asarray(-jnp.inf, dtype))
+
+
+def _top_k_count(k, V: int):
+    """`k` as a count in `[1, V]`: `k <= 0` or `k > V` is all `V`."""
+    k = jnp.asarray(k, jnp.int32)
+    return jnp.where((k <= 0) | (k > V), V, k)
+
+
 def top_k_logits(
     logits: Float[Array, " vocab"], k: int | Int[Array, ""]
 ) -> Float[Array, " vocab"]:
@@ -79,11 +102,7 @@ def top_k_logits(
 
     **Returns:** `(vocab,)`, the kept logits unchanged.
     """
-    V = logits.shape[-1]
-    k = jnp.asarray(k, jnp.int32)
-    k = jnp.where((k <= 0) | (k > V), V, k)
-    _, ranks = _descending(logits)
-    return jnp.where(ranks < k, logits, jnp.asarray(-jnp.inf, _dtype(logits)))
+    return _mask_ranked(logits, _top_k_count(k, logits.shape[-1]), 1.0)
 
 
 def top_p_logits(
@@ -92,9 +111,9 @@ def top_p_logits(
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability
     (`softmax(logits)`) adds up to at least `p`, and set the others to `-inf`.
 
-    A token is kept when the mass of the tokens ranked above it is below `p`, so the
-    most likely token always survives and `p = 1` keeps every token of nonzero
-    probability (to float rounding).
+    A token is kept when the mass of the tokens ranked above it is below `p` (ties:
+    the lower token id ranks first), so the most likely token always survives and
+    `p >= 1` keeps every token.
 
     **Arguments:**
 
@@ -103,16 +122,7 @@ def top_p_logits(
 
     **Returns:** `(vocab,)`, the kept logits unchanged.
     """
-    dtype = _dtype(logits)
-    order, ranks = _descending(logits)
-    # bfloat16 sums are too coarse: the probabilities in float32 at least.
-    wide = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-    probs = jax.nn.softmax(logits.astype(wide))[order]
-    # The mass ranked above each token (an exclusive cumulative sum).
-    before = jnp.concatenate([jnp.zeros((1,), wide), jnp.cumsum(probs)[:-1]])
-    keep_sorted = before < jnp.asarray(p, wide)
-    keep_sorted = keep_sorted.at[0].set(True)
-    return jnp.where(keep_sorted[ranks], logits, jnp.asarray(-jnp.inf, dtype))
+    return _mask_ranked(logits, logits.shape[-1], p)
 
 
 def filter_logits(
@@ -122,23 +132,22 @@ def filter_logits(
     top_p: float | Float[Array, ""] | None = None,
 ) -> Float[Array, " vocab"]:
     """The logits that `sample_logits` draws from: divided by the temperature, then
-    filtered by top-k, then by top-p.
+    filtered by top-k, then by top-p (one sort for both), equal to
+    `top_p_logits(top_k_logits(temperature_logits(logits, t), k), p)`.
 
-    `None` leaves a filter out of the program; a traced `k <= 0` or `p >= 1` skips it
-    at run time (`lax.cond`: no sort), so one compiled program serves every setting.
+    `None` leaves a filter out of the program; a traced `k <= 0` and `p >= 1` skip the
+    sort at run time (`lax.cond`), so one compiled program serves every setting.
     """
     logits = temperature_logits(logits, temperature)
+    if top_k is None and top_p is None:
+        return logits
     V = logits.shape[-1]
-    if top_k is not None:
-        k = jnp.asarray(top_k, jnp.int32)
-        logits = lax.cond((k > 0) & (k < V), top_k_logits, _keep, logits, k)
-    if top_p is not None:
-        p = jnp.asarray(top_p, _dtype(logits))
-        logits = lax.cond(p < 1, top_p_logits, _keep, logits, p)
-    return logits
+    k = _top_k_count(V if top_k is None else top_k, V)
+    p = jnp.asarray(1.0 if top_p is None else top_p, _dtype(logits))
+    return lax.cond((k < V) | (p < 1), _mask_ranked, _keep, logits, k, p)
 
 
-def _keep(logits, _):
+def _keep(logits, *_):
     return logits
 
 
