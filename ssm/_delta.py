@@ -30,6 +30,14 @@ costs the same). Inside a chunk everything is matrix products; the inverse of
 forward substitution reordered) rather than a triangular solve, which is far slower
 on CPU.
 
+Packed documents (``resets``, true at the first step of each document) make a reset
+step ``α = 0`` exactly, by masks rather than a large negative log gate: with ``seg``
+the number of resets up to each step inside the chunk, ``Γ[t, s] = 0`` unless
+``seg[t] = seg[s]``, ``γ[t] = 0`` unless ``seg[t] = 0`` and ``exp(g[C] - g[s]) = 0``
+unless ``seg[s] = seg[C]``, and the reset steps' own gates are set to 0 before the
+cumulative sum. Everything else (the UT transform, the chain across chunks, the
+hand-written derivative) is unchanged, since the masked factors enter it as factors.
+
 Both passes are a ``lax.scan`` over groups of chunks of about 256 steps (see
 `_group`): a group's factors, which do not depend on the state, are computed in
 products batched over its chunks; then the chunks one after another, ``W = U - Wk

@@ -19,6 +19,17 @@ block use ``exp(b[i] - r) exp(r - b[j])`` with ``r`` the cumulative decay at the
 both factors <= 1 (a variant of the secondary chunking of Yang et al. 2024, section 4,
 with ``log2 C`` levels of one product each).
 
+Packed documents (``resets``, true at the first step of each document) are masks, never
+decays: with ``seg`` the number of resets up to each step inside a chunk, a pair ``(i, j)``
+of the chunk counts only when ``seg[i] == seg[j]`` (in the per-key tree, a pair across a
+block's middle splits into a condition on ``i`` and one on ``j``, so each stays one matrix
+product); the chunk's start state reaches step ``i`` only when ``seg[i] == 0``; only steps
+with ``seg[j] == seg[last]`` reach its end state, and a chunk with a reset hands on no
+state (total decay 0). A reset step's own log decay multiplies a dropped state, so it
+is set to 0 before the cumulative sums (exact, and no large value enters a
+difference). The masked factors are their own derivatives, so the hand-written
+backward pass carries the masks without further terms.
+
 The reverse-mode derivative is hand-written: the forward pass keeps the state at the
 start of each group of chunks (besides the inputs); the backward pass, one reverse pass
 over the groups, recomputes a group's chunk-start states, runs the adjoint recurrence of
