@@ -282,6 +282,10 @@ def test_cache_length_and_errors():
         generate(real, prompt, 3, key=key)
     with pytest.raises(ValueError, match="max_new_tokens"):
         check_sampling(2.5, 1.0, None, None)
+    with pytest.raises(ValueError, match="key"):
+        generate(model, prompt, 3, key=None)
+    legacy = generate(model, prompt, 0, key=jr.PRNGKey(0))  # raw uint32 keys work too
+    assert legacy.shape == (0,)
 
 
 class Letters:

@@ -360,6 +360,11 @@ class GenerationStats:
 def _prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, key):
     vocab = _check_model(model)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    array = isinstance(key, jax.Array)
+    typed = array and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+    raw = array and key.dtype == jnp.uint32 and key.shape == (2,)  # jr.PRNGKey
+    if not (typed or raw):
+        raise ValueError(f"`key` must be one jax.random.key, got {key!r}.")
     prompt = _check_prompt(prompt, vocab)
     model = with_cache_length(model, len(prompt) + max(max_new_tokens, 1))
     try:
