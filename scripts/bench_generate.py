@@ -27,8 +27,8 @@ ring buffer and the recurrent mixers' states do not.
     python scripts/bench_generate.py --mixers attention,mamba2 --contexts 256,4096
 
 Prints a markdown table (and writes JSON rows with `--json PATH`). Like the other
-benchmarks, the script re-executes itself with glibc told to keep freed memory (see
-`scripts/_allocator.py`; `--system-malloc` to keep the system allocator as it is).
+benchmarks, it configures the allocator as `ssm-train` does (see
+`scripts/_allocator.py`; `--system-malloc` leaves the system allocator as it is).
 """
 
 from __future__ import annotations
