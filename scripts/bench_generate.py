@@ -200,7 +200,7 @@ def main() -> None:
         f"# generation: d_model {args.d_model}, {args.n_layers} layers, vocab "
         f"{args.vocab}, {args.new_tokens} new tokens, median of {args.runs} runs; "
         f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, "
-        f"{platform.machine()}, jax {jax.__version__}\n"
+        f"{platform.machine()}, jax {jax.__version__}; {_allocator.describe()}\n"
     )
     loop_col = " Python loop ms/token |" if args.python_loop else ""
     print(
