@@ -27,14 +27,27 @@ def rms_norm(norm: eqx.nn.RMSNorm, x: Float[Array, "... d"]) -> Float[Array, "..
     return y.astype(x.dtype)
 
 
-class GatedMLP(eqx.Module):
-    """`down(gelu(gate(x)) ⊙ up(x))`, position-wise (GeGLU; Shazeer 2020)."""
+_ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}
 
+
+class GatedMLP(eqx.Module):
+    """`down(act(gate(x)) ⊙ up(x))`, position-wise: GeGLU with `act = gelu` (the
+    default), SwiGLU with `"silu"` (Shazeer 2020)."""
+
+    activation: str = eqx.field(static=True)
     gate: eqx.nn.Linear
     up: eqx.nn.Linear
     down: eqx.nn.Linear
 
-    def __init__(self, d_model: int, d_hidden: int, *, key: PRNGKeyArray):
+    def __init__(
+        self, d_model: int, d_hidden: int, activation: str = "gelu", *, key: PRNGKeyArray
+    ):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"GatedMLP: activation must be one of {sorted(_ACTIVATIONS)}, got "
+                f"{activation!r}."
+            )
+        self.activation = activation
         k1, k2, k3 = jr.split(key, 3)
         self.gate = eqx.nn.Linear(
             d_model, d_hidden, use_bias=False, dtype=jnp.float32, key=k1
@@ -47,7 +60,8 @@ class GatedMLP(eqx.Module):
         )
 
     def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
-        return linear(self.down, jax.nn.gelu(linear(self.gate, x)) * linear(self.up, x))
+        act = _ACTIVATIONS[self.activation]
+        return linear(self.down, act(linear(self.gate, x)) * linear(self.up, x))
 
 
 class Block(eqx.Module):
@@ -83,6 +97,8 @@ class Block(eqx.Module):
         remat: bool = False,
         *,
         norm_eps: float = 1e-5,
+        mlp_hidden: int | None = None,
+        mlp_activation: str = "gelu",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -97,6 +113,8 @@ class Block(eqx.Module):
         - `dropout`: the dropout rate on both residual branches.
         - `remat`: rematerialise the block in the backward pass.
         - `norm_eps`: the epsilon of both RMS norms (added to the mean square).
+        - `mlp_hidden`: the MLP's exact hidden width (overrides `mlp_ratio`).
+        - `mlp_activation`: `"gelu"` (GeGLU) or `"silu"` (SwiGLU).
         - `key`: a `jax.random.PRNGKey`.
         """
         k_mix, k_mlp = jr.split(key)
@@ -105,12 +123,13 @@ class Block(eqx.Module):
             d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32
         )
         self.mixer = make_mixer(mixer, d_model, mixer_kwargs, key=k_mix)
-        if mlp_ratio > 0:
+        if mlp_ratio > 0 or mlp_hidden is not None:
             hidden = max(1, int(round(2 * mlp_ratio * d_model / 3)))
+            hidden = hidden if mlp_hidden is None else mlp_hidden
             self.norm2 = eqx.nn.RMSNorm(
                 d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32
             )
-            self.mlp = GatedMLP(d_model, hidden, key=k_mlp)
+            self.mlp = GatedMLP(d_model, hidden, mlp_activation, key=k_mlp)
         else:
             self.norm2, self.mlp = None, None
         self.dropout = eqx.nn.Dropout(dropout)

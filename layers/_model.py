@@ -49,6 +49,7 @@ class SequenceModel(eqx.Module):
 
     d_model: int = eqx.field(static=True)
     pooling: str | None = eqx.field(static=True)
+    logit_soft_cap: float | None = eqx.field(static=True)
     embedding: eqx.nn.Embedding | None
     encoder: eqx.nn.Linear | None
     blocks: tuple[Block, ...]
@@ -72,6 +73,9 @@ class SequenceModel(eqx.Module):
         norm_eps: float = 1e-5,
         tie_embeddings: bool = False,
         head_bias: bool = True,
+        mlp_hidden: int | None = None,
+        mlp_activation: str = "gelu",
+        logit_soft_cap: float | None = None,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -91,6 +95,9 @@ class SequenceModel(eqx.Module):
         - `tie_embeddings`: the head is the transposed token embedding (`head` is
           then `None`; needs `vocab_size` and `d_output == vocab_size`, no bias).
         - `head_bias`: whether an untied head has a bias.
+        - `mlp_hidden`, `mlp_activation`: passed to every `Block`.
+        - `logit_soft_cap`: outputs `c · tanh(y / c)` for this `c` (xLSTM 7B, Gemma 2);
+          `None`: none.
         - `key`: a `jax.random.PRNGKey`.
         """
         if (vocab_size is None) == (d_input is None):
@@ -106,6 +113,7 @@ class SequenceModel(eqx.Module):
         layer_mixers = mixer_pattern(mixer, mixer_kwargs, n_layers)
         k_in, k_head, *k_blocks = jr.split(key, n_layers + 2)
         self.d_model, self.pooling = d_model, pooling
+        self.logit_soft_cap = logit_soft_cap
         if vocab_size is not None:
             self.embedding = eqx.nn.Embedding(
                 vocab_size, d_model, dtype=jnp.float32, key=k_in
@@ -116,7 +124,16 @@ class SequenceModel(eqx.Module):
             self.encoder = eqx.nn.Linear(d_input, d_model, dtype=jnp.float32, key=k_in)
         self.blocks = tuple(
             Block(
-                d_model, kind, kwargs, mlp_ratio, dropout, remat, norm_eps=norm_eps, key=k
+                d_model,
+                kind,
+                kwargs,
+                mlp_ratio,
+                dropout,
+                remat,
+                norm_eps=norm_eps,
+                mlp_hidden=mlp_hidden,
+                mlp_activation=mlp_activation,
+                key=k,
             )
             for (kind, kwargs), k in zip(layer_mixers, k_blocks, strict=True)
         )
@@ -148,8 +165,13 @@ class SequenceModel(eqx.Module):
     def _head(self, h):
         h = rms_norm(self.norm, h)
         if self.head is None:  # tied: the embedding, transposed
-            return h @ self.embedding.weight.T.astype(h.dtype)
-        return linear(self.head, h)
+            y = h @ self.embedding.weight.T.astype(h.dtype)
+        else:
+            y = linear(self.head, h)
+        if self.logit_soft_cap is not None:
+            cap = jnp.asarray(self.logit_soft_cap, y.dtype)
+            y = cap * jnp.tanh(y / cap)
+        return y
 
     def __call__(
         self,

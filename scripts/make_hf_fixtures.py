@@ -104,9 +104,52 @@ FIXTURES = {
             mixer_rms_eps=1e-3,
         ),
     ),
+    "xlstm_single": (
+        "xlstm",
+        dict(
+            hidden_size=16,
+            embedding_dim=16,
+            num_hidden_layers=2,
+            num_heads=2,
+            qk_dim_factor=0.5,
+            v_dim_factor=1.0,
+            weight_mode="single",
+            tie_word_embeddings=False,
+            gate_soft_cap=15.0,
+            output_logit_soft_cap=30.0,
+            norm_eps=1e-6,
+            eps=1e-6,
+            ffn_proj_factor=2.667,
+            ffn_round_up_to_multiple_of=8,
+            chunk_size=8,
+            autocast_kernel_dtype="float32",
+        ),
+    ),
+    "xlstm_fused": (
+        "xlstm",
+        dict(
+            hidden_size=16,
+            embedding_dim=16,
+            num_hidden_layers=2,
+            num_heads=4,
+            qk_dim_factor=1.0,
+            v_dim_factor=0.5,
+            weight_mode="fused",
+            tie_word_embeddings=True,
+            gate_soft_cap=2.0,
+            output_logit_soft_cap=3.0,
+            norm_eps=1e-3,
+            eps=1e-6,
+            ffn_proj_factor=1.5,
+            ffn_round_up_to_multiple_of=5,
+            chunk_size=4,
+            autocast_kernel_dtype="float32",
+        ),
+    ),
 }
 
 CLASSES = {
+    "xlstm": (transformers.xLSTMConfig, transformers.xLSTMForCausalLM),
     "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM),
     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
     "mamba2": (transformers.Mamba2Config, transformers.Mamba2ForCausalLM),
@@ -141,6 +184,9 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 def build(model_type: str, options: dict, seed: int):
     config_cls, model_cls = CLASSES[model_type]
+    # transformers 5.24 cannot initialise a fused xLSTM (its _init_weights slices the
+    # fused gate bias wrongly): build the single-matrix model, fuse it after saving
+    options = {**options, "weight_mode": "single"} if model_type == "xlstm" else options
     config = config_cls(vocab_size=VOCAB, **options)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -148,6 +194,31 @@ def build(model_type: str, options: dict, seed: int):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+def fuse_xlstm(out: Path) -> None:
+    """Rewrite a saved single-matrix xLSTM as `weight_mode: fused` (the same function:
+    `qkv_opreact` is q, k, v, o stacked, `ifgate_preact` both gates, and
+    `proj_up_gate_z` the MLP's gate and up maps)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(out / "model.safetensors")
+    n = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    for i in range(n):
+        m, f = f"backbone.blocks.{i}.mlstm_layer.", f"backbone.blocks.{i}.ffn."
+        qkvo = [t.pop(m + f"{p}.weight") for p in ("q", "k", "v", "ogate_preact")]
+        t[m + "qkv_opreact.weight"] = np.concatenate(qkvo)
+        for kind in ("weight", "bias"):
+            gates = [t.pop(m + f"{g}_preact.{kind}") for g in ("igate", "fgate")]
+            t[m + f"ifgate_preact.{kind}"] = np.concatenate(gates)
+        up = [t.pop(f + p) for p in ("proj_up_gate.weight", "proj_up.weight")]
+        t[f + "proj_up_gate_z.weight"] = np.concatenate(up)
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["weight_mode"] = "fused"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def reference_logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -197,6 +268,8 @@ def main():
         tokens = tokens_for(100 + seed)
         np.savez(out / "logits.npz", tokens=tokens, logits=reference_logits(model, tokens))
         (out / "generation_config.json").unlink(missing_ok=True)
+        if options.get("weight_mode") == "fused":
+            fuse_xlstm(out)
         if name == TOKENIZER_FOR:
             write_tokenizer(out)
         size = sum(f.stat().st_size for f in out.iterdir())

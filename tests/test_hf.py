@@ -27,7 +27,15 @@ from train.hf._tree import arrays_of
 from .helpers import rel_err
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-NAMES = ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2_groups", "mamba2_tied"]
+NAMES = [
+    "mamba_tied",
+    "mamba_untied",
+    "falcon_mamba",
+    "mamba2_groups",
+    "mamba2_tied",
+    "xlstm_single",
+    "xlstm_fused",
+]
 TOL = 1e-4  # float32 against the reference's float64 logits
 SPLIT = 9  # prefill this many tokens, then step the rest
 
@@ -66,9 +74,11 @@ def test_logits_match_reference(name):
         info["model_type"]
         == json.loads((FIXTURES / name / "config.json").read_text())["model_type"]
     )
-    tied = info["config"]["tie_word_embeddings"]
+    # tied: the flag, and no lm_head stored (transformers' xLSTM ignores the flag)
+    stored = load_file(FIXTURES / name / "model.safetensors")
+    tied = info["config"]["tie_word_embeddings"] and "lm_head.weight" not in stored
     assert (model.head is None) == tied
-    assert all(b.mlp is None for b in model.blocks)
+    assert all((b.mlp is None) == (info["model_type"] != "xlstm") for b in model.blocks)
     tokens, ref = reference(name)
     par, gen = parallel_and_generated(model, tokens)
     assert par.dtype == jnp.float32
@@ -82,6 +92,7 @@ def test_logits_match_reference(name):
         ("mamba_untied", "layer_norm_epsilon"),
         ("falcon_mamba", "mixer_rms_eps"),
         ("mamba2_tied", "layer_norm_epsilon"),
+        ("xlstm_fused", "norm_eps"),
     ],
 )
 def test_tolerance_sees_an_option(name, option, tmp_path):
@@ -104,6 +115,8 @@ def test_save_load_round_trip_exact(name, tmp_path):
     # original had none: the saved config then says use_conv_bias: true)
     original = load_file(FIXTURES / name / "model.safetensors")
     written = load_file(out / "model.safetensors")
+    if name == "xlstm_fused":
+        return  # written unfused (weight_mode: single): the model equality is the check
     for k, v in original.items():
         np.testing.assert_array_equal(written[k], v, err_msg=k)
     for k in set(written) - set(original):
@@ -284,6 +297,9 @@ def test_no_weights_and_bad_index(tmp_path):
         ("mamba2_groups", "time_step_limit", [0.0, 0.5], "'time_step_limit'"),
         ("mamba2_groups", "n_groups", 3, "n_groups 3 does not divide num_heads 4"),
         ("mamba2_groups", "head_dim", 4, "num_heads \\* head_dim = 16 differs"),
+        ("xlstm_single", "use_bias", True, "'use_bias' = True is not supported"),
+        ("xlstm_single", "weight_mode", "mixed", "'weight_mode' = 'mixed' is not"),
+        ("xlstm_single", "num_heads", 3, "is not a multiple of num_heads 3"),
     ],
 )
 def test_unsupported_options(tmp_path, name, field, value, message):
@@ -350,7 +366,7 @@ def test_live_against_transformers(tmp_path):
     import transformers
 
     tokens = np.random.default_rng(7).integers(0, fixtures.VOCAB, size=(1, 17))
-    for i, name in enumerate(["mamba_untied", "mamba2_groups"]):
+    for i, name in enumerate(["mamba_untied", "mamba2_groups", "xlstm_single"]):
         model_type, options = fixtures.FIXTURES[name]
         ref_model = fixtures.build(model_type, options, seed=1000 + i)
         ref_model.save_pretrained(tmp_path / name)
@@ -494,3 +510,56 @@ def test_init_from_hf_for_a_new_head_and_a_larger_vocabulary():
     kw["mixer_kwargs"] = {"d_state": 5, "d_conv": 3, "expand": 3}
     with pytest.raises(ConfigError, match=r"x_proj.weight of shape \(9, 36\) in the"):
         load_matching(params_of(61, 61), f"hf:{src}")
+
+
+def test_mlstm_large_against_the_equations(getkey):
+    """`MLSTMLarge` (the xLSTM 7B mixer) against a float64 loop over the reference's
+    recurrent step (query scaled, not the key), with a packed-document reset at an odd
+    position, chunk 4 (the reset inside a chunk), and prefill followed by step."""
+    from layers._mlstm_large import MLSTMLarge
+
+    d, H, T, cap, eps = 8, 2, 13, 3.0, 1e-3
+    mixer = MLSTMLarge(
+        d, num_heads=H, gate_soft_cap=cap, norm_eps=eps, chunk_size=4, key=getkey()
+    )
+    b_i, b_f = jr.normal(getkey(), (H,)), 2.0 + jr.normal(getkey(), (H,))
+    mixer = eqx.tree_at(lambda m: (m.igate.bias, m.fgate.bias), mixer, (b_i, b_f))
+    mixer = eqx.tree_at(lambda m: m.norm_weight, mixer, 1 + jr.normal(getkey(), (d,)))
+    x = jr.normal(getkey(), (T, d), jnp.float64)
+    W = {
+        n: np.asarray(getattr(mixer, n).weight, np.float64)
+        for n in ("q", "k", "v", "ogate", "igate", "fgate", "out_proj")
+    }
+    dk, dv = mixer.d_qk // H, mixer.d_v // H
+
+    def reference(xs):
+        C, n, m, out = np.zeros((H, dk, dv)), np.zeros((H, dk)), np.zeros(H), []
+        for u in xs:
+            q = (W["q"] @ u).reshape(H, dk) / np.sqrt(dk)
+            k, v = (W["k"] @ u).reshape(H, dk), (W["v"] @ u).reshape(H, dv)
+            i = cap * np.tanh((W["igate"] @ u + np.asarray(b_i)) / cap)
+            f = cap * np.tanh((W["fgate"] @ u + np.asarray(b_f)) / cap)
+            log_f = -np.logaddexp(0.0, -f)
+            m_new = np.maximum(log_f + m, i)
+            fa, ia = np.exp(log_f + m - m_new), np.exp(i - m_new)
+            C = fa[:, None, None] * C + ia[:, None, None] * k[:, :, None] * v[:, None, :]
+            n = fa[:, None] * n + ia[:, None] * k
+            den = np.maximum(np.abs(np.einsum("hk,hk->h", q, n)), np.exp(-m_new)) + 1e-6
+            h = np.einsum("hk,hkv->hv", q, C) / den[:, None]
+            m = m_new
+            hc = h - h.mean(-1, keepdims=True)
+            hn = (hc / np.sqrt((hc**2).mean(-1, keepdims=True) + eps)).reshape(-1)
+            hn = hn * np.asarray(mixer.norm_weight, np.float64)
+            out.append(W["out_proj"] @ (hn / (1 + np.exp(-(W["ogate"] @ u)))))
+        return np.stack(out)
+
+    xs = np.asarray(x)
+    resets = jnp.zeros(T, bool).at[7].set(True)
+    expected = np.concatenate([reference(xs[:7]), reference(xs[7:])])
+    assert rel_err(mixer(x, resets=resets), expected) <= 1e-10
+    y, state = mixer.prefill(x[:5], mixer.init_state())
+    ys = [y]
+    for t in range(5, 7):
+        y_t, state = mixer.step(x[t], state)
+        ys.append(y_t[None])
+    assert rel_err(jnp.concatenate(ys), expected[:7]) <= 1e-10

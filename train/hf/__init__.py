@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import layers
+from layers._mlstm_large import MLSTMLarge
 
-from . import _mamba, _mamba2
+from . import _mamba, _mamba2, _xlstm
 from ._io import (
     TOKENIZER_FILE,
     HFError as HFError,
@@ -32,9 +33,10 @@ from ._io import (
     write_dir,
 )
 
-_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2)} | {_mamba.FALCON_TYPE: _mamba}
+_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2, _xlstm)}
+_MODULES[_mamba.FALCON_TYPE] = _mamba
 MODEL_TYPES: tuple[str, ...] = tuple(_MODULES)
-_BY_MIXER = {layers.Mamba: _mamba, layers.Mamba2: _mamba2}
+_BY_MIXER = {layers.Mamba: _mamba, layers.Mamba2: _mamba2, MLSTMLarge: _xlstm}
 
 
 def _module(config: dict[str, Any], path: Path):
@@ -142,8 +144,11 @@ def _check_savable(model):
         )
     if len({getattr(b.mixer, "bcdt_norm_eps", None) for b in model.blocks}) != 1:
         raise ValueError("save_hf: the blocks' Mamba mixers differ in bcdt_norm_eps")
-    if any(b.mlp is not None for b in model.blocks):
+    module = _BY_MIXER[next(iter(kinds))]
+    if module is not _xlstm and any(b.mlp is not None for b in model.blocks):
         raise ValueError("save_hf: the Hugging Face Mamba models have no MLP (mlp_ratio=0)")
+    if module is not _xlstm and model.logit_soft_cap is not None:
+        raise ValueError("save_hf: the Hugging Face Mamba models have no logit soft cap")
     if model.head is not None:
         if model.head.bias is not None and np.any(np.asarray(model.head.bias) != 0):
             raise ValueError(
@@ -160,7 +165,7 @@ def _check_savable(model):
             raise ValueError(f"save_hf: a block's {name} has no weight")
     if any(b.norm1.eps != model.norm.eps for b in model.blocks):
         raise ValueError("save_hf: the blocks' and the final norm's eps differ")
-    return _BY_MIXER[next(iter(kinds))]
+    return module
 
 
 from ._finetune import (  # noqa: E402  (they use load_hf above)
