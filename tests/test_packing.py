@@ -8,8 +8,12 @@ positions, inside the chunks of 4 steps that the chunked mixers use here):
 - gradients, to the input and to every parameter, of a random projection of the
   outputs equal those of the separate documents;
 - `prefill` with a reset at the first token drops the state it is given, and two
-  `prefill` calls split inside a document (the second one holding a boundary) give
-  the same outputs as one.
+  `prefill` calls split inside a document (the second one holding the boundaries)
+  give the same outputs as one.
+
+Each mixer compiles once (`_everything`); the separate documents run as one
+`jax.vmap` over documents zero-padded at their ends (causality makes the padding
+invisible on the documents' own positions).
 """
 
 import functools
@@ -84,8 +88,21 @@ def _resets(first: bool):
     return jnp.asarray(r)
 
 
+def _documents(x):
+    """The documents of `x`, each zero-padded at its end to the longest one: causal
+    mixers give the same outputs on a document's own positions."""
+    L = max(LENGTHS)
+    docs = [x[s : s + n] for s, n in zip(STARTS, LENGTHS, strict=True)]
+    return jnp.stack([jnp.pad(d, ((0, L - d.shape[0]), (0, 0))) for d in docs])
+
+
+def _undocument(y):
+    return jnp.concatenate([y[i, :n] for i, n in enumerate(LENGTHS)])
+
+
 @eqx.filter_jit
-def _packed_vs_separate(m, x, w):
+def _everything(m, x, w):
+    """All the comparisons of one mixer in one compilation."""
     resets = _resets(False)
 
     def packed(mx):
@@ -93,14 +110,18 @@ def _packed_vs_separate(m, x, w):
         y = m(x, resets=resets)
         return jnp.sum(y * w), y
 
-    def separate(mx):
+    def separate(mx):  # one vmapped call over the padded documents
         m, x = mx
-        ends = np.append(STARTS[1:], T)
-        y = jnp.concatenate([m(x[s:e]) for s, e in zip(STARTS, ends, strict=True)])
+        y = _undocument(jax.vmap(m)(_documents(x)))
         return jnp.sum(y * w), y
 
     grad = lambda f: eqx.filter_grad(f, has_aux=True)((m, x))
-    return grad(packed), grad(separate)
+    init = _f64(m.init_state())  # float64 states: the comparisons are exact
+    y_a, state = m.prefill(x[:SPLIT], init, resets=resets[:SPLIT])
+    y_b, _ = m.prefill(x[SPLIT:], state, resets=resets[SPLIT:])
+    dropped, _ = m.prefill(x, state, resets=_resets(True))  # `state` is not zero
+    prefills = dict(split=jnp.concatenate([y_a, y_b]), dropped=dropped)
+    return grad(packed), grad(separate), prefills, m(x)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -108,40 +129,20 @@ def test_packed_equals_separate_documents(name):
     m = make(name)
     x = draw(name, (T, D_MODEL), "x")
     w = draw(name, (T, D_MODEL), "w")
-    (g_packed, y_packed), (g_sep, y_sep) = _packed_vs_separate(m, x, w)
+    (g_packed, y_packed), (g_sep, y_sep), prefills, y_mixed = _everything(m, x, w)
     assert_close(y_packed, y_sep, 1e-9, f"{name} outputs")
     assert_close(g_packed[1], g_sep[1], 1e-8, f"{name} input gradient")
-    packed_leaves = jax.tree_util.tree_leaves_with_path(
-        eqx.filter(g_packed[0], eqx.is_array)
-    )
-    sep_leaves = jax.tree.leaves(eqx.filter(g_sep[0], eqx.is_array))
+    arrays = lambda tree: eqx.filter(tree, eqx.is_array)
+    sep_leaves = jax.tree.leaves(arrays(g_sep[0]))
+    packed_leaves = jax.tree_util.tree_leaves_with_path(arrays(g_packed[0]))
     for (path, a), b in zip(packed_leaves, sep_leaves, strict=True):
         assert_close(a, b, 1e-8, f"{name} gradient {jax.tree_util.keystr(path)}")
+    # prefill: split inside a document (the second call holds both boundaries), and
+    # a reset at the first token drops the state it is given.
+    assert_close(prefills["split"], y_packed, 1e-9, f"{name}: prefill in two calls")
+    assert_close(prefills["dropped"], y_packed, 1e-9, f"{name}: reset at token 0")
     # The comparison means something: without resets the documents mix.
-    y_mixed = eqx.filter_jit(lambda m, x: m(x))(m, x)
     assert float(jnp.max(jnp.abs(y_mixed - y_sep))) > 1e-3
-
-
-@eqx.filter_jit
-def _prefills(m, x, prefix):
-    init = _f64(m.init_state())  # float64 states: the comparisons are exact
-    _, state = m.prefill(prefix, init)
-    dropped, _ = m.prefill(x, state, resets=_resets(True))
-    resets = _resets(False)
-    y_a, s = m.prefill(x[:SPLIT], init, resets=resets[:SPLIT])
-    y_b, _ = m.prefill(x[SPLIT:], s, resets=resets[SPLIT:])
-    return dropped, jnp.concatenate([y_a, y_b]), m(x, resets=resets)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_prefill_with_resets(name):
-    m = make(name)
-    x = draw(name, (T, D_MODEL), "x")
-    prefix = draw(name, (3, D_MODEL), "prefix")
-    dropped, split, packed = _prefills(m, x, prefix)
-    alone = eqx.filter_jit(lambda m, x: m(x, resets=_resets(True)))(m, x)
-    assert_close(dropped, alone, 1e-9, f"{name}: a reset at the first token")
-    assert_close(split, packed, 1e-9, f"{name}: prefill in two calls")
 
 
 @pytest.mark.parametrize("bad", [jnp.zeros(T, jnp.int32), jnp.zeros(T + 1, bool)])
