@@ -255,8 +255,8 @@ def test_shard_cache_that_does_not_match_its_index(corpus, capsys):
 
 
 def test_resets_reach_mixers_that_take_them(corpus):
-    """The batch's resets go into the model when every mixer accepts them (attention
-    today), and are left out for the others, which the mask alone protects."""
+    """The batch's resets go into the model (every registered mixer takes them), for
+    a single mixer and for a hybrid stack."""
     import equinox as eqx
     import jax.numpy as jnp
     import jax.random as jr
@@ -267,19 +267,20 @@ def test_resets_reach_mixers_that_take_them(corpus):
     task_raw = {"name": "lm", "paths": ["docs/*.txt"], "seq_len": 24, "cache_dir": "c",
                 "documents": "paragraphs"}  # fmt: skip
     losses = {}
-    for mixer in ("attention", "lru"):
-        cfg = train.config.parse(
-            {"model": {"mixer": mixer, "d_model": 16, "n_layers": 1}, "task": task_raw}
-        )
+    for mixer in ("lru", ["rglru", "local_attention"]):
+        model_raw = {"mixer": mixer, "d_model": 16, "n_layers": 2}
+        if isinstance(mixer, list):
+            model_raw["mixer_kwargs"] = {"local_attention": {"window": 8}}
+        cfg = train.config.parse({"model": model_raw, "task": task_raw})
         task = train.build_task(cfg.task)
         model = train.build_model(cfg, task, jr.key(0))
-        assert takes_resets(model) == (mixer == "attention")
+        assert takes_resets(model)
         params, static = eqx.partition(model, eqx.is_array)
         batch = {k: jnp.asarray(v) for k, v in task.examples("train", np.arange(8)).items()}
         assert bool(batch["resets"][:, 1:].any())  # documents start inside rows
         plain = {**batch, "resets": jnp.zeros_like(batch["resets"])}
         step = make_eval_step(cfg, static, task.kind)  # _sums, jitted
         got = [float(step(params, b)["loss"]) for b in (batch, plain)]
-        losses[mixer] = got
-    assert losses["attention"][0] != losses["attention"][1]
-    assert losses["lru"][0] == losses["lru"][1]
+        losses[str(mixer)] = got
+    for got in losses.values():  # the resets change the loss: they reached the mixers
+        assert got[0] != got[1], losses
