@@ -199,9 +199,8 @@ def _cast_compute(params, dtype):
 
 
 def takes_resets(model) -> bool:
-    """Whether every block's mixer accepts `resets` (packed documents); until they all
-    do, the LM's `resets` stay in the batch and only the loss mask keeps predictions
-    across a document boundary out of the loss."""
+    """Whether every block's mixer accepts `resets` (packed documents), as the mixer
+    contract asks (`layers.AbstractMixer`); every registered mixer does."""
     blocks = getattr(model, "blocks", None)
     if not blocks:
         return False
@@ -217,8 +216,16 @@ def _sums(static, params, batch, key, kind: str, compute_dtype):
     if jnp.issubdtype(inputs.dtype, jnp.floating):
         inputs = inputs.astype(compute_dtype)
     B = inputs.shape[0]
-    resets = batch.get("resets") if takes_resets(model) else None
-    if resets is None:  # a mixer that cannot restart at documents gets no resets
+    resets = batch.get("resets")
+    if resets is not None and not takes_resets(model):
+        names = sorted({type(b.mixer).__name__ for b in model.blocks})
+        raise TypeError(
+            f"the task packs documents (its batches carry `resets`), but a mixer of "
+            f"this model ({', '.join(names)}) does not accept `resets=`: its "
+            "`__call__(x, *, resets=None, key=None)` must restart its state at them "
+            "(see layers.AbstractMixer)."
+        )
+    if resets is None:
         resets = jnp.zeros(inputs.shape[:2], bool)
         call = lambda m, x, r, k: m(x, key=k)
     else:
