@@ -148,6 +148,9 @@ def test_sharded_and_half_precision(tmp_path):
         _save_with_bf16(half, d / file, bf16={k for k in keys if "in_proj" in k})
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     model, _ = load_hf(d)
+    again, _ = load_hf(save_hf(model, d))  # saving over it replaces index and shards
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_model(model, again)
     base, _ = load_hf(src)
     flat = dict(jax.tree_util.tree_leaves_with_path(eqx.filter(model, eqx.is_array)))
     flat_base = dict(jax.tree_util.tree_leaves_with_path(eqx.filter(base, eqx.is_array)))
@@ -368,6 +371,8 @@ def test_live_against_transformers(tmp_path):
     tokens = np.random.default_rng(7).integers(0, fixtures.VOCAB, size=(1, 17))
     for i, name in enumerate(["mamba_untied", "mamba2_groups", "xlstm_single"]):
         model_type, options = fixtures.FIXTURES[name]
+        if model_type not in fixtures.CLASSES:  # an older transformers
+            continue
         ref_model = fixtures.build(model_type, options, seed=1000 + i)
         ref_model.save_pretrained(tmp_path / name)
         ref = fixtures.reference_logits(ref_model, tokens)

@@ -131,13 +131,19 @@ def write_dir(
     tensors: Mapping[str, np.ndarray],
     dtype: str = "float32",
 ) -> Path:
-    """Write `config.json` and `model.safetensors` into `path` (created if needed)."""
+    """Write `config.json` and `model.safetensors` into `path` (created if needed),
+    replacing a sharded checkpoint there (its index and shards)."""
     from safetensors.numpy import save_file
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"save_hf: dtype must be 'float32' or 'float16', got {dtype!r}")
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
+    index = path / INDEX_FILE
+    if index.is_file():  # a sharded checkpoint there would shadow the new file
+        for file in set(json.loads(index.read_text()).get("weight_map", {}).values()):
+            (path / file).unlink(missing_ok=True)
+        index.unlink()
     arrays = {
         k: np.ascontiguousarray(np.asarray(v, np.float32).astype(dtype))
         for k, v in tensors.items()
