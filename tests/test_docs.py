@@ -122,7 +122,8 @@ def test_examples_run(tmp_path, monkeypatch):
                         f"{page.relative_to(ROOT)}:{line}: {type(e).__name__}: {e}"
                     )
                     break  # the page's later blocks build on this one
-    assert PAGES_WITH_CODE and not failures, "examples that failed:\n" + "\n".join(failures)
+    assert PAGES_WITH_CODE, "found no Python examples in the docs"
+    assert not failures, "examples that failed:\n" + "\n".join(failures)
 
 
 def _public_names(package: str) -> list[str]:
@@ -174,6 +175,12 @@ def test_mkdocs_build_strict(tmp_path):
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{log}"
     warnings = [line for line in log.splitlines() if "WARNING" in line]
     assert not warnings, "\n".join(warnings)
-    assert (tmp_path / "api" / "ssm" / "index.html").is_file()
+    for package in ("ssm", "layers", "train"):  # every entry rendered, none left empty
+        html = (tmp_path / "api" / package / "index.html").read_text()
+        entries = re.findall(
+            r"^::: ([\w.]+)\s*$", (DOCS / "api" / f"{package}.md").read_text(), re.M
+        )
+        missing = [e for e in entries if e != package and f'id="{e}"' not in html]
+        assert not missing, f"docs/api/{package}.md: rendered nothing for {missing}"
     config_page = (tmp_path / "config" / "index.html").read_text()
     assert "optim.lr" in config_page and "task.vocab_size" in config_page
