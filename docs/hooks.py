@@ -42,7 +42,7 @@ def _code(value) -> str:
         value = list(value)
     text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
     text = text.removesuffix("...").strip()  # a bare scalar ends its YAML document
-    return "`" + text.replace("|", "\\|") + "`"
+    return f"`{text}`"  # a pipe inside a code span does not split the cell
 
 
 def _rows(cls, prefix: str, skip: tuple[str, ...] = ()) -> tuple[list[str], list]:
@@ -59,8 +59,7 @@ def _rows(cls, prefix: str, skip: tuple[str, ...] = ()) -> tuple[list[str], list
             continue
         help_text = f.metadata.get("help", "")
         rows.append(
-            f"| `{key}` | `{_cell(_type_name(tp))}` | {_code(_default(f))} | "
-            f"{_cell(help_text)} |"
+            f"| `{key}` | `{_type_name(tp)}` | {_code(_default(f))} | {_cell(help_text)} |"
         )
     return rows, sections
 
