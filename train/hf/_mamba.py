@@ -15,13 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import jax.random as jr
 import numpy as np
 
 import layers
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, build
+from ._tree import arrays_of, finish_backbone
 
 MODEL_TYPE = "mamba"
 ARCHITECTURE = "MambaForCausalLM"
@@ -113,29 +112,7 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
         arrays[om + "A_log"] = tensors.take(m + "A_log", (E, N))
         arrays[om + "D"] = tensors.take(m + "D", (E,))
         arrays[om + "out_proj.weight"] = tensors.take(m + "out_proj.weight", (D, E))
-    arrays["norm.weight"] = tensors.take("backbone.norm_f.weight", (D,))
-    if o["tie"]:
-        tensors.skip("lm_head.weight")  # save_pretrained may or may not write it
-    else:
-        arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
-    tensors.finish()
-
-    def make():
-        return layers.SequenceModel(
-            "mamba",
-            D,
-            L,
-            V,
-            vocab_size=V,
-            mixer_kwargs=mk,
-            mlp_ratio=0.0,
-            norm_eps=o["norm_eps"],
-            tie_embeddings=o["tie"],
-            head_bias=False,
-            key=jr.key(0),
-        )
-
-    return build(make, arrays)
+    return finish_backbone(tensors, arrays, "mamba", D, L, V, mk, o)
 
 
 def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

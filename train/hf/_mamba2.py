@@ -13,13 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import jax.random as jr
 import numpy as np
 
 import layers
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, build
+from ._tree import arrays_of, finish_backbone
 
 MODEL_TYPE = "mamba2"
 ARCHITECTURE = "Mamba2ForCausalLM"
@@ -129,29 +128,7 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
         arrays[om + "D"] = tensors.take(m + "D", (H,))
         arrays[om + "norm_weight"] = tensors.take(m + "norm.weight", (E,))
         arrays[om + "out_proj.weight"] = tensors.take(m + "out_proj.weight", (D, E))
-    arrays["norm.weight"] = tensors.take("backbone.norm_f.weight", (D,))
-    if o["tie"]:
-        tensors.skip("lm_head.weight")
-    else:
-        arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
-    tensors.finish()
-
-    def make():
-        return layers.SequenceModel(
-            "mamba2",
-            D,
-            L,
-            V,
-            vocab_size=V,
-            mixer_kwargs=mk,
-            mlp_ratio=0.0,
-            norm_eps=o["norm_eps"],
-            tie_embeddings=o["tie"],
-            head_bias=False,
-            key=jr.key(0),
-        )
-
-    return build(make, arrays)
+    return finish_backbone(tensors, arrays, "mamba2", D, L, V, mk, o)
 
 
 def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -7,7 +7,10 @@ from collections.abc import Callable, Mapping
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
+
+import layers
 
 from ..checkpoint import path_str
 
@@ -44,3 +47,32 @@ def arrays_of(model: eqx.Module) -> dict[str, np.ndarray]:
     """The model's arrays by path, as float32 numpy arrays."""
     leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(model, eqx.is_array))
     return {path_str(p): np.asarray(leaf, np.float32) for p, leaf in leaves}
+
+
+def finish_backbone(tensors, arrays, mixer: str, D, L, V, mixer_kwargs, options):
+    """The tail shared by the Mamba-family loaders: take the final norm and the LM head
+    (or skip it when tied) from `tensors`, check nothing is left over, and build the
+    `SequenceModel` of `L` blocks of `mixer` (no MLP, no head bias) from `arrays`."""
+    arrays["norm.weight"] = tensors.take("backbone.norm_f.weight", (D,))
+    if options["tie"]:
+        tensors.skip("lm_head.weight")  # save_pretrained may or may not write it
+    else:
+        arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
+    tensors.finish()
+
+    def make():
+        return layers.SequenceModel(
+            mixer,
+            D,
+            L,
+            V,
+            vocab_size=V,
+            mixer_kwargs=mixer_kwargs,
+            mlp_ratio=0.0,
+            norm_eps=options["norm_eps"],
+            tie_embeddings=options["tie"],
+            head_bias=False,
+            key=jr.key(0),
+        )
+
+    return build(make, arrays)
