@@ -59,6 +59,13 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = _help(
         "dtype of activations (parameters stay float32)", default="float32"
     )
+    hf_config: dict[str, Any] | None = _help(
+        "the architecture of a Hugging Face config.json: copied in from init_from: "
+        "hf:PATH (leave it out), it fixes the model (mixer, d_model, n_layers, "
+        "mlp_ratio and mixer_kwargs are filled in from it and must be absent or equal) "
+        "and lets resume, ssm-eval and ssm-generate rebuild it without the directory",
+        default=None,
+    )
 
     def __post_init__(self):
         import layers
@@ -68,7 +75,8 @@ class ModelConfig:
             raise ValueError("mixer: an empty list; give at least one mixer name")
         for i, kind in enumerate(kinds):
             key = "mixer" if isinstance(self.mixer, str) else f"mixer[{i}]"
-            if kind not in layers.MIXERS:
+            # a checkpoint's mixer may be a class that is not a registry name
+            if kind not in layers.MIXERS and self.hf_config is None:
                 raise ValueError(
                     f"{key}: unknown mixer {kind!r}; one of {sorted(layers.MIXERS)}"
                 )
@@ -87,6 +95,8 @@ class ModelConfig:
                     )
         for kind, options in self.kwargs_by_mixer().items():
             key = self._options_key(kind)
+            if kind not in layers.MIXERS:  # the checkpoint's (hf_config): checked there
+                continue
             _check_mixer_options(layers.MIXERS[kind], kind, options, key)
             window = options.get("window")
             if window is not None and (type(window) is not int or window < 1):
@@ -303,8 +313,8 @@ class Config:
     name: str = _help("run name (default: the config file's stem)", default="run")
     init_from: str | None = _help(
         "fine-tune: a run directory or checkpoint to load matching parameters from, "
-        "or hf:PATH, a Hugging Face model directory (its model section and "
-        "tokenizer.json are taken from it)",
+        "or hf:PATH, a Hugging Face model directory (its architecture, as "
+        "model.hf_config, and its tokenizer.json are taken from it)",
         default=None,
     )
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -434,8 +444,11 @@ def _from_dict(cls, raw, prefix: str):
 
 def _config_from_dict(raw) -> Config:
     init_from = raw.get("init_from")
-    if isinstance(init_from, str) and init_from.startswith("hf:"):
-        from .hf import with_hf_model  # the model section the checkpoint needs
+    model = raw.get("model")
+    if (isinstance(init_from, str) and init_from.startswith("hf:")) or (
+        isinstance(model, Mapping) and model.get("hf_config") is not None
+    ):
+        from .hf import with_hf_model  # the model section the checkpoint fixes
 
         raw = with_hf_model(raw)
     kwargs = {}

@@ -56,9 +56,12 @@ def pooling_of(config: Config, task) -> str | None:
 
 
 def build_model(config: Config, task, key) -> layers.SequenceModel:
-    """The `layers.SequenceModel` a config describes, sized for `task`."""
+    """The `layers.SequenceModel` a config describes, sized for `task`: the model
+    section's, or with `model.hf_config` (`init_from: hf:PATH`) the architecture of
+    that Hugging Face `config.json` with the task's outputs and an untied head."""
     m = config.model
-    m.check_for_task(task.seq_len)
+    if m.hf_config is None:  # a checkpoint's attention window is not ours to change
+        m.check_for_task(task.seq_len)
     by_mixer = m.kwargs_by_mixer()  # a hybrid stack's options, by mixer name
     if config.distributed.seq > 1:
         from .distributed import SEQ_MIXERS
@@ -70,18 +73,25 @@ def build_model(config: Config, task, key) -> layers.SequenceModel:
             )
         for options in by_mixer.values():
             options["seq_axis"] = "seq"
-    mixer_kwargs = by_mixer[m.mixer] if isinstance(m.mixer, str) else by_mixer
+    if m.hf_config is not None:
+        from .hf import trainer_architecture
+
+        structure = trainer_architecture(m.hf_config, by_mixer)
+    else:
+        structure = {
+            "mixer": m.mixer,
+            "d_model": m.d_model,
+            "n_layers": m.n_layers,
+            "mixer_kwargs": by_mixer[m.mixer] if isinstance(m.mixer, str) else by_mixer,
+            "mlp_ratio": m.mlp_ratio,
+        }
     try:
         return layers.SequenceModel(
-            m.mixer,
-            m.d_model,
-            m.n_layers,
-            task.n_outputs,
+            **structure,
+            d_output=task.n_outputs,
             vocab_size=task.vocab_size,
             d_input=task.d_input,
             pooling=pooling_of(config, task),
-            mixer_kwargs=mixer_kwargs,
-            mlp_ratio=m.mlp_ratio,
             dropout=m.dropout,
             remat=m.remat,
             key=key,

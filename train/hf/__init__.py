@@ -13,6 +13,35 @@ model, info = load_hf("path/to/mamba-130m-hf")
 logits = model(tokens)                      # tokens: Int[Array, "seq"]
 save_hf(model, "out/mamba-finetuned")       # loads in transformers again
 ```
+
+**Adding a model type.** Each model type is one private module (`_mamba.py`,
+`_mamba2.py`, `_xlstm.py`, ...) listed in `_MODULES` below (and, if `save_hf` writes
+it, its mixer class in `_BY_MIXER`). A module defines:
+
+- `MODEL_TYPE` (`config.json`'s `model_type`) and `ARCHITECTURE` (the
+  `transformers` class name).
+- `architecture(config, path) -> dict`: the keyword arguments of
+  `layers.SequenceModel` (all but `key`) that build this checkpoint's model with
+  random parameters, from `config.json` alone (no tensors read): `mixer` (a name in
+  `layers.MIXERS`, a mixer class, or a list of them for a hybrid stack), `d_model`,
+  `n_layers`, `d_output`, `vocab_size`, `mixer_kwargs` (plain YAML data: numbers,
+  strings, booleans, None, lists, mappings; keyed by the list's entries for a
+  hybrid), and whatever else the model needs (`mlp_ratio`, `mlp_hidden`,
+  `mlp_activation`, `norm_eps`, `tie_embeddings`, `head_bias`, `logit_soft_cap`, or a
+  new `SequenceModel` option). Anything it cannot map exactly is an `HFError` naming
+  the `config.json` field. This is all `init_from: hf:PATH` needs: the trainer
+  builds `SequenceModel(**architecture(...))` with its own `d_output`, `vocab_size`
+  (the task's), `tie_embeddings=False`, `head_bias=True`, `pooling`, `dropout` and
+  `remat`; the parameters are then named by path (`blocks.0.mixer.q.weight`), with
+  `embedding.weight`, `head.weight` and `head.bias` following the vocabulary.
+- `load(config, tensors, path, chunk_size) -> SequenceModel`: the model of
+  `architecture(config, path)` (same parameter paths and shapes; `chunk_size` added
+  to the mixers' options when not None; `tie_embeddings` may follow which tensors
+  are stored) with every array taken from `tensors` (`Tensors.take`, then
+  `Tensors.finish()`, so that a missing or unused tensor is an error).
+  `_tree.build(make, arrays)` fills a skeleton from arrays named by path.
+- `save(model) -> (config, tensors)`: the inverse, for `save_hf` (optional for a
+  type that is only loaded).
 """
 
 from __future__ import annotations
@@ -169,6 +198,8 @@ def _check_savable(model):
 
 
 from ._finetune import (  # noqa: E402  (they use load_hf above)
+    architecture as architecture,
     load_matching_hf as load_matching_hf,
+    trainer_architecture as trainer_architecture,
     with_hf_model as with_hf_model,
 )

@@ -20,7 +20,7 @@ import numpy as np
 import layers
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, finish_backbone
+from ._tree import arrays_of, backbone_architecture, finish_backbone, with_chunk
 
 MODEL_TYPE = "mamba"
 ARCHITECTURE = "MambaForCausalLM"
@@ -73,27 +73,18 @@ def _options(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
-def model_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The `model` section of a training config that builds this architecture."""
-    o = _options(config, path)
-    return {
-        "mixer": "mamba",
-        "d_model": o["d_model"],
-        "n_layers": o["n_layers"],
-        "mlp_ratio": 0.0,
-        "mixer_kwargs": o["mixer_kwargs"],
-        "norm_eps": o["norm_eps"],
-    }
+def architecture(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The `layers.SequenceModel` keyword arguments (all but `key`) of this
+    checkpoint's model (the interface in `train.hf`)."""
+    return backbone_architecture("mamba", _options(config, path))
 
 
 def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int | None):
     o = _options(config, path)
     D, V, L = o["d_model"], o["vocab_size"], o["n_layers"]
-    mk = dict(o["mixer_kwargs"])
+    mk = o["mixer_kwargs"]
     N, K, R = mk["d_state"], mk["d_conv"], mk["dt_rank"]
     E = mk["expand"] * D
-    if chunk_size is not None:
-        mk["chunk_size"] = chunk_size
     arrays = {"embedding.weight": tensors.take("backbone.embeddings.weight", (V, D))}
     for i in range(L):
         h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
@@ -112,7 +103,8 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
         arrays[om + "A_log"] = tensors.take(m + "A_log", (E, N))
         arrays[om + "D"] = tensors.take(m + "D", (E,))
         arrays[om + "out_proj.weight"] = tensors.take(m + "out_proj.weight", (D, E))
-    return finish_backbone(tensors, arrays, "mamba", D, L, V, mk, o)
+    architecture_ = with_chunk(architecture(config, path), chunk_size)
+    return finish_backbone(tensors, arrays, architecture_)
 
 
 def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

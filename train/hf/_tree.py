@@ -49,30 +49,45 @@ def arrays_of(model: eqx.Module) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(leaf, np.float32) for p, leaf in leaves}
 
 
-def finish_backbone(tensors, arrays, mixer: str, D, L, V, mixer_kwargs, options):
+def backbone_architecture(mixer: str, options: Mapping) -> dict:
+    """The `SequenceModel` keyword arguments (all but `key`) of a Mamba-family
+    checkpoint: `L` blocks of `mixer` with no MLP, the final norm, the LM head (tied
+    or not, no bias), from the `_options` of its loader."""
+    V = options["vocab_size"]
+    return {
+        "mixer": mixer,
+        "d_model": options["d_model"],
+        "n_layers": options["n_layers"],
+        "d_output": V,
+        "vocab_size": V,
+        "mixer_kwargs": dict(options["mixer_kwargs"]),
+        "mlp_ratio": 0.0,
+        "norm_eps": options["norm_eps"],
+        "tie_embeddings": options["tie"],
+        "head_bias": False,
+    }
+
+
+def with_chunk(architecture: Mapping, chunk_size: int | None) -> dict:
+    """`architecture` with `chunk_size` added to the (single) mixer's options."""
+    architecture = dict(architecture)
+    if chunk_size is not None:
+        architecture["mixer_kwargs"] = {
+            **architecture["mixer_kwargs"],
+            "chunk_size": chunk_size,
+        }
+    return architecture
+
+
+def finish_backbone(tensors, arrays, architecture: Mapping):
     """The tail shared by the Mamba-family loaders: take the final norm and the LM head
     (or skip it when tied) from `tensors`, check nothing is left over, and build the
-    `SequenceModel` of `L` blocks of `mixer` (no MLP, no head bias) from `arrays`."""
+    `SequenceModel` of `architecture` (`backbone_architecture`) from `arrays`."""
+    D, V = architecture["d_model"], architecture["vocab_size"]
     arrays["norm.weight"] = tensors.take("backbone.norm_f.weight", (D,))
-    if options["tie"]:
+    if architecture["tie_embeddings"]:
         tensors.skip("lm_head.weight")  # save_pretrained may or may not write it
     else:
         arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
     tensors.finish()
-
-    def make():
-        return layers.SequenceModel(
-            mixer,
-            D,
-            L,
-            V,
-            vocab_size=V,
-            mixer_kwargs=mixer_kwargs,
-            mlp_ratio=0.0,
-            norm_eps=options["norm_eps"],
-            tie_embeddings=options["tie"],
-            head_bias=False,
-            key=jr.key(0),
-        )
-
-    return build(make, arrays)
+    return build(lambda: layers.SequenceModel(**architecture, key=jr.key(0)), arrays)

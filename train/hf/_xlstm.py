@@ -20,7 +20,7 @@ import layers
 from layers._mlstm_large import MLSTMLarge
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, build
+from ._tree import arrays_of, build, with_chunk
 
 MODEL_TYPE = "xlstm"
 ARCHITECTURE = "xLSTMForCausalLM"
@@ -80,21 +80,34 @@ def _options(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
-def model_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    raise HFError(
-        f"{path}: init_from: hf: does not take xlstm checkpoints yet (their mixer is not "
-        "in layers.MIXERS); load them with train.hf.load_hf"
-    )
+def architecture(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The `layers.SequenceModel` keyword arguments (all but `key`) of this
+    checkpoint's model (the interface in `train.hf`)."""
+    o = _options(config, path)
+    V = o["vocab_size"]
+    return {
+        "mixer": MLSTMLarge,
+        "d_model": o["d_model"],
+        "n_layers": o["n_layers"],
+        "d_output": V,
+        "vocab_size": V,
+        "mixer_kwargs": dict(o["mixer_kwargs"]),
+        "mlp_ratio": 0.0,
+        "mlp_hidden": o["mlp_hidden"],
+        "mlp_activation": "silu",
+        "norm_eps": o["norm_eps"],
+        "tie_embeddings": o["tie"],
+        "head_bias": False,
+        "logit_soft_cap": o["logit_soft_cap"],
+    }
 
 
 def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int | None):
     o = _options(config, path)
     D, V, L, F = o["d_model"], o["vocab_size"], o["n_layers"], o["mlp_hidden"]
-    mk = dict(o["mixer_kwargs"])
+    mk = o["mixer_kwargs"]
     H = mk["num_heads"]
     QK, VD = int(D * mk["qk_dim_factor"]), int(D * mk["v_dim_factor"])
-    if chunk_size is not None:
-        mk["chunk_size"] = chunk_size
     arrays = {"embedding.weight": tensors.take("backbone.embeddings.weight", (V, D))}
     for i in range(L):
         h, o_ = f"backbone.blocks.{i}.", f"blocks.{i}."
@@ -144,15 +157,9 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
         arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
     tensors.finish()
 
-    def make():
-        return layers.SequenceModel(
-            MLSTMLarge, D, L, V, vocab_size=V, mixer_kwargs=mk, mlp_ratio=0.0,
-            mlp_hidden=F, mlp_activation="silu", norm_eps=o["norm_eps"],
-            tie_embeddings=tie, head_bias=False,
-            logit_soft_cap=o["logit_soft_cap"], key=jr.key(0),
-        )  # fmt: skip
-
-    return build(make, arrays)
+    architecture_ = with_chunk(architecture(config, path), chunk_size)
+    architecture_["tie_embeddings"] = tie
+    return build(lambda: layers.SequenceModel(**architecture_, key=jr.key(0)), arrays)
 
 
 def check(model: layers.SequenceModel) -> None:
