@@ -10,7 +10,7 @@ summary = train.run(config, "runs/try")
 ```
 """
 
-from . import config as config, data as data
+from . import config as config, data as data, hooks as hooks
 from .allocator import configure_allocator as configure_allocator
 from .checkpoint import (
     Checkpointer as Checkpointer,
@@ -25,7 +25,13 @@ from .data import (
     train_batch as train_batch,
 )
 from .finetune import load_matching as load_matching
-from .loop import Interrupted as Interrupted, TrainingError as TrainingError, run as run
+from .hooks import StepInfo as StepInfo
+from .loop import (
+    Interrupted as Interrupted,
+    Trainer as Trainer,
+    TrainingError as TrainingError,
+    run as run,
+)
 from .trainer import (
     TrainState as TrainState,
     build_model as build_model,

@@ -166,3 +166,28 @@ class MultiTracker:
     def finish(self):
         for t in self.trackers:
             t.finish()
+
+
+def open_trackers(wandb_config, run_dir: str | Path, say=print) -> MultiTracker:
+    """`metrics.jsonl` in `run_dir`, and wandb unless `wandb_mode` resolves
+    `wandb_config.mode` (a `train.config.WandbConfig`) to disabled. wandb that fails to
+    start is reported through `say` and left out: it never costs a run."""
+    run_dir = Path(run_dir)
+    trackers: list = [JsonlTracker(run_dir / "metrics.jsonl")]
+    mode = wandb_mode(wandb_config.mode)
+    if mode != "disabled":
+        try:
+            trackers.append(
+                WandbTracker(
+                    project=wandb_config.project,
+                    entity=wandb_config.entity,
+                    name=run_dir.name,
+                    tags=wandb_config.tags,
+                    mode=mode,
+                    run_dir=run_dir,
+                    run_id=run_dir.name.replace("/", "-"),
+                )
+            )
+        except Exception as e:  # wandb is optional: never lose a run to it
+            say(f"warning: wandb could not start ({e}); logging to metrics.jsonl only")
+    return MultiTracker(trackers)
