@@ -112,6 +112,7 @@ class AbstractAttention(AbstractMixer):
     window: int | None = eqx.field(static=True)
     max_len: int | None = eqx.field(static=True)
     rope_base: float | None = eqx.field(static=True)
+    rotary_dim: int | None = eqx.field(static=True)
     implementation: str | None = eqx.field(static=True)
     q_proj: eqx.nn.Linear
     k_proj: eqx.nn.Linear
@@ -132,6 +133,9 @@ class AbstractAttention(AbstractMixer):
         qk_norm: bool = False,
         implementation: Literal["xla", "cudnn"] | None = None,
         *,
+        rotary_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -152,6 +156,10 @@ class AbstractAttention(AbstractMixer):
           before the rotary embedding, as in OLMo 2 and Qwen 3.
         - `implementation`: passed to `jax.nn.dot_product_attention` (`None`: its
           default, XLA today; `"cudnn"`: cuDNN's fused kernel).
+        - `rotary_dim`: rotate only the first `rotary_dim` channels of each head
+          (partial rotary embedding, as RecurrentGemma's half); default all.
+        - `qkv_bias`, `out_bias`: biases on the query/key/value maps and on the
+          output map (RecurrentGemma: `out_bias=True`).
         - `key`: a `jax.random.PRNGKey`.
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -161,14 +169,16 @@ class AbstractAttention(AbstractMixer):
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim, self.window, self.max_len = head_dim, window, max_len
         self.rope_base = None if rope_base is None else float(rope_base)
+        self.rotary_dim = rotary_dim
         self.implementation = implementation
         inner, kv = num_heads * head_dim, num_kv_heads * head_dim
 
-        def proj(n_in, n_out, k):
-            return eqx.nn.Linear(n_in, n_out, use_bias=False, dtype=jnp.float32, key=k)
+        def proj(n_in, n_out, k, bias=qkv_bias):
+            return eqx.nn.Linear(n_in, n_out, use_bias=bias, dtype=jnp.float32, key=k)
 
         self.q_proj, self.k_proj = proj(d_model, inner, k_q), proj(d_model, kv, k_k)
-        self.v_proj, self.o_proj = proj(d_model, kv, k_v), proj(inner, d_model, k_o)
+        self.v_proj = proj(d_model, kv, k_v)
+        self.o_proj = proj(inner, d_model, k_o, out_bias)
         ones = jnp.ones((head_dim,), jnp.float32)
         self.q_norm, self.k_norm = (ones, ones) if qk_norm else (None, None)
 
@@ -180,10 +190,17 @@ class AbstractAttention(AbstractMixer):
                 f"`num_kv_heads` ({self.num_kv_heads}) must divide `num_heads` "
                 f"({self.num_heads})."
             )
-        if self.rope_base is not None and (self.head_dim % 2 or self.rope_base <= 1):
+        if self.rotary_dim is not None and not 0 < self.rotary_dim <= self.head_dim:
             raise ValueError(
-                "the rotary embedding needs an even `head_dim` and `rope_base` > 1, got "
-                f"head_dim={self.head_dim}, rope_base={self.rope_base}."
+                f"`rotary_dim` must be in [2, head_dim={self.head_dim}], got "
+                f"{self.rotary_dim}."
+            )
+        rotated = self.head_dim if self.rotary_dim is None else self.rotary_dim
+        if self.rope_base is not None and (rotated % 2 or self.rope_base <= 1):
+            raise ValueError(
+                "the rotary embedding needs an even `head_dim` (or `rotary_dim`) and "
+                f"`rope_base` > 1, got head_dim={self.head_dim}, "
+                f"rotary_dim={self.rotary_dim}, rope_base={self.rope_base}."
             )
         if self.window is not None and self.window < 1:
             raise ValueError(f"`window` must be >= 1 or None, got {self.window}.")
@@ -208,8 +225,15 @@ class AbstractAttention(AbstractMixer):
             q = head_rms_norm(q, self.q_norm).astype(x.dtype)
             k = head_rms_norm(k, self.k_norm).astype(x.dtype)
         if self.rope_base is not None:
-            q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+            q, k = self._rope(q, positions), self._rope(k, positions)
         return q, k, v
+
+    def _rope(self, x, positions):
+        r = self.rotary_dim
+        if r is None or r == self.head_dim:
+            return rope(x, positions, self.rope_base)
+        rotated = rope(x[..., :r], positions, self.rope_base)
+        return jnp.concatenate([rotated, x[..., r:]], axis=-1)
 
     def _attend(self, q, k, v, mask, causal: bool):
         window = None
@@ -370,6 +394,9 @@ class LocalAttention(AbstractAttention):
         qk_norm: bool = False,
         implementation: Literal["xla", "cudnn"] | None = None,
         *,
+        rotary_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:** as `Attention`, with `window` (default 128) required to be an
@@ -386,5 +413,8 @@ class LocalAttention(AbstractAttention):
             rope_base,
             qk_norm,
             implementation,
+            rotary_dim=rotary_dim,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
             key=key,
         )

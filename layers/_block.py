@@ -8,20 +8,27 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from ._mixer import AbstractMixer, check_sequence, check_token, linear, real_dtype
 from ._registry import make_mixer
 
 
-def rms_norm(norm: eqx.nn.RMSNorm, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-    """RMS normalisation over the last axis, computed in float32, returned in `x.dtype`."""
+def rms_norm(
+    norm: eqx.nn.RMSNorm, x: Float[Array, "... d"], offset: float = 0.0
+) -> Float[Array, "... d"]:
+    """RMS normalisation over the last axis, computed in float32, returned in `x.dtype`;
+    the scale is `offset + weight` (Gemma's norms: `offset=1`)."""
     x32 = x.astype(real_dtype(x.dtype))
     ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(ms + norm.eps)
     shape = (1,) * (x.ndim - 1) + (-1,)
     if norm.weight is not None:
-        y = y * jnp.reshape(norm.weight.astype(y.dtype), shape)
+        scale = norm.weight.astype(y.dtype)
+        if offset:
+            scale = np.asarray(offset, y.dtype) + scale
+        y = y * jnp.reshape(scale, shape)
     if norm.bias is not None:
         y = y + jnp.reshape(norm.bias.astype(y.dtype), shape)
     return y.astype(x.dtype)
@@ -40,7 +47,13 @@ class GatedMLP(eqx.Module):
     down: eqx.nn.Linear
 
     def __init__(
-        self, d_model: int, d_hidden: int, activation: str = "gelu", *, key: PRNGKeyArray
+        self,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "gelu",
+        use_bias: bool = False,
+        *,
+        key: PRNGKeyArray,
     ):
         if activation not in _ACTIVATIONS:
             raise ValueError(
@@ -50,18 +63,26 @@ class GatedMLP(eqx.Module):
         self.activation = activation
         k1, k2, k3 = jr.split(key, 3)
         self.gate = eqx.nn.Linear(
-            d_model, d_hidden, use_bias=False, dtype=jnp.float32, key=k1
+            d_model, d_hidden, use_bias=use_bias, dtype=jnp.float32, key=k1
         )
         self.up = eqx.nn.Linear(
-            d_model, d_hidden, use_bias=False, dtype=jnp.float32, key=k2
+            d_model, d_hidden, use_bias=use_bias, dtype=jnp.float32, key=k2
         )
         self.down = eqx.nn.Linear(
-            d_hidden, d_model, use_bias=False, dtype=jnp.float32, key=k3
+            d_hidden, d_model, use_bias=use_bias, dtype=jnp.float32, key=k3
         )
 
     def __call__(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_model"]:
         act = _ACTIVATIONS[self.activation]
         return linear(self.down, act(linear(self.gate, x)) * linear(self.up, x))
+
+
+def make_norm(d_model: int, eps: float, offset: float) -> eqx.nn.RMSNorm:
+    """An RMS norm whose scale `offset + weight` starts at one."""
+    norm = eqx.nn.RMSNorm(d_model, eps=eps, use_bias=False, dtype=jnp.float32)
+    if offset:
+        norm = eqx.tree_at(lambda n: n.weight, norm, norm.weight - np.float32(offset))
+    return norm
 
 
 class Block(eqx.Module):
@@ -81,6 +102,7 @@ class Block(eqx.Module):
 
     d_model: int = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
+    norm_offset: float = eqx.field(static=True)
     norm1: eqx.nn.RMSNorm
     mixer: AbstractMixer
     norm2: eqx.nn.RMSNorm | None
@@ -99,6 +121,8 @@ class Block(eqx.Module):
         norm_eps: float = 1e-5,
         mlp_hidden: int | None = None,
         mlp_activation: str = "gelu",
+        mlp_bias: bool = False,
+        norm_offset: float = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -115,21 +139,20 @@ class Block(eqx.Module):
         - `norm_eps`: the epsilon of both RMS norms (added to the mean square).
         - `mlp_hidden`: the MLP's exact hidden width (overrides `mlp_ratio`).
         - `mlp_activation`: `"gelu"` (GeGLU) or `"silu"` (SwiGLU).
+        - `mlp_bias`: biases on the MLP's three maps (RecurrentGemma).
+        - `norm_offset`: both norms scale by `norm_offset + weight` (Gemma: 1, with
+          the weights initialised at 0 then; default 0, weights at 1).
         - `key`: a `jax.random.PRNGKey`.
         """
         k_mix, k_mlp = jr.split(key)
-        self.d_model, self.remat = d_model, remat
-        self.norm1 = eqx.nn.RMSNorm(
-            d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32
-        )
+        self.d_model, self.remat, self.norm_offset = d_model, remat, float(norm_offset)
+        self.norm1 = make_norm(d_model, norm_eps, norm_offset)
         self.mixer = make_mixer(mixer, d_model, mixer_kwargs, key=k_mix)
         if mlp_ratio > 0 or mlp_hidden is not None:
             hidden = max(1, int(round(2 * mlp_ratio * d_model / 3)))
             hidden = hidden if mlp_hidden is None else mlp_hidden
-            self.norm2 = eqx.nn.RMSNorm(
-                d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32
-            )
-            self.mlp = GatedMLP(d_model, hidden, mlp_activation, key=k_mlp)
+            self.norm2 = make_norm(d_model, norm_eps, norm_offset)
+            self.mlp = GatedMLP(d_model, hidden, mlp_activation, mlp_bias, key=k_mlp)
         else:
             self.norm2, self.mlp = None, None
         self.dropout = eqx.nn.Dropout(dropout)
@@ -142,12 +165,12 @@ class Block(eqx.Module):
     def _mlp(self, x, key, train=True):
         if self.mlp is None:
             return x
-        y = self.mlp(rms_norm(self.norm2, x))
+        y = self.mlp(rms_norm(self.norm2, x, self.norm_offset))
         return x + (self._drop(y, key) if train else y)
 
     def _forward(self, x, resets, key):
         k1, k2 = (None, None) if key is None else jr.split(key)
-        u = rms_norm(self.norm1, x)
+        u = rms_norm(self.norm1, x, self.norm_offset)
         y = self.mixer(u) if resets is None else self.mixer(u, resets=resets)
         return self._mlp(x + self._drop(y, k1), k2)
 
@@ -185,7 +208,7 @@ class Block(eqx.Module):
         """Run `x` from `state` (inference: no dropout); returns `(y, state)`.
         `resets` as in `__call__`."""
         check_sequence(x, self.d_model, "Block")
-        u = rms_norm(self.norm1, x)
+        u = rms_norm(self.norm1, x, self.norm_offset)
         if resets is None:
             y, state = self.mixer.prefill(u, state)
         else:
@@ -195,5 +218,5 @@ class Block(eqx.Module):
     def step(self, x_t: Float[Array, " d_model"], state: PyTree[Array]):
         """One token (inference: no dropout); returns `(y_t, state)`."""
         check_token(x_t, self.d_model, "Block")
-        y, state = self.mixer.step(rms_norm(self.norm1, x_t), state)
+        y, state = self.mixer.step(rms_norm(self.norm1, x_t, self.norm_offset), state)
         return self._mlp(x_t + y, None, train=False), state

@@ -8,9 +8,10 @@ from typing import Any, Literal
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ._block import Block, rms_norm
+from ._block import Block, make_norm, rms_norm
 from ._mixer import AbstractMixer, linear
 from ._registry import mixer_pattern
 
@@ -50,6 +51,8 @@ class SequenceModel(eqx.Module):
     d_model: int = eqx.field(static=True)
     pooling: str | None = eqx.field(static=True)
     logit_soft_cap: float | None = eqx.field(static=True)
+    embed_scale: float | None = eqx.field(static=True)
+    norm_offset: float = eqx.field(static=True)
     embedding: eqx.nn.Embedding | None
     encoder: eqx.nn.Linear | None
     blocks: tuple[Block, ...]
@@ -76,6 +79,9 @@ class SequenceModel(eqx.Module):
         mlp_hidden: int | None = None,
         mlp_activation: str = "gelu",
         logit_soft_cap: float | None = None,
+        mlp_bias: bool = False,
+        embed_scale: float | None = None,
+        norm_offset: float = 0.0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -98,6 +104,10 @@ class SequenceModel(eqx.Module):
         - `mlp_hidden`, `mlp_activation`: passed to every `Block`.
         - `logit_soft_cap`: outputs `c · tanh(y / c)` for this `c` (xLSTM 7B, Gemma 2);
           `None`: none.
+        - `mlp_bias`, `norm_offset`: passed to every `Block`; the final norm also
+          scales by `norm_offset + weight`.
+        - `embed_scale`: multiply the token embeddings by this before the first block
+          (Gemma: `√d_model`, rounded to bfloat16); the tied head is not scaled.
         - `key`: a `jax.random.PRNGKey`.
         """
         if (vocab_size is None) == (d_input is None):
@@ -114,6 +124,12 @@ class SequenceModel(eqx.Module):
         k_in, k_head, *k_blocks = jr.split(key, n_layers + 2)
         self.d_model, self.pooling = d_model, pooling
         self.logit_soft_cap = logit_soft_cap
+        if embed_scale is not None and vocab_size is None:
+            raise ValueError(
+                "`embed_scale` scales token embeddings: it needs `vocab_size`."
+            )
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
+        self.norm_offset = float(norm_offset)
         if vocab_size is not None:
             self.embedding = eqx.nn.Embedding(
                 vocab_size, d_model, dtype=jnp.float32, key=k_in
@@ -133,11 +149,13 @@ class SequenceModel(eqx.Module):
                 norm_eps=norm_eps,
                 mlp_hidden=mlp_hidden,
                 mlp_activation=mlp_activation,
+                mlp_bias=mlp_bias,
+                norm_offset=norm_offset,
                 key=k,
             )
             for (kind, kwargs), k in zip(layer_mixers, k_blocks, strict=True)
         )
-        self.norm = eqx.nn.RMSNorm(d_model, eps=norm_eps, use_bias=False, dtype=jnp.float32)
+        self.norm = make_norm(d_model, norm_eps, norm_offset)
         if tie_embeddings:
             self.head = None
         else:
@@ -154,7 +172,10 @@ class SequenceModel(eqx.Module):
                     f"expected one sequence of tokens of shape (seq,), got {x.shape}; "
                     "for a batch use `jax.vmap(model)(x)`."
                 )
-            return jnp.take(self.embedding.weight, x, axis=0)
+            h = jnp.take(self.embedding.weight, x, axis=0)
+            if self.embed_scale is not None:
+                h = h * np.asarray(self.embed_scale, h.dtype)
+            return h
         if x.ndim not in (1, 2) or x.shape[-1] != self.encoder.in_features:
             raise ValueError(
                 f"expected one sequence of shape (seq, {self.encoder.in_features}), got "
@@ -163,7 +184,7 @@ class SequenceModel(eqx.Module):
         return linear(self.encoder, x)
 
     def _head(self, h):
-        h = rms_norm(self.norm, h)
+        h = rms_norm(self.norm, h, self.norm_offset)
         if self.head is None:  # tied: the embedding, transposed
             y = h @ self.embedding.weight.T.astype(h.dtype)
         else:

@@ -146,6 +146,50 @@ FIXTURES = {
             autocast_kernel_dtype="float32",
         ),
     ),
+    # Griffin's pattern; window 5 < 23 tokens; MQA; half the head rotated; the
+    # embedding scale sqrt(24) is not exact in bfloat16; a soft cap that bites
+    "recurrent_gemma": (
+        "recurrent_gemma",
+        dict(
+            hidden_size=24,
+            num_hidden_layers=3,
+            block_types=["recurrent", "recurrent", "attention"],
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            lru_width=24,
+            conv1d_width=4,
+            attention_window_size=5,
+            intermediate_size=40,
+            attention_bias=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            partial_rotary_factor=0.5,
+            logits_soft_cap=3.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # the other way: pattern repeated over 4 layers, lru_width != hidden_size, GQA-free
+    # multi-head attention with q/k/v biases, a quarter rotated, untied head
+    "recurrent_gemma_untied": (
+        "recurrent_gemma",
+        dict(
+            hidden_size=16,
+            num_hidden_layers=4,
+            block_types=["recurrent", "attention"],
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            lru_width=12,
+            conv1d_width=3,
+            attention_window_size=3,
+            intermediate_size=25,
+            attention_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+            partial_rotary_factor=0.25,
+            logits_soft_cap=30.0,
+            rms_norm_eps=1e-3,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 _CLASS_NAMES = {
@@ -153,6 +197,7 @@ _CLASS_NAMES = {
     "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM"),
     "mamba2": ("Mamba2Config", "Mamba2ForCausalLM"),
     "xlstm": ("xLSTMConfig", "xLSTMForCausalLM"),
+    "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM"),
 }
 # the model types this transformers has (xLSTM is recent)
 CLASSES = {
@@ -165,13 +210,22 @@ CLASSES = {
 def randomise(model: torch.nn.Module, seed: int) -> None:
     """Parameters of order one everywhere (the default init leaves logits near
     uniform, a weak test): weights ~ N(0, 1/fan_in), norms 1 + N(0, 0.2²), decays
-    spread over a range, `D` ~ N(0, 1), step-size biases spread around softplus⁻¹(0.05)."""
+    spread over a range, `D` ~ N(0, 1), step-size biases spread around softplus⁻¹(0.05);
+    RecurrentGemma: norm weights N(0, 0.2²) (its scale is 1 + weight), RG-LRU decays
+    `σ(Λ)^8` uniform in [0.5, 0.99], block-diagonal gates N(0, 1/block)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             shape = p.shape
             if name.endswith("A_log"):
                 new = torch.log(torch.rand(shape, generator=g) * 7.5 + 0.5)
+            elif name.endswith("recurrent_param"):  # softplus(p) = -log(u) / 8
+                u = 0.5 + 0.49 * torch.rand(shape, generator=g, dtype=torch.float64)
+                new = torch.log(torch.expm1(-torch.log(u) / 8)).float()
+            elif name.endswith("gate_weight"):  # (heads, block, block)
+                new = torch.randn(shape, generator=g) / math.sqrt(shape[-2])
+            elif name.endswith(("pre_norm.weight", "final_norm.weight")):
+                new = 0.2 * torch.randn(shape, generator=g)
             elif name.endswith(".D"):
                 new = torch.randn(shape, generator=g)
             elif "norm" in name:

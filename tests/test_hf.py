@@ -35,7 +35,11 @@ NAMES = [
     "mamba2_tied",
     "xlstm_single",
     "xlstm_fused",
+    "recurrent_gemma",
+    "recurrent_gemma_untied",
 ]
+# the model types whose blocks have an MLP
+WITH_MLP = ("xlstm", "recurrent_gemma")
 TOL = 1e-4  # float32 against the reference's float64 logits
 SPLIT = 9  # prefill this many tokens, then step the rest
 
@@ -78,7 +82,9 @@ def test_logits_match_reference(name):
     stored = load_file(FIXTURES / name / "model.safetensors")
     tied = info["config"]["tie_word_embeddings"] and "lm_head.weight" not in stored
     assert (model.head is None) == tied
-    assert all((b.mlp is None) == (info["model_type"] != "xlstm") for b in model.blocks)
+    assert all(
+        (b.mlp is None) == (info["model_type"] not in WITH_MLP) for b in model.blocks
+    )
     tokens, ref = reference(name)
     par, gen = parallel_and_generated(model, tokens)
     assert par.dtype == jnp.float32
@@ -93,13 +99,16 @@ def test_logits_match_reference(name):
         ("falcon_mamba", "mixer_rms_eps"),
         ("mamba2_tied", "layer_norm_epsilon"),
         ("xlstm_fused", "norm_eps"),
+        ("recurrent_gemma_untied", "rms_norm_eps"),
+        ("recurrent_gemma", "attention_window_size"),
     ],
 )
 def test_tolerance_sees_an_option(name, option, tmp_path):
     """The comparison is sharp enough to see an option: these fixtures' norms have
-    eps 1e-3, and reading it as 1e-5 moves the logits past the tolerance."""
+    eps 1e-3, and reading it as 1e-5 moves the logits past the tolerance (and a
+    window of 5 read as 6)."""
     d = _copy(tmp_path, name)
-    _edit_config(d, **{option: 1e-5})
+    _edit_config(d, **{option: 6 if option == "attention_window_size" else 1e-5})
     model, _ = load_hf(d)
     tokens, ref = reference(name)
     assert rel_err(parallel(model, tokens), ref) > 3 * TOL
@@ -303,6 +312,18 @@ def test_no_weights_and_bad_index(tmp_path):
         ("xlstm_single", "use_bias", True, "'use_bias' = True is not supported"),
         ("xlstm_single", "weight_mode", "mixed", "'weight_mode' = 'mixed' is not"),
         ("xlstm_single", "num_heads", 3, "is not a multiple of num_heads 3"),
+        ("recurrent_gemma", "block_types", ["recurrent", "mlp"], "'block_types' = "),
+        ("recurrent_gemma", "hidden_activation", "gelu", "'hidden_activation' = 'gelu'"),
+        ("recurrent_gemma", "num_key_value_heads", 2, "2 does not divide num_attenti"),
+        ("recurrent_gemma", "lru_width", 25, "lru_width 25 is not a multiple of num_"),
+        ("recurrent_gemma", "head_dim", 6, "'head_dim' = 6 differs from hidden_size"),
+        ("recurrent_gemma", "rope_parameters", {"rope_type": "linear"}, "'linear' is"),
+        (
+            "recurrent_gemma_untied",
+            "rope_parameters",
+            {"partial_rotary_factor": 0.1},
+            "rotates 0 channels",
+        ),
     ],
 )
 def test_unsupported_options(tmp_path, name, field, value, message):
@@ -369,7 +390,8 @@ def test_live_against_transformers(tmp_path):
     import transformers
 
     tokens = np.random.default_rng(7).integers(0, fixtures.VOCAB, size=(1, 17))
-    for i, name in enumerate(["mamba_untied", "mamba2_groups", "xlstm_single"]):
+    names = ["mamba_untied", "mamba2_groups", "xlstm_single", "recurrent_gemma"]
+    for i, name in enumerate(names):
         model_type, options = fixtures.FIXTURES[name]
         if model_type not in fixtures.CLASSES:  # an older transformers
             continue
@@ -574,3 +596,32 @@ def test_mlstm_large_against_the_equations(getkey):
     parallel_y, generated = run(mixer, x)
     assert rel_err(parallel_y, expected) <= 1e-10
     assert rel_err(generated, expected[:7]) <= 1e-10
+
+
+def test_save_refuses_what_recurrent_gemma_cannot_hold(tmp_path):
+    gemma = dict(
+        vocab_size=11, mlp_hidden=6, mlp_bias=True, norm_offset=1.0,
+        embed_scale=float(np.sqrt(8.0).astype(jnp.bfloat16)), logit_soft_cap=30.0,
+        head_bias=False, tie_embeddings=True,
+    )  # fmt: skip
+    rg = {"rglru": {"d_rnn": 8, "num_heads": 2, "reset_rule": "recurrent_gemma"},
+          "local_attention": {"num_heads": 2, "window": 3, "out_bias": True}}  # fmt: skip
+    pattern = ["rglru", "local_attention"]
+    model = random_model(pattern, 8, 2, 11, mixer_kwargs=rg, **gemma)
+    again, info = load_hf(save_hf(model, tmp_path / "ok"))
+    assert info["config"]["block_types"] == ["recurrent", "attention"]
+    assert_same_model(model, again)
+    paper = {**rg, "rglru": {"d_rnn": 8, "num_heads": 2}}
+    with pytest.raises(ValueError, match="reset_rule='recurrent_gemma'"):
+        save_hf(random_model(pattern, 8, 2, 11, mixer_kwargs=paper, **gemma), tmp_path)
+    with pytest.raises(ValueError, match="norm_offset=1"):
+        save_hf(random_model(pattern, 8, 2, 11, mixer_kwargs=rg,
+                             **{**gemma, "norm_offset": 0.0}), tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="scales the embeddings by 2.828125"):
+        save_hf(random_model(pattern, 8, 2, 11, mixer_kwargs=rg,
+                             **{**gemma, "embed_scale": 8**0.5}), tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="one mixer of"):
+        save_hf(random_model(["rglru", "mamba"], 8, 2, 11, **gemma), tmp_path)
+    with pytest.raises(ValueError, match="norm_offset=0"):
+        save_hf(random_model("mamba", 8, 1, 11, mlp_ratio=0, vocab_size=11,
+                             norm_offset=1.0), tmp_path)  # fmt: skip

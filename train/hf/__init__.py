@@ -52,7 +52,7 @@ from typing import Any
 import layers
 from layers._mlstm_large import MLSTMLarge
 
-from . import _mamba, _mamba2, _xlstm
+from . import _mamba, _mamba2, _recurrent_gemma, _xlstm
 from ._io import (
     TOKENIZER_FILE,
     HFError as HFError,
@@ -62,10 +62,16 @@ from ._io import (
     write_dir,
 )
 
-_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2, _xlstm)}
+_MODULES = {m.MODEL_TYPE: m for m in (_mamba, _mamba2, _xlstm, _recurrent_gemma)}
 _MODULES[_mamba.FALCON_TYPE] = _mamba
 MODEL_TYPES: tuple[str, ...] = tuple(_MODULES)
-_BY_MIXER = {layers.Mamba: _mamba, layers.Mamba2: _mamba2, MLSTMLarge: _xlstm}
+_BY_MIXER = {
+    layers.Mamba: _mamba,
+    layers.Mamba2: _mamba2,
+    MLSTMLarge: _xlstm,
+    layers.RGLRU: _recurrent_gemma,
+    layers.LocalAttention: _recurrent_gemma,
+}
 
 
 def _module(config: dict[str, Any], path: Path):
@@ -165,19 +171,41 @@ def _check_savable(model):
     if model.pooling is not None:
         raise ValueError(f"save_hf: a causal LM has no pooling, got {model.pooling!r}")
     kinds = {type(b.mixer) for b in model.blocks}
-    if len(kinds) != 1 or next(iter(kinds)) not in _BY_MIXER:
+    modules = {_BY_MIXER.get(k) for k in kinds}
+    # one mixer per model type, except RecurrentGemma's hybrid of RGLRU and attention
+    if (
+        len(modules) != 1
+        or None in modules
+        or (len(kinds) > 1 and modules != {_recurrent_gemma})
+    ):
         names = sorted(k.__name__ for k in kinds)
         raise ValueError(
             f"save_hf: every block must hold one mixer of "
-            f"{[k.__name__ for k in _BY_MIXER]}, got {names}"
+            f"{[k.__name__ for k in _BY_MIXER]} (or, for recurrent_gemma, RGLRU and "
+            f"LocalAttention), got {names}"
         )
     if len({getattr(b.mixer, "bcdt_norm_eps", None) for b in model.blocks}) != 1:
         raise ValueError("save_hf: the blocks' Mamba mixers differ in bcdt_norm_eps")
-    module = _BY_MIXER[next(iter(kinds))]
-    if module is not _xlstm and any(b.mlp is not None for b in model.blocks):
+    module = next(iter(modules))
+    gemma = module is _recurrent_gemma
+    if module not in (_xlstm, _recurrent_gemma) and any(
+        b.mlp is not None for b in model.blocks
+    ):
         raise ValueError("save_hf: the Hugging Face Mamba models have no MLP (mlp_ratio=0)")
-    if module is not _xlstm and model.logit_soft_cap is not None:
+    if module not in (_xlstm, _recurrent_gemma) and model.logit_soft_cap is not None:
         raise ValueError("save_hf: the Hugging Face Mamba models have no logit soft cap")
+    if not gemma and (model.embed_scale is not None or model.norm_offset != 0):
+        raise ValueError(
+            f"save_hf: {module.MODEL_TYPE} has no embedding scale and norms scaled by "
+            f"weight alone (embed_scale=None, norm_offset=0), got "
+            f"{model.embed_scale}, {model.norm_offset}"
+        )
+    if not gemma and any(
+        b.mlp is not None and b.mlp.gate.bias is not None for b in model.blocks
+    ):
+        raise ValueError(
+            f"save_hf: {module.MODEL_TYPE}'s MLP has no biases (mlp_bias=False)"
+        )
     if model.head is not None:
         if model.head.bias is not None and np.any(np.asarray(model.head.bias) != 0):
             raise ValueError(
