@@ -77,8 +77,16 @@ from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from . import _cpu_kernel
 from ._autodiff import fast_vjp
+from ._checks import (
+    check_array,
+    check_chunk_size,
+    check_method,
+    check_resets,
+    check_shape,
+    compute_dtype,
+)
 from ._cpu_kernel import chain, matmul
-from ._gla import _check_resets, _heads_first
+from ._gla import _heads_first
 
 _METHODS = ("chunked", "recurrent")
 # Chunks are taken in groups of about this many steps (see `_group`): a scan step's
@@ -90,29 +98,15 @@ _GROUP_STEPS = 256
 # Validation.
 
 
-def _check_array(name, x):
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"`{name}` must be a JAX or NumPy array, got {type(x).__name__}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"`{name}` must have a floating dtype, got {x.dtype} (shape "
-            f"{tuple(x.shape)}); cast it explicitly, e.g. `{name}.astype(jnp.float32)`."
-        )
-
-
 def _check_shape(name, x, expected, names):
-    if tuple(x.shape) != tuple(expected):
-        raise ValueError(
-            f"`{name}` must have shape ({', '.join(names)}) = {tuple(expected)}, got "
-            f"{tuple(x.shape)}."
-        )
+    check_shape(name, x, expected, f"({', '.join(names)})")
 
 
 def _validate(q, k, v, beta, log_decay, h0, *, step):
     """Check every argument; returns ``(H, d_k, d_v)`` and the compute/output dtypes."""
     lead_names = () if step else ("T",)
     for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
-        _check_array(name, x)
+        check_array(name, x)
     rank = 2 if step else 3
     if q.ndim != rank:
         names = ", ".join((*lead_names, "H", "d_k"))
@@ -132,16 +126,15 @@ def _validate(q, k, v, beta, log_decay, h0, *, step):
     _check_shape("beta", beta, (*lead, H), (*lead_names, "H"))
     dtypes = [q.dtype, k.dtype, v.dtype, beta.dtype]
     if log_decay is not None:
-        _check_array("log_decay", log_decay)
+        check_array("log_decay", log_decay)
         _check_shape("log_decay", log_decay, (*lead, H), (*lead_names, "H"))
         dtypes.append(log_decay.dtype)
     state = "state" if step else "h0"
     if h0 is not None:
-        _check_array(state, h0)
+        check_array(state, h0)
         _check_shape(state, h0, (H, dk, dv), ("H", "d_k", "d_v"))
         dtypes.append(h0.dtype)
-    wide = any(np.dtype(d) == np.dtype(np.float64) for d in dtypes)
-    compute = np.dtype(np.float64 if wide else np.float32)
+    compute = compute_dtype(*dtypes)
     same = q.dtype == k.dtype == v.dtype
     out = np.dtype(q.dtype) if same else compute
     return (H, dk, dv), compute, out
@@ -608,16 +601,12 @@ def delta_rule(
     """
     q, k, v, beta = (x if hasattr(x, "shape") else jnp.asarray(x) for x in (q, k, v, beta))
     (H, dk, dv), compute, out = _validate(q, k, v, beta, log_decay, h0, step=False)
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    check_method(method, _METHODS)
+    check_chunk_size(chunk_size)
     if chunk_size is None:
         chunk_size = 32 if jax.default_backend() == "cpu" else 64
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
     T = q.shape[0]
-    resets = _check_resets(resets, T)
+    resets = check_resets(resets, T)
     h0 = jnp.zeros((H, dk, dv), compute) if h0 is None else h0.astype(compute)
     if T == 0:
         return jnp.zeros((0, H, dv), out), h0

@@ -48,12 +48,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from . import _cpu_kernel
 from ._autodiff import fast_vjp
+from ._checks import (
+    as_array,
+    check_array,
+    check_chunk_size,
+    check_method,
+    check_resets,
+    check_shape,
+    compute_dtype,
+)
 from ._cpu_kernel import matmul, per_key_tree
 from ._scan import linear_scan
 
@@ -67,74 +75,14 @@ _GROUP_STEPS = 256
 # --------------------------------------------------------------------------- checks
 
 
-def _compute_dtype(*dtypes) -> np.dtype:
-    wide = any(np.dtype(d) == np.dtype("float64") for d in dtypes)
-    return np.dtype("float64" if wide else "float32")
-
-
-def _check_array(name, x, ndims, expected):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(
-            f"`{name}` must be a JAX or NumPy array of shape {expected}, got "
-            f"{type(x).__name__}."
-        )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"`{name}` must have a floating dtype, got {x.dtype} (shape "
-            f"{tuple(x.shape)}); cast it explicitly, e.g. `{name}.astype(jnp.float32)`."
-        )
-    if x.ndim not in ndims:
-        raise ValueError(
-            f"`{name}` must have shape {expected}, got {tuple(x.shape)}; the operator "
-            "works on one example with time on axis 0 (use `jax.vmap` for a batch)."
-        )
-
-
-def _check_shape(name, x, shape, expected):
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(
-            f"`{name}` must have shape {expected} = {tuple(shape)}, got {tuple(x.shape)}."
-        )
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
-
-
-def _check_resets(resets, T):
-    """`resets` as a boolean `(T,)` array (or `None`), else a clear error."""
-    if resets is None:
-        return None
-    if not hasattr(resets, "shape") or not hasattr(resets, "dtype"):
-        raise TypeError(
-            f"`resets` must be a boolean JAX or NumPy array of shape ({T},) (true at the "
-            f"first step of each packed document), got {type(resets).__name__}."
-        )
-    if resets.dtype != jnp.bool_:
-        raise TypeError(
-            f"`resets` must have dtype bool, got {resets.dtype} (shape "
-            f"{tuple(resets.shape)}); expected a boolean array of shape ({T},), true at "
-            "the first step of each packed document."
-        )
-    if tuple(resets.shape) != (T,):
-        raise ValueError(
-            f"`resets` must have shape (T,) = ({T},) (one flag per time step), got "
-            f"{tuple(resets.shape)}."
-        )
-    return jnp.asarray(resets)
-
-
 def _check_qkv(q, k, v):
-    _check_array("q", q, (3,), "(T, H, d_k)")
+    check_array("q", q, ndims=(3,), expected="(T, H, d_k)")
     T, H, dk = q.shape
     if T < 1:
         raise ValueError(f"`q` must have at least one time step, got shape {q.shape}.")
-    _check_array("k", k, (3,), f"(T, H, d_k) = ({T}, {H}, {dk})")
-    _check_shape("k", k, q.shape, "(T, H, d_k), the shape of `q`")
-    _check_array("v", v, (3,), f"(T, H, d_v) = ({T}, {H}, d_v)")
+    check_array("k", k, ndims=(3,), expected=f"(T, H, d_k) = ({T}, {H}, {dk})")
+    check_shape("k", k, q.shape, "(T, H, d_k), the shape of `q`")
+    check_array("v", v, ndims=(3,), expected=f"(T, H, d_v) = ({T}, {H}, d_v)")
     if tuple(v.shape[:2]) != (T, H):
         raise ValueError(
             f"`v` must have shape (T, H, d_v) = ({T}, {H}, d_v) to match `q` of shape "
@@ -687,7 +635,9 @@ def _normalise(q, k, v, log_decay, h0, what):
     if log_decay is None:
         g = jnp.zeros((T, H, 1), q.dtype)
     else:
-        _check_array("log_decay", log_decay, (2, 3), f"({T}, {H}) or ({T}, {H}, {dk})")
+        check_array(
+            "log_decay", log_decay, ndims=(2, 3), expected=f"({T}, {H}) or ({T}, {H}, {dk})"
+        )
         if tuple(log_decay.shape) not in ((T, H), (T, H, dk)):
             raise ValueError(
                 f"`log_decay` must have shape (T, H) = ({T}, {H}) (one decay per head) "
@@ -697,11 +647,11 @@ def _normalise(q, k, v, log_decay, h0, what):
         g = log_decay if log_decay.ndim == 3 else log_decay[..., None]
         dtypes.append(g.dtype)
     if h0 is not None:
-        h0 = jnp.asarray(h0) if not hasattr(h0, "shape") else h0
-        _check_array("h0", h0, (3,), f"(H, d_k, d_v) = ({H}, {dk}, {dv})")
-        _check_shape("h0", h0, (H, dk, dv), f"(H, d_k, d_v) for {what}")
+        h0 = as_array(h0)
+        check_array("h0", h0, ndims=(3,), expected=f"(H, d_k, d_v) = ({H}, {dk}, {dv})")
+        check_shape("h0", h0, (H, dk, dv), f"(H, d_k, d_v) for {what}")
         dtypes.append(h0.dtype)
-    dtype = _compute_dtype(*dtypes)
+    dtype = compute_dtype(*dtypes)
     h0 = jnp.zeros((H, dk, dv), dtype) if h0 is None else h0.astype(dtype)
     cast = [x.astype(dtype) for x in (q, k, v, g)]
     return (*cast, h0)
@@ -710,15 +660,14 @@ def _normalise(q, k, v, log_decay, h0, what):
 def _resolve_chunk(chunk_size):
     """`chunk_size`, `None` meaning 64, or 32 on the CPU backend (measured faster
     there for per-key decays and no slower otherwise; see the README)."""
+    check_chunk_size(chunk_size)
     if chunk_size is None:
         return 32 if jax.default_backend() == "cpu" else 64
-    _check_int("chunk_size", chunk_size)
     return chunk_size
 
 
 def _chunk_length(T, per_key, chunk_size):
     """The chunk length used for `T` steps: `chunk_size`, or less for short inputs."""
-    _check_int("chunk_size", chunk_size)
     if T >= chunk_size:
         return chunk_size
     if not per_key:
@@ -731,10 +680,8 @@ def _chunk_length(T, per_key, chunk_size):
 
 def _gla(q, k, v, g, h0, chunk_size, method, resets=None):
     """The operator on normalised inputs (compute dtype); outputs in compute dtype."""
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    check_method(method, _METHODS)
     if method == "recurrent":
-        _check_int("chunk_size", chunk_size)
         return _recurrent(q, k, v, g, h0, resets)
     C = _chunk_length(q.shape[0], g.shape[-1] != 1, chunk_size)
     return _gla_chunked(q, k, v, g, h0, None, C, resets=resets)
@@ -811,7 +758,7 @@ def gated_linear_attention(
     ```
     """
     q32, k32, v32, g, h0 = _normalise(q, k, v, log_decay, h0, "`q` and `v`")
-    resets = _check_resets(resets, q.shape[0])
+    resets = check_resets(resets, q.shape[0])
     o, state = _gla(q32, k32, v32, g, h0, _resolve_chunk(chunk_size), method, resets)
     return o.astype(q.dtype), state
 
@@ -856,8 +803,8 @@ class MLSTMState(NamedTuple):
 def _mlstm_inputs(q, k, v, log_forget, log_input, h0):
     T, H, dk, dv = _check_qkv(q, k, v)
     for name, x in (("log_forget", log_forget), ("log_input", log_input)):
-        _check_array(name, x, (2,), f"(T, H) = ({T}, {H})")
-        _check_shape(name, x, (T, H), "(T, H), one gate per head and step")
+        check_array(name, x, ndims=(2,), expected=f"(T, H) = ({T}, {H})")
+        check_shape(name, x, (T, H), "(T, H), one gate per head and step")
     dtypes = [q.dtype, log_forget.dtype, log_input.dtype]
     if h0 is not None:
         if not isinstance(h0, tuple) or len(h0) != 3:
@@ -870,10 +817,10 @@ def _mlstm_inputs(q, k, v, log_forget, log_input, h0):
             ("h0.n", h0.n, (H, dk)),
             ("h0.m", h0.m, (H,)),
         ):
-            _check_array(name, x, (len(shape),), str(shape))
-            _check_shape(name, x, shape, "the state of these `q` and `v`")
+            check_array(name, x, ndims=(len(shape),), expected=str(shape))
+            check_shape(name, x, shape, "the state of these `q` and `v`")
             dtypes.append(x.dtype)
-    dtype = _compute_dtype(*dtypes)
+    dtype = compute_dtype(*dtypes)
     if h0 is None:
         h0 = MLSTMState(
             jnp.zeros((H, dk, dv), dtype), jnp.zeros((H, dk), dtype), jnp.zeros((H,), dtype)
@@ -1001,10 +948,9 @@ def mlstm(
     **Returns:** `(h, state)`: `h` of shape `(T, H, d_v)` in the dtype of `q`, and the
     final `MLSTMState` (float32 or wider).
     """
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    check_method(method, _METHODS)
     q32, k32, v32, log_f, log_i, h0 = _mlstm_inputs(q, k, v, log_forget, log_input, h0)
-    resets = _check_resets(resets, q.shape[0])
+    resets = check_resets(resets, q.shape[0])
     if method == "recurrent":
         if resets is None:
 

@@ -9,64 +9,25 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Inexact, Shaped
 
 from . import _kernels
+from ._checks import (
+    as_array,
+    check_array,
+    check_chunk_size,
+    check_method,
+    check_resets,
+    state_dtype,
+)
 from ._primitive import linear_recurrence
 
 Method = Literal["auto", "sequential", "associative", "chunked"]
 _METHODS = ("auto", "sequential", "associative", "chunked")
 
 
-def _state_dtype(*dtypes) -> np.dtype:
-    """float32/complex64 at least; 64-bit if any input is 64-bit; complex if any is."""
-    dtypes = [np.dtype(d) for d in dtypes]
-    is_complex = any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes)
-    wide = any(d in (np.dtype("float64"), np.dtype("complex128")) for d in dtypes)
-    if is_complex:
-        return np.dtype("complex128" if wide else "complex64")
-    return np.dtype("float64" if wide else "float32")
-
-
-def _check_inexact(name, x):
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"`{name}` must be a JAX or NumPy array, got {type(x).__name__}.")
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise TypeError(
-            f"`{name}` must have a floating or complex dtype, got {x.dtype} "
-            f"(shape {tuple(x.shape)}); cast it explicitly, e.g. "
-            f"`{name}.astype(jnp.float32)`."
-        )
-
-
-def _check_method(method, chunk_size):
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-            raise TypeError(
-                f"`chunk_size` must be a positive int or None, got {chunk_size!r}."
-            )
-        if chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
-
-
 def _prepare_resets(resets, T, ndim):
     """Resets as a bool array of shape (T, 1, ..., 1) with ``ndim`` dims."""
+    resets = check_resets(resets, T)
     if resets is None:
         return jnp.zeros((1,) * ndim, bool), False
-    if not hasattr(resets, "dtype"):
-        raise TypeError(
-            f"`resets` must be a boolean array of shape ({T},), got "
-            f"{type(resets).__name__}."
-        )
-    if resets.dtype != jnp.bool_:
-        raise TypeError(
-            f"`resets` must have dtype bool, got {resets.dtype}; expected a boolean "
-            f"array of shape ({T},)."
-        )
-    if tuple(resets.shape) != (T,):
-        raise ValueError(
-            f"`resets` must have shape ({T},) (one flag per time step), got "
-            f"{tuple(resets.shape)}."
-        )
     return jnp.reshape(resets, (T,) + (1,) * (ndim - 1)), True
 
 
@@ -138,12 +99,13 @@ def linear_scan(
             method=method,
             chunk_size=chunk_size,
         )
-    _check_inexact("b", b)
+    check_array("b", b, kind="inexact")
     if b.ndim < 1:
         raise ValueError("`b` must have a leading time axis, shape (T, *S); got a scalar.")
-    a = jnp.asarray(a) if not hasattr(a, "shape") else a
-    _check_inexact("a", a)
-    _check_method(method, chunk_size)
+    a = as_array(a)
+    check_array("a", a, kind="inexact")
+    check_method(method, _METHODS)
+    check_chunk_size(chunk_size)
     T, state_shape = b.shape[0], tuple(b.shape[1:])
     try:
         full = np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
@@ -163,10 +125,10 @@ def linear_scan(
         )
     dtypes = [a.dtype, b.dtype]
     if h0 is not None:
-        h0 = jnp.asarray(h0) if not hasattr(h0, "shape") else h0
-        _check_inexact("h0", h0)
+        h0 = as_array(h0)
+        check_array("h0", h0, kind="inexact")
         dtypes.append(h0.dtype)
-    dtype = _state_dtype(*dtypes)
+    dtype = state_dtype(*dtypes)
     if h0 is None:
         h0 = jnp.zeros(state_shape, dtype)
     else:
@@ -240,10 +202,11 @@ def matrix_scan(
             method=method,
             chunk_size=chunk_size,
         )
-    _check_inexact("b", b)
-    A = jnp.asarray(A) if not hasattr(A, "shape") else A
-    _check_inexact("A", A)
-    _check_method(method, chunk_size)
+    check_array("b", b, kind="inexact")
+    A = as_array(A)
+    check_array("A", A, kind="inexact")
+    check_method(method, _METHODS)
+    check_chunk_size(chunk_size)
     if b.ndim not in (2, 3):
         raise ValueError(f"`b` must have shape (T, N) or (T, N, M), got {tuple(b.shape)}.")
     T, N = b.shape[0], b.shape[1]
@@ -263,15 +226,15 @@ def matrix_scan(
     state_shape = tuple(b3.shape[1:])
     dtypes = [A.dtype, b.dtype]
     if h0 is not None:
-        h0 = jnp.asarray(h0) if not hasattr(h0, "shape") else h0
-        _check_inexact("h0", h0)
+        h0 = as_array(h0)
+        check_array("h0", h0, kind="inexact")
         dtypes.append(h0.dtype)
         if tuple(h0.shape) != tuple(b.shape[1:]):
             raise ValueError(
                 f"`h0` must have shape {tuple(b.shape[1:])} (the state shape of `b`), "
                 f"got {tuple(h0.shape)}."
             )
-    dtype = _state_dtype(*dtypes)
+    dtype = state_dtype(*dtypes)
     h0 = (
         jnp.zeros(state_shape, dtype)
         if h0 is None

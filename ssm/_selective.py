@@ -31,11 +31,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Shaped
 
 from ._autodiff import fast_vjp
+from ._checks import check_array, check_chunk_size, check_resets, check_shape, compute_dtype
 
 __all__ = ["selective_scan"]
 
@@ -48,26 +48,9 @@ _UNROLL = 1
 # --------------------------------------------------------------------------- checks
 
 
-def _check_float(name, v):
-    if not hasattr(v, "shape") or not hasattr(v, "dtype"):
-        raise TypeError(f"`{name}` must be a JAX or NumPy array, got {type(v).__name__}.")
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-        raise TypeError(
-            f"`{name}` must have a real floating dtype, got {v.dtype} (shape "
-            f"{tuple(v.shape)}); cast it explicitly, e.g. `{name}.astype(jnp.float32)`."
-        )
-
-
-def _check_shape(name, v, shape, expected):
-    if tuple(v.shape) != tuple(shape):
-        raise ValueError(
-            f"`{name}` must have shape {expected} = {tuple(shape)}, got {tuple(v.shape)}."
-        )
-
-
 def _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size):
     for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        _check_float(name, v)
+        check_array(name, v, kind="real")
     if x.ndim != 2:
         raise ValueError(
             f"`x` must have shape (T, d_inner), got {tuple(x.shape)}; selective_scan "
@@ -76,7 +59,7 @@ def _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size):
     T, d_inner = x.shape
     if T < 1:
         raise ValueError(f"`x` must have at least one time step, got shape {x.shape}.")
-    _check_shape("dt", dt, (T, d_inner), "(T, d_inner)")
+    check_shape("dt", dt, (T, d_inner), "(T, d_inner)")
     if A.ndim != 2 or A.shape[0] != d_inner:
         raise ValueError(
             f"`A` must have shape (d_inner, d_state) = ({d_inner}, d_state), got "
@@ -84,7 +67,7 @@ def _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size):
         )
     N = A.shape[1]
     if B.ndim == 2:
-        _check_shape("B", B, (T, N), "(T, d_state)")
+        check_shape("B", B, (T, N), "(T, d_state)")
     elif B.ndim == 3:
         if B.shape[0] != T or B.shape[2] != N or B.shape[1] < 1:
             raise ValueError(
@@ -106,26 +89,16 @@ def _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size):
             f"`C` must have the shape of `B`, {tuple(B.shape)}, got {tuple(C.shape)}."
         )
     if D is not None:
-        _check_float("D", D)
-        _check_shape("D", D, (d_inner,), "(d_inner,)")
+        check_array("D", D, kind="real")
+        check_shape("D", D, (d_inner,), "(d_inner,)")
     if z is not None:
-        _check_float("z", z)
-        _check_shape("z", z, (T, d_inner), "(T, d_inner)")
+        check_array("z", z, kind="real")
+        check_shape("z", z, (T, d_inner), "(T, d_inner)")
     if h0 is not None:
-        _check_float("h0", h0)
-        _check_shape("h0", h0, (d_inner, N), "(d_inner, d_state)")
-    if resets is not None:
-        if not hasattr(resets, "dtype") or resets.dtype != jnp.bool_:
-            raise TypeError(
-                "`resets` must be a boolean array of shape (T,), got "
-                f"{getattr(resets, 'dtype', type(resets).__name__)}."
-            )
-        _check_shape("resets", resets, (T,), "(T,)")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-            raise TypeError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
-        if chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be at least 1, got {chunk_size}.")
+        check_array("h0", h0, kind="real")
+        check_shape("h0", h0, (d_inner, N), "(d_inner, d_state)")
+    check_resets(resets, T)
+    check_chunk_size(chunk_size)
 
 
 def _chunk_length(T: int, chunk_size: int | None) -> int:
@@ -361,8 +334,7 @@ def selective_scan(
     N = A.shape[1]
     G = B.shape[1] if B.ndim == 3 else 1
     floats = [v for v in (x, dt, A, B, C, D, z, h0) if v is not None]
-    wide = any(v.dtype == jnp.float64 for v in floats)
-    cdt = jnp.float64 if wide else jnp.float32
+    cdt = compute_dtype(*(v.dtype for v in floats))
 
     def cast(v, shape):
         return None if v is None else jnp.reshape(jnp.asarray(v).astype(cdt), shape)

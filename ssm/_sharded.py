@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
 
+from ._checks import state_dtype as _state_dtype
 from ._primitive import _varying_axes
-from ._scan import _state_dtype, linear_scan, matrix_scan
+from ._scan import linear_scan, matrix_scan
 
 
 def _first(x, reverse):
