@@ -414,27 +414,17 @@ def test_live_against_transformers(tmp_path):
 # ------------------------------------------------------------------------ the CLI
 
 
-def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, capsys):
-    """`init_from: hf:PATH` takes the model section and the tokenizer from the
-    checkpoint, starts from its exact function (on the tokenizer's vocabulary, a
-    prefix of the checkpoint's), trains, generates, and exports back."""
-    import yaml
-
-    from train import cli, config as config_lib, data
-    from train.finetune import load_matching
-    from train.hf.__main__ import main as hf_main
-    from train.trainer import build_model
-
-    src = _copy(tmp_path, "mamba_tied")  # with a 33-token tokenizer.json
+def _lm_config(tmp_path, src):
+    """A tiny language-modelling fine-tune of `src` on a short corpus (its tokenizer:
+    the checkpoint's `tokenizer.json`), 2 steps, checkpointed at the end."""
     (tmp_path / "corpus.txt").write_text(
         "the quick brown fox jumps over the lazy dog.\n" * 9
     )
-    monkeypatch.chdir(tmp_path)
-    raw = {
+    return {
         "init_from": f"hf:{src}",
         "task": {
             "name": "lm",
-            "paths": ["corpus.txt"],
+            "paths": [str(tmp_path / "corpus.txt")],
             "documents": "none",
             "seq_len": 15,
             "cache_dir": str(tmp_path / "cache"),
@@ -450,6 +440,20 @@ def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, cap
         },
         "logging": {"plot": False},
     }
+
+
+def test_init_from_hf_takes_the_model_and_the_tokenizer(tmp_path):
+    """`init_from: hf:PATH` takes the model section and the tokenizer from the
+    checkpoint and starts from its exact function (on the tokenizer's vocabulary, a
+    prefix of the checkpoint's); the next test trains one through the CLI."""
+    import yaml
+
+    from train import config as config_lib, data
+    from train.finetune import load_matching
+    from train.trainer import build_model
+
+    src = _copy(tmp_path, "mamba_tied")  # with a 33-token tokenizer.json
+    raw = _lm_config(tmp_path, src)
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     config = config_lib.load(cfg, [])
@@ -469,6 +473,8 @@ def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, cap
     assert config.train.freeze == ["head.bias"]
     with pytest.raises(config_lib.ConfigError, match="model.d_model: 32 differs"):
         config_lib.load(cfg, ["model.d_model=32"])
+    with pytest.raises(config_lib.ConfigError, match="model.hf_config: needs init_from"):
+        config_lib.parse({"model": {"hf_config": config.model.hf_config}})
 
     # the trainer's model starts as the checkpoint's function on the tokenizer's 33
     # tokens: its parameters are the checkpoint's (the tied head is the embedding, the
@@ -490,20 +496,89 @@ def test_finetune_export_and_generate_through_the_cli(tmp_path, monkeypatch, cap
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
     assert static.blocks[0].norm1.eps == hf.blocks[0].norm1.eps == static.norm.eps
 
-    with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
-        cli.train_main([str(cfg), "--run-dir", str(tmp_path / "run")])
-        cli.generate_main(
-            [str(tmp_path / "run"), "--prompt", "the ", "--max-new-tokens", "4"]
-        )
-        hf_main(["export", str(tmp_path / "run"), str(tmp_path / "out")])
-    out = capsys.readouterr().out
-    assert "loaded 21 parameters" in out and "\nthe " in out
-    exported, info = load_hf(tmp_path / "out")
-    assert info["tokenizer"] == str(tmp_path / "out" / "tokenizer.json")
+    assert len(report["loaded"]) == 21
+    # the trainer's untied head (its bias frozen at zero) exports as an lm_head
+    exported, _ = load_hf(save_hf(eqx.combine(params, static), tmp_path / "out"))
     assert exported.head is not None and exported.head.weight.shape == (33, 16)
-    trained = cli._load_run(tmp_path / "run", "latest")[2]
-    np.testing.assert_array_equal(exported.head.weight, trained.head.weight)
-    assert not np.array_equal(exported.head.weight, params.head.weight)  # it trained
+    np.testing.assert_array_equal(exported.head.weight, params.head.weight)
+
+
+def test_finetune_xlstm_resume_and_generate_through_the_cli(tmp_path, capsys):
+    """A model the model section cannot express (xLSTM 7B: `MLSTMLarge`, a SwiGLU MLP,
+    norm epsilon 1e-6, soft-capped logits) is built from the checkpoint's
+    `config.json`, kept as `model.hf_config`: it starts as the checkpoint's function,
+    fine-tunes, and resumes, generates and exports without the checkpoint's
+    directory."""
+    import yaml
+
+    from train import cli, config as config_lib
+    from train.hf.__main__ import main as hf_main
+
+    src = _copy(tmp_path, "xlstm_single")
+    shutil.copyfile(FIXTURES / "mamba_tied" / "tokenizer.json", src / "tokenizer.json")
+    raw = _lm_config(tmp_path, src)
+    raw["model"] = {"d_model": 16, "mixer_kwargs": {"chunk_size": 4}}  # equal; free
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    config = config_lib.load(cfg, [])
+    assert config.model.hf_config["model_type"] == "xlstm"
+    assert (config.model.mixer, config.model.n_layers) == ("MLSTMLarge", 2)
+    assert config.model.mixer_kwargs["chunk_size"] == 4
+    assert config.model.mixer_kwargs["num_heads"] == 2
+    for key, value in (
+        ("model.mixer", "mlstm"),
+        ("model.mlp_ratio", "4"),
+        ("model.mixer_kwargs.num_heads", "4"),
+    ):
+        with pytest.raises(config_lib.ConfigError, match=f"{key}: .* the checkpoint's"):
+            config_lib.load(cfg, [f"{key}={value}"])
+
+    V = 33  # the tokenizer's vocabulary
+    start = load_hf(src)[0].head.weight[:V]
+
+    run = tmp_path / "run"
+    with jax.numpy_dtype_promotion("standard"):  # optax is not written for strict
+        cli.train_main([str(cfg), "--run-dir", str(run)])
+        shutil.rmtree(src)  # from here on, the run directory is all there is
+        cli.train_main(["--resume", str(run), "train.steps=4"])
+        cli.generate_main([str(run), "--prompt", "the ", "--max-new-tokens", "4"])
+        hf_main(["export", str(run), str(tmp_path / "out"), "--checkpoint", "latest"])
+    assert "\nthe " in capsys.readouterr().out
+    _, _, trained, step = cli._load_run(run, "latest")
+    assert step == 4
+    exported, info = load_hf(tmp_path / "out")  # save_hf is exact (tested above)
+    assert info["model_type"] == "xlstm" and info["tokenizer"] is not None
+    ours, theirs = arrays_of(trained), arrays_of(exported)
+    np.testing.assert_array_equal(ours.pop("head.bias"), np.zeros(V, np.float32))
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    assert not np.array_equal(ours["head.weight"], start)  # it trained
+
+
+@pytest.mark.parametrize("name", ["xlstm_single", "recurrent_gemma"])
+def test_init_from_hf_starts_as_the_checkpoint(name, tmp_path):
+    """The trainer's model of `init_from: hf:PATH`, built from `model.hf_config`, with
+    the checkpoint's parameters is the checkpoint's function on the tokenizer's
+    vocabulary (its logits a prefix of the checkpoint's), also for the models the
+    model section cannot express (xLSTM 7B; RecurrentGemma: a hybrid stack with
+    Gemma's norms and embedding scale); the resolved config reads back the same."""
+    from train import config as config_lib, data
+    from train.finetune import load_matching
+    from train.trainer import build_model
+
+    src = _copy(tmp_path, name)
+    shutil.copyfile(FIXTURES / "mamba_tied" / "tokenizer.json", src / "tokenizer.json")
+    config = config_lib.parse(_lm_config(tmp_path, src))
+    assert config_lib.parse(config_lib.to_dict(config)) == config
+    task = data.build_task(config.task)
+    V = task.vocab_size
+    params, static = eqx.partition(build_model(config, task, jr.key(0)), eqx.is_array)
+    params, report = load_matching(params, f"hf:{src}", report=lambda m: None)
+    assert not report["skipped"] and len(report["reshaped"]) == 3
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 11)), jnp.int32)
+    start = parallel(eqx.combine(params, static), tokens)
+    assert rel_err(start, parallel(load_hf(src)[0], tokens)[..., :V]) <= 1e-6
 
 
 def test_init_from_hf_for_a_new_head_and_a_larger_vocabulary():
