@@ -3,6 +3,8 @@ checked before anything compiles. Runs are a width-8 S5 block for a few steps.""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 
 import jax
@@ -11,6 +13,7 @@ import pytest
 import train
 from train import loop
 from train.checkpoint import Checkpointer
+from train.plot import panel_names, plot_curves
 from train.tracking import MultiTracker
 
 RAW = {
@@ -177,3 +180,29 @@ def test_bad_best_metric_fails_before_anything_compiles(tmp_path, monkeypatch):
     with pytest.raises(train.ConfigError, match=r"train.best_metric: 'bpb'.*'accuracy'"):
         train.run(config(best_metric="bpb"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_interrupt_saves_raises_and_tears_down(tmp_path, fake_tracker, fake_steps):
+    trainer = train.Trainer(config(), tmp_path / "run")
+    # User hooks run after the signal hook, so a signal sent at step 2 is seen at 3.
+    trainer.add_hook(lambda info: os.kill(os.getpid(), signal.SIGINT), every=2)
+    with pytest.raises(train.Interrupted) as caught:
+        trainer.fit()
+    assert caught.value.step == 3 and caught.value.signum == signal.SIGINT
+    assert Checkpointer(tmp_path / "run" / "checkpoints").steps() == [3]
+    assert fake_tracker.last.finished
+
+
+def test_curves_panels(tmp_path):
+    rows = [
+        {"step": 1, "split": "train", "loss": 2.0, "accuracy": 0.1, "grad_norm": 1.0}
+        | {"lr": 1e-3, "examples_per_s": 9.0, "eta_s": 5.0},
+        {"step": 1, "split": "val", "loss": 2.1, "accuracy": 0.2},
+    ]
+    assert panel_names(rows) == ["loss", "accuracy", "lr", "examples_per_s"]
+    lm = [dict(rows[0], tokens_per_s=90.0), dict(rows[1], bits_per_byte=3.0)]
+    assert panel_names(lm) == ["loss", "accuracy", "bits_per_byte", "lr", "tokens_per_s"]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_curves(path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
