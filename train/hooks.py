@@ -11,7 +11,7 @@ A hook that is also a context manager is entered when the loop starts and exited
 when it ends, however it ends. A trainer registers these, in this order, when it is
 built (so the checkpoint of an evaluation step carries its metric, and an interrupt
 saves after everything else of its step): `LogMetrics` and `show_progress` every
-`train.log_every` steps and at the last step, `evaluate` and `plot` every
+`train.log_every` steps and at the last step, `evaluate` and `draw_curves` every
 `train.eval_every` steps, `save_checkpoint` every `train.checkpoint_every` steps and
 `CatchSignals` every step. Hooks added with `Trainer.add_hook` run after them. Once a
 hook calls `Trainer.stop`, the step's remaining hooks are skipped and the loop ends.
@@ -170,7 +170,7 @@ def save_checkpoint(info: StepInfo) -> None:
         info.trainer.save(info.state)
 
 
-def plot(info: StepInfo) -> None:
+def draw_curves(info: StepInfo) -> None:
     """Redraw `curves.png` from `metrics.jsonl`."""
     if not info.last:
         t = info.trainer
@@ -214,7 +214,7 @@ def add_default_hooks(trainer: Trainer) -> None:
     if tc.eval_every:
         trainer.add_hook(evaluate, every=tc.eval_every)
         if trainer.config.logging.plot and trainer.main:
-            trainer.add_hook(plot, every=tc.eval_every)
+            trainer.add_hook(draw_curves, every=tc.eval_every)
     if tc.checkpoint_every:
         trainer.add_hook(save_checkpoint, every=tc.checkpoint_every)
     trainer.add_hook(CatchSignals(), every=1)
