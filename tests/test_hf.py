@@ -700,3 +700,20 @@ def test_save_refuses_what_recurrent_gemma_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="norm_offset=0"):
         save_hf(random_model("mamba", 8, 1, 11, mlp_ratio=0, vocab_size=11,
                              norm_offset=1.0), tmp_path)  # fmt: skip
+
+
+def test_recurrent_gemma_older_config_format(tmp_path):
+    """A `config.json` written by `transformers` 4 (rope options at the top level,
+    `embeddings_scale_by_sqrt_dim`, no `rope_parameters`) is the same model."""
+    d = _copy(tmp_path, "recurrent_gemma_untied")
+    config = json.loads((d / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(
+        rope_theta=rope["rope_theta"],
+        partial_rotary_factor=rope["partial_rotary_factor"],
+        embeddings_scale_by_sqrt_dim=True,
+    )
+    (d / "config.json").write_text(json.dumps(config))
+    model, _ = load_hf(d)
+    assert_same_model(model, load_hf(FIXTURES / "recurrent_gemma_untied")[0])
+    assert model.blocks[1].mixer.rotary_dim == 2 and model.blocks[1].mixer.rope_base == 100
