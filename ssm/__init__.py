@@ -3,12 +3,10 @@
 from ._deer import parallel_scan_nonlinear as parallel_scan_nonlinear
 from ._delta import delta_rule as delta_rule, delta_rule_step as delta_rule_step
 from ._gla import (
-    MLSTMState as MLSTMState,
     gated_linear_attention as gated_linear_attention,
     gated_linear_attention_step as gated_linear_attention_step,
-    mlstm as mlstm,
-    mlstm_step as mlstm_step,
 )
+from ._mlstm import MLSTMState as MLSTMState, mlstm as mlstm, mlstm_step as mlstm_step
 from ._nonlinear import scan as scan
 from ._scan import linear_scan as linear_scan, matrix_scan as matrix_scan
 from ._selective import selective_scan as selective_scan

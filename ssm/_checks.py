@@ -115,3 +115,27 @@ def check_resets(resets, T):
             f"{tuple(resets.shape)}."
         )
     return jnp.asarray(resets)
+
+
+def check_qkv(q, k, v):
+    """`q`, `k` of shape `(T, H, d_k)` and `v` of shape `(T, H, d_v)`, one dtype, `T >=
+    1` (the arguments of gated linear attention and the mLSTM); returns `(T, H, d_k,
+    d_v)`."""
+    check_array("q", q, ndims=(3,), expected="(T, H, d_k)")
+    T, H, dk = q.shape
+    if T < 1:
+        raise ValueError(f"`q` must have at least one time step, got shape {q.shape}.")
+    check_array("k", k, ndims=(3,), expected=f"(T, H, d_k) = ({T}, {H}, {dk})")
+    check_shape("k", k, q.shape, "(T, H, d_k), the shape of `q`")
+    check_array("v", v, ndims=(3,), expected=f"(T, H, d_v) = ({T}, {H}, d_v)")
+    if tuple(v.shape[:2]) != (T, H):
+        raise ValueError(
+            f"`v` must have shape (T, H, d_v) = ({T}, {H}, d_v) to match `q` of shape "
+            f"{tuple(q.shape)}, got {tuple(v.shape)}."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"`q`, `k` and `v` must share a dtype, got {q.dtype}, {k.dtype} and "
+            f"{v.dtype}; cast them explicitly."
+        )
+    return T, H, dk, v.shape[2]

@@ -85,8 +85,8 @@ from ._checks import (
     check_shape,
     compute_dtype,
 )
+from ._chunking import heads_first as _heads_first
 from ._cpu_kernel import chain, matmul
-from ._gla import _heads_first
 
 _METHODS = ("chunked", "recurrent")
 # Chunks are taken in groups of about this many steps (see `_group`): a scan step's

@@ -319,7 +319,7 @@ def test_per_key_tree_matches_dense_float64(dtype, threads, monkeypatch):
     """The kernel's outputs and derivative (to q, k, v and the cumulative log decays
     b) against the dense formula differentiated by JAX in float64; decays down to
     exp(-200) a step, so some weights underflow to zero."""
-    from ssm import _gla
+    from ssm import _gla_intra as _gla
 
     monkeypatch.setattr(
         _cpu_kernel, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
@@ -349,7 +349,7 @@ def test_per_key_tree_matches_dense_float64(dtype, threads, monkeypatch):
 def test_per_key_tree_dispatch():
     """Under `vmap` the kernel takes the batch as more chunks; chunks that are not a
     power of two, and any lowering for a GPU, use the tree in XLA ops."""
-    from ssm import _gla
+    from ssm import _gla_intra as _gla
 
     rng = np.random.default_rng(1)
     x = [rng.standard_normal((3, 2, 8, d)) for d in (5, 5, 6)]
