@@ -8,9 +8,10 @@ from ._gla import (
 )
 from ._mlstm import MLSTMState as MLSTMState, mlstm as mlstm, mlstm_step as mlstm_step
 from ._nonlinear import scan as scan
-from ._scan import linear_scan as linear_scan, matrix_scan as matrix_scan
 from ._selective import selective_scan as selective_scan
 from ._sharded import (
+    linear_scan as linear_scan,
+    matrix_scan as matrix_scan,
     sharded_linear_scan as sharded_linear_scan,
     sharded_matrix_scan as sharded_matrix_scan,
 )

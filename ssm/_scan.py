@@ -1,4 +1,10 @@
-"""Public linear scans: ``linear_scan`` (diagonal) and ``matrix_scan``."""
+"""The linear scans on one device: argument checks, then the ``linear_recurrence``
+primitive (``_primitive.py``) with the method resolved (``_kernels.auto_method``).
+
+``ssm.linear_scan`` and ``ssm.matrix_scan`` are these functions behind a thin wrapper in
+``_sharded.py`` that adds ``mesh_axis`` (time-sharded scans); this module does not import
+that one, so the scans built on these (GLA, DEER, ``ssm.scan``) and the sharded scans
+depend on them without a cycle."""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Inexact, Shaped
 
 from . import _kernels
 from ._checks import (
@@ -36,69 +41,10 @@ def _resolve(method, T, matrix):
 
 
 def linear_scan(
-    a: Shaped[ArrayLike, "..."],
-    b: Shaped[Array, "T *S"],
-    h0: Shaped[ArrayLike, "..."] | None = None,
-    *,
-    reverse: bool = False,
-    resets: Shaped[ArrayLike, "..."] | None = None,
-    method: str = "auto",
-    chunk_size: int | None = None,
-    mesh_axis: str | None = None,
-) -> Inexact[Array, "T *S"]:
-    """Diagonal linear recurrence ``h[t] = a[t] * h[t-1] + b[t]``.
-
-    **Arguments:**
-
-    - `a`: the decays. Broadcasts against `b` by NumPy rules, so a scalar decay per
-      step over a matrix state is `(T, 1, 1)`, a key-wise one `(T, N, 1)`, and a
-      time-invariant one `(1, *S)` or `S` (never materialised over time).
-    - `b`: the inputs, shape `(T, *S)`.
-    - `h0`: the state before the first step, broadcastable to `S`; zeros if `None`.
-    - `reverse`: run from the end, `h[t] = a[t] * h[t+1] + b[t]`.
-    - `resets`: boolean `(T,)`; where true the state restarts before step `t`
-      (`h[t] = b[t]`), for packed sequences.
-    - `method`: `"sequential"`, `"associative"` (O(log T) depth), `"chunked"` or
-      `"auto"` (chosen per backend and size, see the README's benchmark tables).
-      All give the same values and share one derivative rule.
-    - `chunk_size`: the chunk length of the chunked method (default about
-      `sqrt(T)`, a divisor of `T` when one is near).
-    - `mesh_axis`: the name of a mesh axis over which the time axis is split
-      (sequence parallelism): each device scans its shard and the devices exchange
-      only per-shard summaries (see `ssm.sharded_linear_scan`). The mesh comes from
-      `jax.set_mesh` or the inputs' shardings; `T` must be a multiple of the axis
-      size. Inside a `shard_map` over that axis the inputs are taken as the shards.
-
-    **Returns:**
-
-    The states `h`, shape `(T, *S)`, in float32/complex64 (float64/complex128 if
-    any input is 64-bit): bfloat16 and float16 inputs accumulate in float32.
-
-    The backward pass is the reverse linear scan of the adjoints,
-    `g[t] = dL/dh[t] + a[t+1] g[t+1]`, `da[t] = g[t] h[t-1]`, `db[t] = g[t]`
-    (JAX's transpose convention for complex numbers), run with the same method;
-    it keeps only `a` and the states. `jit`, `vmap`, `grad`, `jvp` and
-    higher-order derivatives all compose.
-
-    ```python
-    h = ssm.linear_scan(jnp.full((T, D), 0.9), x)        # leaky integrator
-    h = ssm.linear_scan(decay[:, None, None], k[:, :, None] * v[:, None, :])
-    ```
-    """
-    if mesh_axis is not None:
-        from ._sharded import on_mesh
-
-        return on_mesh(
-            "linear",
-            a,
-            b,
-            h0,
-            mesh_axis=mesh_axis,
-            reverse=reverse,
-            resets=resets,
-            method=method,
-            chunk_size=chunk_size,
-        )
+    a, b, h0=None, *, reverse=False, resets=None, method="auto", chunk_size=None
+):
+    """The diagonal linear recurrence on one device: `ssm.linear_scan` without
+    `mesh_axis` (which `ssm._sharded` adds), for the operators built on it."""
     check_array("b", b, kind="inexact")
     if b.ndim < 1:
         raise ValueError("`b` must have a leading time axis, shape (T, *S); got a scalar.")
@@ -159,49 +105,10 @@ def linear_scan(
 
 
 def matrix_scan(
-    A: Shaped[ArrayLike, "..."],
-    b: Shaped[Array, "..."],
-    h0: Shaped[ArrayLike, "..."] | None = None,
-    *,
-    reverse: bool = False,
-    resets: Shaped[ArrayLike, "..."] | None = None,
-    method: str = "auto",
-    chunk_size: int | None = None,
-    mesh_axis: str | None = None,
-) -> Inexact[Array, "T N *M"]:
-    """Matrix linear recurrence ``h[t] = A[t] @ h[t-1] + b[t]``.
-
-    **Arguments:**
-
-    - `A`: the transitions, shape `(T, N, N)` (or `(1, N, N)` / `(N, N)` for a
-      time-invariant transition, never materialised over time).
-    - `b`: the inputs, shape `(T, N)` (vector state) or `(T, N, M)` (matrix state).
-    - `h0`: the state before the first step, shape `(N,)` or `(N, M)`; zeros if
-      `None`.
-    - `reverse`, `resets`, `method`, `chunk_size`, `mesh_axis`: as for `linear_scan`
-      (time-sharded, the summaries exchanged are the shards' `N x N` products).
-
-    **Returns:**
-
-    The states, shape `(T, N)` or `(T, N, M)`, float32/complex64 or wider.
-
-    The backward pass is the reverse scan `g[t] = dL/dh[t] + A[t+1]^T g[t+1]`,
-    `dA[t] = g[t] h[t-1]^T`, `db[t] = g[t]`.
-    """
-    if mesh_axis is not None:
-        from ._sharded import on_mesh
-
-        return on_mesh(
-            "matrix",
-            A,
-            b,
-            h0,
-            mesh_axis=mesh_axis,
-            reverse=reverse,
-            resets=resets,
-            method=method,
-            chunk_size=chunk_size,
-        )
+    A, b, h0=None, *, reverse=False, resets=None, method="auto", chunk_size=None
+):
+    """The matrix linear recurrence on one device: `ssm.matrix_scan` without
+    `mesh_axis` (which `ssm._sharded` adds), for the operators built on it."""
     check_array("b", b, kind="inexact")
     A = as_array(A)
     check_array("A", A, kind="inexact")

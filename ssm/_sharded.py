@@ -1,4 +1,5 @@
-"""Time-sharded linear scans (sequence parallelism).
+"""Time-sharded linear scans (sequence parallelism), and the public ``linear_scan`` and
+``matrix_scan``: the single-device scans of ``_scan.py`` with ``mesh_axis`` added.
 
 The time axis is split over the devices of one mesh axis, in order. The chunked
 method's two-level idea is applied across devices:
@@ -28,10 +29,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
+from jaxtyping import Array, ArrayLike, Inexact, Shaped
 
-from ._checks import state_dtype as _state_dtype
+from . import _scan
+from ._checks import as_array, state_dtype
 from ._primitive import _varying_axes
-from ._scan import linear_scan, matrix_scan
 
 
 def _first(x, reverse):
@@ -59,7 +61,7 @@ def _vary(x, axis_name):
 def _local_h0(h0, shape, dtype):
     if h0 is None:
         return jnp.zeros(shape, dtype)
-    h0 = jnp.asarray(h0) if not hasattr(h0, "shape") else h0
+    h0 = as_array(h0)
     return jnp.broadcast_to(h0.astype(dtype), shape)
 
 
@@ -92,24 +94,24 @@ def sharded_linear_scan(
         return ssm.sharded_linear_scan(a, b, axis_name="seq")
     ```
     """
-    a = jnp.asarray(a) if not hasattr(a, "shape") else a
-    h0 = jnp.asarray(h0) if h0 is not None and not hasattr(h0, "shape") else h0
+    a = as_array(a)
+    h0 = as_array(h0)
     a, h0 = _vary(a, axis_name), _vary(h0, axis_name)
     kw = dict(reverse=reverse, resets=resets, method=method, chunk_size=chunk_size)
     state_shape = tuple(b.shape[1:])
-    dtype = _state_dtype(a.dtype, b.dtype, *([] if h0 is None else [h0.dtype]))
-    h_local = linear_scan(a, b, jnp.zeros(state_shape, dtype), **kw)
+    dtype = state_dtype(a.dtype, b.dtype, *([] if h0 is None else [h0.dtype]))
+    h_local = _scan.linear_scan(a, b, jnp.zeros(state_shape, dtype), **kw)
     a = jnp.reshape(a, (1,) * (b.ndim - a.ndim) + tuple(a.shape))
     a_shape = tuple(a.shape[1:])
     # Cumulative decay within the shard, in the decays' own shape.
-    a_dtype = _state_dtype(a.dtype)
-    cum = linear_scan(
+    a_dtype = state_dtype(a.dtype)
+    cum = _scan.linear_scan(
         a, jnp.zeros(b.shape[:1] + a_shape, a_dtype), jnp.ones(a_shape, a_dtype), **kw
     )
     decays = lax.all_gather(_first(cum, reverse), axis_name)
     lasts = lax.all_gather(_first(h_local, reverse), axis_name)
     h0 = _local_h0(h0, state_shape, dtype)
-    ends = linear_scan(decays, lasts, h0, reverse=reverse, method="sequential")
+    ends = _scan.linear_scan(decays, lasts, h0, reverse=reverse, method="sequential")
     carry = _carry_in(ends, h0, axis_name, reverse)
     return h_local + cum.astype(dtype) * carry[None]
 
@@ -132,21 +134,21 @@ def sharded_matrix_scan(
     `h0`. The summaries exchanged are each shard's product of transitions
     (`N x N`) and last state.
     """
-    A = jnp.asarray(A) if not hasattr(A, "shape") else A
-    h0 = jnp.asarray(h0) if h0 is not None and not hasattr(h0, "shape") else h0
+    A = as_array(A)
+    h0 = as_array(h0)
     A, h0 = _vary(A, axis_name), _vary(h0, axis_name)
     kw = dict(reverse=reverse, resets=resets, method=method, chunk_size=chunk_size)
-    dtype = _state_dtype(A.dtype, b.dtype, *([] if h0 is None else [h0.dtype]))
-    h_local = matrix_scan(A, b, jnp.zeros(b.shape[1:], dtype), **kw)
+    dtype = state_dtype(A.dtype, b.dtype, *([] if h0 is None else [h0.dtype]))
+    h_local = _scan.matrix_scan(A, b, jnp.zeros(b.shape[1:], dtype), **kw)
     N = b.shape[1]
     # Cumulative product of the transitions within the shard, (T_local, N, N).
-    a_dtype = _state_dtype(A.dtype)
+    a_dtype = state_dtype(A.dtype)
     eye = jnp.eye(N, dtype=a_dtype)
-    cum = matrix_scan(A, jnp.zeros(b.shape[:1] + (N, N), a_dtype), eye, **kw)
+    cum = _scan.matrix_scan(A, jnp.zeros(b.shape[:1] + (N, N), a_dtype), eye, **kw)
     prods = lax.all_gather(_first(cum, reverse), axis_name)
     lasts = lax.all_gather(_first(h_local, reverse), axis_name)
     h0 = _local_h0(h0, tuple(b.shape[1:]), dtype)
-    ends = matrix_scan(prods, lasts, h0, reverse=reverse, method="sequential")
+    ends = _scan.matrix_scan(prods, lasts, h0, reverse=reverse, method="sequential")
     carry = _carry_in(ends, h0, axis_name, reverse)
     spec = "tij,j->ti" if b.ndim == 2 else "tij,jm->tim"
     fix = jnp.einsum(spec, cum.astype(dtype), carry, precision=lax.Precision.HIGHEST)
@@ -212,10 +214,10 @@ def on_mesh(kind, a, b, h0, *, mesh_axis, reverse, resets, method, chunk_size):
     axis split over the devices of mesh axis `mesh_axis`."""
     if not isinstance(mesh_axis, str):
         raise TypeError(f"`mesh_axis` must be a mesh axis name (str), got {mesh_axis!r}.")
-    scan = linear_scan if kind == "linear" else matrix_scan
+    scan = _scan.linear_scan if kind == "linear" else _scan.matrix_scan
     local = sharded_linear_scan if kind == "linear" else sharded_matrix_scan
     kw = dict(reverse=reverse, method=method, chunk_size=chunk_size)
-    a = jnp.asarray(a) if not hasattr(a, "shape") else a
+    a = as_array(a)
     arrays = [x for x in (a, b, h0, resets) if x is not None]
     mesh = _find_mesh(mesh_axis, arrays)
     if _axis_type(mesh, mesh_axis) == AxisType.Manual:
@@ -244,8 +246,7 @@ def on_mesh(kind, a, b, h0, *, mesh_axis, reverse, resets, method, chunk_size):
         a = _check_sharded("a", a, mesh_axis, mesh)
     if resets is not None:
         resets = _check_sharded("resets", resets, mesh_axis, mesh)
-    if h0 is not None:
-        h0 = jnp.asarray(h0) if not hasattr(h0, "shape") else h0
+    h0 = as_array(h0)
     seq, rep = P(mesh_axis), P()
 
     def body(a, b, h0, r):
@@ -268,4 +269,100 @@ def on_mesh(kind, a, b, h0, *, mesh_axis, reverse, resets, method, chunk_size):
     return h
 
 
-__all__ = ["sharded_linear_scan", "sharded_matrix_scan"]
+# ---------------------------------------------------------------------------
+# The public scans: those of `_scan.py` with `mesh_axis` added.
+
+
+def _dispatch(kind, a, b, h0, mesh_axis, **kw):
+    if mesh_axis is None:
+        local = _scan.linear_scan if kind == "linear" else _scan.matrix_scan
+        return local(a, b, h0, **kw)
+    return on_mesh(kind, a, b, h0, mesh_axis=mesh_axis, **kw)
+
+
+def linear_scan(
+    a: Shaped[ArrayLike, "..."],
+    b: Shaped[Array, "T *S"],
+    h0: Shaped[ArrayLike, "..."] | None = None,
+    *,
+    reverse: bool = False,
+    resets: Shaped[ArrayLike, "..."] | None = None,
+    method: str = "auto",
+    chunk_size: int | None = None,
+    mesh_axis: str | None = None,
+) -> Inexact[Array, "T *S"]:
+    """Diagonal linear recurrence ``h[t] = a[t] * h[t-1] + b[t]``.
+
+    **Arguments:**
+
+    - `a`: the decays. Broadcasts against `b` by NumPy rules, so a scalar decay per
+      step over a matrix state is `(T, 1, 1)`, a key-wise one `(T, N, 1)`, and a
+      time-invariant one `(1, *S)` or `S` (never materialised over time).
+    - `b`: the inputs, shape `(T, *S)`.
+    - `h0`: the state before the first step, broadcastable to `S`; zeros if `None`.
+    - `reverse`: run from the end, `h[t] = a[t] * h[t+1] + b[t]`.
+    - `resets`: boolean `(T,)`; where true the state restarts before step `t`
+      (`h[t] = b[t]`), for packed sequences.
+    - `method`: `"sequential"`, `"associative"` (O(log T) depth), `"chunked"` or
+      `"auto"` (chosen per backend and size, see the README's benchmark tables).
+      All give the same values and share one derivative rule.
+    - `chunk_size`: the chunk length of the chunked method (default about
+      `sqrt(T)`, a divisor of `T` when one is near).
+    - `mesh_axis`: the name of a mesh axis over which the time axis is split
+      (sequence parallelism): each device scans its shard and the devices exchange
+      only per-shard summaries (see `ssm.sharded_linear_scan`). The mesh comes from
+      `jax.set_mesh` or the inputs' shardings; `T` must be a multiple of the axis
+      size. Inside a `shard_map` over that axis the inputs are taken as the shards.
+
+    **Returns:**
+
+    The states `h`, shape `(T, *S)`, in float32/complex64 (float64/complex128 if
+    any input is 64-bit): bfloat16 and float16 inputs accumulate in float32.
+
+    The backward pass is the reverse linear scan of the adjoints,
+    `g[t] = dL/dh[t] + a[t+1] g[t+1]`, `da[t] = g[t] h[t-1]`, `db[t] = g[t]`
+    (JAX's transpose convention for complex numbers), run with the same method;
+    it keeps only `a` and the states. `jit`, `vmap`, `grad`, `jvp` and
+    higher-order derivatives all compose.
+
+    ```python
+    h = ssm.linear_scan(jnp.full((T, D), 0.9), x)        # leaky integrator
+    h = ssm.linear_scan(decay[:, None, None], k[:, :, None] * v[:, None, :])
+    ```
+    """
+    kw = dict(reverse=reverse, resets=resets, method=method, chunk_size=chunk_size)
+    return _dispatch("linear", a, b, h0, mesh_axis, **kw)
+
+
+def matrix_scan(
+    A: Shaped[ArrayLike, "..."],
+    b: Shaped[Array, "..."],
+    h0: Shaped[ArrayLike, "..."] | None = None,
+    *,
+    reverse: bool = False,
+    resets: Shaped[ArrayLike, "..."] | None = None,
+    method: str = "auto",
+    chunk_size: int | None = None,
+    mesh_axis: str | None = None,
+) -> Inexact[Array, "T N *M"]:
+    """Matrix linear recurrence ``h[t] = A[t] @ h[t-1] + b[t]``.
+
+    **Arguments:**
+
+    - `A`: the transitions, shape `(T, N, N)` (or `(1, N, N)` / `(N, N)` for a
+      time-invariant transition, never materialised over time).
+    - `b`: the inputs, shape `(T, N)` (vector state) or `(T, N, M)` (matrix state).
+    - `h0`: the state before the first step, shape `(N,)` or `(N, M)`; zeros if
+      `None`.
+    - `reverse`, `resets`, `method`, `chunk_size`, `mesh_axis`: as for `linear_scan`
+      (time-sharded, the summaries exchanged are the shards' `N x N` products).
+
+    **Returns:**
+
+    The states, shape `(T, N)` or `(T, N, M)`, float32/complex64 or wider.
+
+    The backward pass is the reverse scan `g[t] = dL/dh[t] + A[t+1]^T g[t+1]`,
+    `dA[t] = g[t] h[t-1]^T`, `db[t] = g[t]`.
+    """
+    kw = dict(reverse=reverse, resets=resets, method=method, chunk_size=chunk_size)
+    return _dispatch("matrix", A, b, h0, mesh_axis, **kw)
