@@ -7,6 +7,7 @@ from ._attention import (
     LocalAttention as LocalAttention,
 )
 from ._block import Block as Block, GatedMLP as GatedMLP
+from ._conv import ConvState as ConvState
 from ._deltanet import DeltaNet as DeltaNet, GatedDeltaNet as GatedDeltaNet
 from ._gla import GLA as GLA
 from ._gru import GRU as GRU
@@ -16,7 +17,7 @@ from ._lru import LRU as LRU
 from ._lstm import LSTM as LSTM
 from ._mamba import Mamba as Mamba
 from ._mamba2 import Mamba2 as Mamba2
-from ._mixer import AbstractMixer as AbstractMixer, ConvState as ConvState
+from ._mixer import AbstractMixer as AbstractMixer
 from ._mlstm import MLSTM as MLSTM, MLSTMLayerState as MLSTMLayerState
 from ._model import SequenceModel as SequenceModel
 from ._registry import MIXERS as MIXERS

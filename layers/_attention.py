@@ -15,9 +15,6 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._heads import head_rms_norm, head_sizes, merge_heads, split_heads
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -268,9 +265,8 @@ class AbstractAttention(AbstractMixer):
 
         **Returns:** `(seq, d_model)`, causal.
         """
-        check_sequence(x, self.d_model, type(self).__name__)
         T = x.shape[0]
-        resets = check_resets(resets, T, type(self).__name__)
+        resets = self._check_sequence(x, resets)
         index = jnp.arange(T, dtype=jnp.int32)
         starts = document_starts(resets, index, jnp.zeros((), jnp.int32))
         q, k, v = self._qkv(x, index - starts)
@@ -312,15 +308,14 @@ class AbstractAttention(AbstractMixer):
 
         **Returns:** the outputs `(seq, d_model)` and the cache with `x` appended.
         """
-        check_sequence(x, self.d_model, type(self).__name__)
-        resets = check_resets(resets, x.shape[0], type(self).__name__)
+        resets = self._check_sequence(x, resets)
         return self._extend(x, state, resets)
 
     def step(
         self, x_t: Float[Array, " d_model"], state: AttentionState
     ) -> tuple[Float[Array, " d_model"], AttentionState]:
         """One token after those in `state`: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, type(self).__name__)
+        self._check_token(x_t)
         y, state = self._extend(x_t[None], state, None)
         return y[0], state
 

@@ -14,24 +14,14 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
-from ._init import inverse_softplus
+from ._conv import ConvState, causal_conv, init_conv
+from ._heads import head_l2_normalise, head_rms_norm
+from ._init import init_A_log, init_dt_bias
 from ._mixer import (
     AbstractMixer,
-    ConvState,
-    causal_conv,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
-
-
-def _l2_normalise(x: Float[Array, "... d"], eps: float = 1e-6) -> Float[Array, "... d"]:
-    """`x / ‖x‖` over the last axis, computed in float32, returned in `x.dtype`."""
-    x32 = x.astype(real_dtype(x.dtype))
-    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 / norm).astype(x.dtype)
 
 
 def _head_sizes(d_model, num_heads, head_dim, expand_v):
@@ -109,8 +99,8 @@ class AbstractDeltaRuleMixer(AbstractMixer):
         q = qkv[:, : H * dk].reshape(T, H, dk)
         k = qkv[:, H * dk : 2 * H * dk].reshape(T, H, dk)
         v = qkv[:, 2 * H * dk :].reshape(T, H, dv)
-        q = (_l2_normalise(q) * np.asarray(dk**-0.5, q.dtype)).astype(q.dtype)
-        k = _l2_normalise(k)
+        q = (head_l2_normalise(q) * np.asarray(dk**-0.5, q.dtype)).astype(q.dtype)
+        k = head_l2_normalise(k)
         beta = jax.nn.sigmoid(linear(self.b_proj, u).astype(real_dtype(u.dtype)))
         if self.allow_neg_eigval:
             beta = 2 * beta
@@ -119,10 +109,7 @@ class AbstractDeltaRuleMixer(AbstractMixer):
     def _readout(self, o, u):
         """Per-head RMS norm (gated by `silu(W_g u)` with `use_gate`), then `W_o`."""
         T = o.shape[0]
-        o32 = o.astype(real_dtype(o.dtype))
-        ms = jnp.mean(o32 * o32, axis=-1, keepdims=True)
-        weight = self.norm_weight.astype(o32.dtype).reshape(1, 1, -1)
-        o32 = o32 * jax.lax.rsqrt(ms + 1e-5) * weight
+        o32 = head_rms_norm(o, self.norm_weight, eps=1e-5)
         if self.g_proj is not None:
             gate = linear(self.g_proj, u).astype(o32.dtype)
             o32 = o32 * jax.nn.silu(gate).reshape(o32.shape)
@@ -138,8 +125,7 @@ class AbstractDeltaRuleMixer(AbstractMixer):
         """Run `x` from `state` (chunked), restarting the convolutions and the state at
         `resets` (true at the first token of each packed document); returns the
         outputs and the final state."""
-        check_sequence(x, self.d_model, type(self).__name__)
-        resets = check_resets(resets, x.shape[0], type(self).__name__)
+        resets = self._check_sequence(x, resets)
         q, k, v, beta, log_decay, conv = self._features(x, state.conv, resets)
         o, S = ssm.delta_rule(
             q, k, v, beta, log_decay, state.ssm, resets=resets, chunk_size=self.chunk_size
@@ -150,7 +136,7 @@ class AbstractDeltaRuleMixer(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: ConvState
     ) -> tuple[Float[Array, " d_model"], ConvState]:
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, type(self).__name__)
+        self._check_token(x_t)
         q, k, v, beta, log_decay, conv = self._features(x_t[None], state.conv)
         o, S = ssm.delta_rule_step(
             q[0],
@@ -190,8 +176,7 @@ def _common_init(
     self.qkv_proj = eqx.nn.Linear(
         d_model, channels, use_bias=False, dtype=jnp.float32, key=k_qkv
     )
-    bound = 1 / np.sqrt(d_conv)
-    self.conv_weight = jr.uniform(k_conv, (d_conv, channels), jnp.float32, -bound, bound)
+    self.conv_weight, _ = init_conv(d_conv, channels, key=k_conv)
     self.b_proj = eqx.nn.Linear(
         d_model, num_heads, use_bias=False, dtype=jnp.float32, key=k_b
     )
@@ -385,11 +370,8 @@ class GatedDeltaNet(AbstractDeltaRuleMixer):
         self.a_proj = eqx.nn.Linear(
             d_model, num_heads, use_bias=False, dtype=jnp.float32, key=k_a
         )
-        self.A_log = jnp.log(jr.uniform(k_A, (num_heads,), jnp.float32, 1.0, 16.0))
-        dt = jnp.exp(
-            jr.uniform(k_dt, (num_heads,), jnp.float32, np.log(dt_min), np.log(dt_max))
-        )
-        self.dt_bias = inverse_softplus(jnp.maximum(dt, dt_floor))
+        self.A_log = init_A_log(k_A, num_heads)
+        self.dt_bias = init_dt_bias(k_dt, (num_heads,), dt_min, dt_max, dt_floor)
 
     def _log_decay(self, u):
         rdt = real_dtype(u.dtype)

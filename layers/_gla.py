@@ -14,9 +14,6 @@ import ssm
 from ._heads import head_rms_norm, head_sizes, merge_heads, split_heads
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -133,8 +130,7 @@ class GLA(AbstractMixer):
         """Run `x` from `state` (chunked), restarting the state at `resets` (true at the
         first token of each packed document); returns the outputs and the final
         state."""
-        check_sequence(x, self.d_model, "GLA")
-        resets = check_resets(resets, x.shape[0], "GLA")
+        resets = self._check_sequence(x, resets)
         q, k, v, log_decay = self._features(x)
         o, S = ssm.gated_linear_attention(
             q, k, v, log_decay, state, resets=resets, chunk_size=self.chunk_size
@@ -145,7 +141,7 @@ class GLA(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: Float[Array, "H dk dv"]
     ) -> tuple[Float[Array, " d_model"], Float[Array, "H dk dv"]]:
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "GLA")
+        self._check_token(x_t)
         q, k, v, log_decay = self._features(x_t[None])
         o, S = ssm.gated_linear_attention_step(q[0], k[0], v[0], log_decay[0], state)
         return self._readout(o[None], x_t[None])[0], S.astype(state.dtype)

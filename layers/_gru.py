@@ -12,19 +12,11 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
-from ._mixer import AbstractMixer, check_resets, keep_mask
+from ._mixer import AbstractMixer, keep_mask
 
 
 def _uniform(key, shape, bound, dtype):
     return jr.uniform(key, shape, dtype, -bound, bound)
-
-
-def _check_sequence(x, d_model, name):
-    if x.ndim != 2 or x.shape[-1] != d_model:
-        raise ValueError(
-            f"{name} takes one sequence of shape (seq, {d_model}), got {x.shape}; "
-            "for a batch, use `jax.vmap(layer)(x)`."
-        )
 
 
 class GRU(AbstractMixer):
@@ -116,8 +108,7 @@ class GRU(AbstractMixer):
         """Run over a sequence from `state`, restarting from the zero state at `resets`
         (true at the first token of each packed document); returns the outputs and the
         final state."""
-        _check_sequence(x, self.d_model, "GRU")
-        resets = check_resets(resets, x.shape[0], "GRU")
+        resets = self._check_sequence(x, resets)
         gx = x.astype(self.weight_ih.dtype) @ self.weight_ih.T + self.bias_ih[None]
 
         def step(h, inputs):
@@ -134,6 +125,7 @@ class GRU(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: Float[Array, " d_hidden"]
     ) -> tuple[Float[Array, " d_model"], Float[Array, " d_hidden"]]:
         """One token: returns its output and the next state."""
+        self._check_token(x_t)
         gx = self.weight_ih @ x_t.astype(self.weight_ih.dtype) + self.bias_ih
         h = self._cell(state, gx)
         return self.weight_out @ h, h

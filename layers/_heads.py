@@ -44,6 +44,15 @@ def head_rms_norm(
     return y if weight is None else y * _per_channel(weight, y)
 
 
+def head_l2_normalise(
+    x: Float[Array, "... H d"], eps: float = 1e-6
+) -> Float[Array, "... H d"]:
+    """`x / ‖x‖` of each head's vector, computed in float32, returned in `x.dtype`."""
+    x32 = x.astype(real_dtype(x.dtype))
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 / norm).astype(x.dtype)
+
+
 def head_group_norm(
     x: Float[Array, "... H d"],
     weight: Float[Array, " w"] | None,

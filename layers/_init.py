@@ -59,3 +59,21 @@ def as_complex(x: Float[Array, "... 2"], dtype) -> Array:
     """A real `(..., 2)` array as a complex array of `dtype`."""
     real = jnp.finfo(dtype).dtype
     return jax.lax.complex(x[..., 0].astype(real), x[..., 1].astype(real))
+
+
+def init_dt_bias(
+    key: PRNGKeyArray,
+    shape: tuple[int, ...],
+    dt_min: float,
+    dt_max: float,
+    dt_floor: float,
+) -> Float[Array, "..."]:
+    """Mamba's step-size bias: `softplus⁻¹(max(Δ₀, dt_floor))` with `Δ₀` log-uniform in
+    `[dt_min, dt_max]`, so that `softplus(dt_bias)` starts at `Δ₀` (Gu and Dao 2023)."""
+    dt = jnp.exp(log_uniform(key, shape, dt_min, dt_max))
+    return inverse_softplus(jnp.maximum(dt, dt_floor))
+
+
+def init_A_log(key: PRNGKeyArray, num_heads: int) -> Float[Array, " num_heads"]:
+    """Mamba-2's per-head decay rates: `log A` with `A` uniform in `[1, 16]`."""
+    return jnp.log(jr.uniform(key, (num_heads,), jnp.float32, 1.0, 16.0))

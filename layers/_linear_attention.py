@@ -12,9 +12,6 @@ import ssm
 from ._heads import feature_map, head_rms_norm, head_sizes, merge_heads, split_heads
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -147,8 +144,7 @@ class LinearAttention(AbstractMixer):
         """Run `x` from `state` (chunked), restarting the state at `resets` (true at the
         first token of each packed document); returns the outputs and the final
         state."""
-        check_sequence(x, self.d_model, "LinearAttention")
-        resets = check_resets(resets, x.shape[0], "LinearAttention")
+        resets = self._check_sequence(x, resets)
         q, k, v = self._features(x)
         o, S = ssm.gated_linear_attention(
             q, k, v, None, state, resets=resets, chunk_size=self.chunk_size
@@ -159,7 +155,7 @@ class LinearAttention(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: Float[Array, "H dk dv"]
     ) -> tuple[Float[Array, " d_model"], Float[Array, "H dk dv"]]:
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "LinearAttention")
+        self._check_token(x_t)
         q, k, v = self._features(x_t[None])
         o, S = ssm.gated_linear_attention_step(q[0], k[0], v[0], None, state)
         return self._readout(o[None], x_t[None])[0], S.astype(state.dtype)

@@ -16,9 +16,6 @@ import ssm
 from ._init import as_complex, complex_normal
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     complex_dtype,
     real_dtype,
     time_axis,
@@ -118,8 +115,7 @@ class LRU(AbstractMixer):
     ):
         """Run `x` from `state`, restarting at `resets` (true at the first token of each
         packed document); returns the outputs and the state after the last step."""
-        check_sequence(x, self.d_model, "LRU")
-        resets = check_resets(resets, x.shape[0], "LRU")
+        resets = self._check_sequence(x, resets)
         rdt = real_dtype(x.dtype)
         lam, gB, C = self._params(rdt)
         u = x.astype(rdt)
@@ -135,7 +131,7 @@ class LRU(AbstractMixer):
 
     def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, " state"]):
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "LRU")
+        self._check_token(x_t)
         rdt = real_dtype(x_t.dtype)
         lam, gB, C = self._params(rdt)
         u = x_t.astype(rdt)

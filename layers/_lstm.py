@@ -12,8 +12,8 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
-from ._gru import _check_sequence, _uniform
-from ._mixer import AbstractMixer, check_resets, keep_mask
+from ._gru import _uniform
+from ._mixer import AbstractMixer, keep_mask
 
 
 class LSTM(AbstractMixer):
@@ -105,8 +105,7 @@ class LSTM(AbstractMixer):
         """Run over a sequence from `state`, restarting from the zero state at `resets`
         (true at the first token of each packed document); returns the outputs and the
         final state."""
-        _check_sequence(x, self.d_model, "LSTM")
-        resets = check_resets(resets, x.shape[0], "LSTM")
+        resets = self._check_sequence(x, resets)
         gx = x.astype(self.weight_ih.dtype) @ self.weight_ih.T + self.bias[None]
 
         def step(s, inputs):
@@ -123,6 +122,7 @@ class LSTM(AbstractMixer):
 
     def step(self, x_t: Float[Array, " d_model"], state):
         """One token: returns its output and the next state."""
+        self._check_token(x_t)
         gx = self.weight_ih @ x_t.astype(self.weight_ih.dtype) + self.bias
         state = self._cell(state, gx)
         return self.weight_out @ state[0], state

@@ -14,14 +14,11 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
-from ._init import inverse_softplus
+from ._conv import ConvState, causal_conv, init_conv
+from ._heads import head_rms_norm
+from ._init import init_dt_bias
 from ._mixer import (
     AbstractMixer,
-    ConvState,
-    causal_conv,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -111,9 +108,9 @@ class Mamba(AbstractMixer):
         self.in_proj = eqx.nn.Linear(
             d_model, 2 * d_inner, use_bias=False, dtype=jnp.float32, key=k_in
         )
-        bound = 1 / np.sqrt(d_conv)
-        self.conv_weight = jr.uniform(k_conv, (d_conv, d_inner), jnp.float32, -bound, bound)
-        self.conv_bias = jr.uniform(k_cb, (d_inner,), jnp.float32, -bound, bound)
+        self.conv_weight, self.conv_bias = init_conv(
+            d_conv, d_inner, key=k_conv, bias_key=k_cb
+        )
         self.x_proj = eqx.nn.Linear(
             d_inner, dt_rank + 2 * d_state, use_bias=False, dtype=jnp.float32, key=k_x
         )
@@ -126,10 +123,7 @@ class Mamba(AbstractMixer):
             dt_proj,
             jr.uniform(k_dt, (d_inner, dt_rank), jnp.float32, -std, std),
         )
-        dt = jnp.exp(
-            jr.uniform(k_dtb, (d_inner,), jnp.float32, np.log(dt_min), np.log(dt_max))
-        )
-        self.dt_bias = inverse_softplus(jnp.maximum(dt, dt_floor))
+        self.dt_bias = init_dt_bias(k_dtb, (d_inner,), dt_min, dt_max, dt_floor)
         self.A_log = jnp.log(
             jnp.broadcast_to(
                 jnp.arange(1, d_state + 1, dtype=jnp.float32), (d_inner, d_state)
@@ -148,9 +142,7 @@ class Mamba(AbstractMixer):
 
     def _unit_rms(self, x):
         """Weightless RMS norm over the last axis, in float32 (Falcon Mamba)."""
-        x32 = x.astype(real_dtype(x.dtype))
-        ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        return (x32 * jax.lax.rsqrt(ms + self.bcdt_norm_eps)).astype(x.dtype)
+        return head_rms_norm(x, None, self.bcdt_norm_eps).astype(x.dtype)
 
     def _selective_inputs(self, u, conv_state, resets=None):
         """The projections and convolution: everything before the recurrence."""
@@ -188,8 +180,7 @@ class Mamba(AbstractMixer):
         """Run `u` from `state`, restarting the convolution and the recurrence at
         `resets` (true at the first token of each packed document); returns the outputs
         and the state after the last step."""
-        check_sequence(u, self.d_model, "Mamba")
-        resets = check_resets(resets, u.shape[0], "Mamba")
+        resets = self._check_sequence(u, resets)
         x, z, delta, B, C, conv_state = self._selective_inputs(u, state.conv, resets)
         rdt = delta.dtype
         A = -jnp.exp(self.A_log.astype(rdt))
@@ -211,7 +202,7 @@ class Mamba(AbstractMixer):
 
     def step(self, u_t: Float[Array, " d_model"], state: ConvState):
         """One time step: returns `(y_t, state)`."""
-        check_token(u_t, self.d_model, "Mamba")
+        self._check_token(u_t)
         x, z, delta, B, C, conv_state = self._selective_inputs(u_t[None], state.conv)
         x, z, delta, B, C = x[0], z[0], delta[0], B[0], C[0]
         rdt = delta.dtype

@@ -8,20 +8,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
-from ._heads import head_sizes, split_heads
-from ._init import inverse_softplus
+from ._conv import ConvState, causal_conv, init_conv
+from ._heads import head_rms_norm, head_sizes, split_heads
+from ._init import init_A_log, init_dt_bias
 from ._mixer import (
     AbstractMixer,
-    ConvState,
-    causal_conv,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -126,16 +121,11 @@ class Mamba2(AbstractMixer):
             dtype=jnp.float32,
             key=k_in,
         )
-        bound = 1 / np.sqrt(d_conv)
-        self.conv_weight = jr.uniform(
-            k_conv, (d_conv, channels), jnp.float32, -bound, bound
+        self.conv_weight, self.conv_bias = init_conv(
+            d_conv, channels, key=k_conv, bias_key=k_cb
         )
-        self.conv_bias = jr.uniform(k_cb, (channels,), jnp.float32, -bound, bound)
-        dt = jnp.exp(
-            jr.uniform(k_dt, (num_heads,), jnp.float32, np.log(dt_min), np.log(dt_max))
-        )
-        self.dt_bias = inverse_softplus(jnp.maximum(dt, dt_floor))
-        self.A_log = jnp.log(jr.uniform(k_a, (num_heads,), jnp.float32, 1.0, 16.0))
+        self.dt_bias = init_dt_bias(k_dt, (num_heads,), dt_min, dt_max, dt_floor)
+        self.A_log = init_A_log(k_a, num_heads)
         self.D = jnp.ones((num_heads,), jnp.float32)
         self.norm_weight = jnp.ones((d_inner,), jnp.float32)
         self.out_proj = eqx.nn.Linear(
@@ -184,8 +174,8 @@ class Mamba2(AbstractMixer):
         y = jnp.reshape(y, (T, G, self.d_inner // G)) * jnp.reshape(
             jax.nn.silu(z.astype(rdt)), (T, G, self.d_inner // G)
         )
-        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.norm_eps)
-        y = jnp.reshape(y, (T, self.d_inner)) * self.norm_weight.astype(rdt)[None]
+        y = head_rms_norm(y, self.norm_weight, self.norm_eps)  # per group
+        y = jnp.reshape(y, (T, self.d_inner))
         return linear(self.out_proj, y.astype(u.dtype))
 
     def prefill(
@@ -198,8 +188,7 @@ class Mamba2(AbstractMixer):
         """Run `u` from `state` (chunked), restarting the convolution and the state at
         `resets` (true at the first token of each packed document); returns the
         outputs and the final state."""
-        check_sequence(u, self.d_model, "Mamba2")
-        resets = check_resets(resets, u.shape[0], "Mamba2")
+        resets = self._check_sequence(u, resets)
         q, k, v, log_decay, x, z, conv = self._features(u, state.conv, resets)
         y, S = ssm.gated_linear_attention(
             q, k, v, log_decay, state.ssm, resets=resets, chunk_size=self.chunk_size
@@ -210,7 +199,7 @@ class Mamba2(AbstractMixer):
         self, u_t: Float[Array, " d_model"], state: ConvState
     ) -> tuple[Float[Array, " d_model"], ConvState]:
         """One time step: returns `(y_t, state)`."""
-        check_token(u_t, self.d_model, "Mamba2")
+        self._check_token(u_t)
         q, k, v, log_decay, x, z, conv = self._features(u_t[None], state.conv)
         y, S = ssm.gated_linear_attention_step(q[0], k[0], v[0], log_decay[0], state.ssm)
         out = self._output(y[None], x, z, u_t[None])[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -64,6 +64,18 @@ class AbstractMixer(eqx.Module):
         """
         return self.prefill(x, self.init_state(), resets=resets)[0]
 
+    def _check_sequence(self, x: Any, resets: Any = None) -> Bool[Array, " seq"] | None:
+        """The checks `__call__` and `prefill` start with, naming the class: `x` is one
+        sequence `(seq, d_model)` and `resets` None or a boolean `(seq,)`; returns
+        `resets`."""
+        name = type(self).__name__
+        check_sequence(x, self.d_model, name)
+        return check_resets(resets, jnp.shape(x)[0], name)
+
+    def _check_token(self, x_t: Any) -> None:
+        """The check `step` starts with: `x_t` is one time step `(d_model,)`."""
+        check_token(x_t, self.d_model, type(self).__name__)
+
     @abc.abstractmethod
     def init_state(self) -> PyTree[Array]:
         raise NotImplementedError
@@ -83,17 +95,6 @@ class AbstractMixer(eqx.Module):
         self, x_t: Float[Array, " d_model"], state: PyTree[Array]
     ) -> tuple[Float[Array, " d_model"], PyTree[Array]]:
         raise NotImplementedError
-
-
-class ConvState(NamedTuple):
-    """State of a layer with a short causal convolution before its recurrence.
-
-    `conv` holds the last `kernel_size - 1` inputs of the convolution (oldest first),
-    `ssm` the recurrent state.
-    """
-
-    conv: Float[Array, "kernel_minus_1 channels"]
-    ssm: Array
 
 
 def time_axis(name: str | None) -> str | None:
@@ -179,40 +180,6 @@ def segments(resets: Bool[Array, " seq"]) -> Int[Array, " seq"]:
     document 0, so a reset at the first token separates it from the sequence.
     """
     return jnp.cumsum(resets.astype(jnp.int32))
-
-
-def causal_conv(
-    weight: Float[Array, "kernel channels"],
-    bias: Float[Array, " channels"],
-    x: Float[Array, "seq channels"],
-    history: Float[Array, "kernel_minus_1 channels"],
-    resets: Bool[Array, " seq"] | None = None,
-) -> tuple[Float[Array, "seq channels"], Float[Array, "kernel_minus_1 channels"]]:
-    """Depthwise causal convolution `y[t] = bias + sum_k weight[k] x[t - K + 1 + k]`.
-
-    `history` holds the `K - 1` inputs before `x` (zeros at the start of a sequence);
-    returns the outputs and the new history. With `resets` (true at the first token
-    of each packed document) an output reads only inputs of its own document, as if
-    each document were convolved alone from zero history; the returned history keeps
-    only inputs of the last document.
-    """
-    K, T = weight.shape[0], x.shape[0]
-    xp = jnp.concatenate([history.astype(x.dtype), x], axis=0)
-    w = weight.astype(x.dtype)
-    if resets is None:
-        y = bias.astype(x.dtype)[None] + sum(w[k][None] * xp[k : k + T] for k in range(K))
-        new_history = xp[xp.shape[0] - (K - 1) :].astype(history.dtype)
-        return y, new_history
-    seg = segments(resets)
-    seg_p = jnp.concatenate([jnp.zeros((K - 1,), seg.dtype), seg])
-    y = bias.astype(x.dtype)[None] + sum(
-        jnp.where((seg_p[k : k + T] == seg)[:, None], w[k][None] * xp[k : k + T], 0)
-        for k in range(K)
-    )
-    tail = xp.shape[0] - (K - 1)
-    keep = (seg_p[tail:] == seg[-1])[:, None]
-    new_history = jnp.where(keep, xp[tail:], 0).astype(history.dtype)
-    return y, new_history
 
 
 def keep_mask(resets: Bool[Array, " seq"] | None, dtype) -> Float[Array, " seq"] | None:

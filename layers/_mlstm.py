@@ -13,13 +13,10 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
+from ._conv import causal_conv, init_conv
 from ._heads import head_group_norm, head_sizes, merge_heads, split_heads
 from ._mixer import (
     AbstractMixer,
-    causal_conv,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -120,9 +117,9 @@ class MLSTM(AbstractMixer):
         self.up_proj = eqx.nn.Linear(
             d_model, 2 * d_inner, use_bias=False, dtype=jnp.float32, key=k_up
         )
-        bound = 1 / np.sqrt(d_conv)
-        self.conv_weight = jr.uniform(k_conv, (d_conv, d_inner), jnp.float32, -bound, bound)
-        self.conv_bias = jr.uniform(k_cb, (d_inner,), jnp.float32, -bound, bound)
+        self.conv_weight, self.conv_bias = init_conv(
+            d_conv, d_inner, key=k_conv, bias_key=k_cb
+        )
         std = float(np.sqrt(2 / (5 * bs)))  # the small init of the paper's code
         self.q_weight = jr.normal(k_q, (nb, bs, bs), jnp.float32) * std
         self.k_weight = jr.normal(k_k, (nb, bs, bs), jnp.float32) * std
@@ -188,8 +185,7 @@ class MLSTM(AbstractMixer):
         """Run `x` from `state` (chunked), restarting the convolution and the memory at
         `resets` (true at the first token of each packed document); returns the
         outputs and the final state."""
-        check_sequence(x, self.d_model, "MLSTM")
-        resets = check_resets(resets, x.shape[0], "MLSTM")
+        resets = self._check_sequence(x, resets)
         (q, k, v), log_f, log_i, c, z, conv = self._features(x, state.conv, resets)
         h, cell = ssm.mlstm(
             q, k, v, log_f, log_i, state.cell, resets=resets, chunk_size=self.chunk_size
@@ -200,7 +196,7 @@ class MLSTM(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: MLSTMLayerState
     ) -> tuple[Float[Array, " d_model"], MLSTMLayerState]:
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "MLSTM")
+        self._check_token(x_t)
         (q, k, v), log_f, log_i, c, z, conv = self._features(x_t[None], state.conv)
         h, cell = ssm.mlstm_step(q[0], k[0], v[0], log_f[0], log_i[0], state.cell)
         return self._readout(h[None], c, z, x_t[None])[0], MLSTMLayerState(conv, cell)

@@ -15,9 +15,6 @@ import ssm
 from ._heads import head_group_norm, head_sizes, merge_heads, split_heads
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -153,8 +150,7 @@ class MLSTMLarge(AbstractMixer):
     ) -> tuple[Float[Array, "seq d_model"], ssm.MLSTMState]:
         """Run `x` from `state` (chunked), restarting the memory at `resets`; returns
         the outputs and the final state."""
-        check_sequence(x, self.d_model, "MLSTMLarge")
-        resets = check_resets(resets, x.shape[0], "MLSTMLarge")
+        resets = self._check_sequence(x, resets)
         (q, k, v), log_f, log_i = self._features(x)
         h, state = ssm.mlstm(
             q, k, v, log_f, log_i, state, resets=resets, eps=self.cell_eps,
@@ -166,7 +162,7 @@ class MLSTMLarge(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: ssm.MLSTMState
     ) -> tuple[Float[Array, " d_model"], ssm.MLSTMState]:
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "MLSTMLarge")
+        self._check_token(x_t)
         (q, k, v), log_f, log_i = self._features(x_t[None])
         h, state = ssm.mlstm_step(
             q[0], k[0], v[0], log_f[0], log_i[0], state, eps=self.cell_eps

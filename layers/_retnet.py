@@ -16,9 +16,6 @@ import ssm
 from ._heads import head_group_norm, head_sizes, merge_heads, rotary, split_heads
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
 )
@@ -151,8 +148,7 @@ class RetNet(AbstractMixer):
         """Run `x` from `state` (chunked), restarting the state and the rotary positions
         at `resets` (true at the first token of each packed document); returns the
         outputs and the final state."""
-        check_sequence(x, self.d_model, "RetNet")
-        resets = check_resets(resets, x.shape[0], "RetNet")
+        resets = self._check_sequence(x, resets)
         q, k, v, log_decay = self._features(x, state.position, resets)
         o, S = ssm.gated_linear_attention(
             q, k, v, log_decay, state.S, resets=resets, chunk_size=self.chunk_size
@@ -165,7 +161,7 @@ class RetNet(AbstractMixer):
         self, x_t: Float[Array, " d_model"], state: RetNetState
     ) -> tuple[Float[Array, " d_model"], RetNetState]:
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "RetNet")
+        self._check_token(x_t)
         q, k, v, log_decay = self._features(x_t[None], state.position)
         o, S = ssm.gated_linear_attention_step(q[0], k[0], v[0], log_decay[0], state.S)
         new = RetNetState(S.astype(state.S.dtype), state.position + 1)

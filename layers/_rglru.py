@@ -13,13 +13,9 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import ssm
 
+from ._conv import ConvState, causal_conv, init_conv
 from ._mixer import (
     AbstractMixer,
-    ConvState,
-    causal_conv,
-    check_resets,
-    check_sequence,
-    check_token,
     linear,
     real_dtype,
     time_axis,
@@ -132,9 +128,9 @@ class RGLRU(AbstractMixer):
         self.num_heads, self.c, self.seq_axis = num_heads, float(c), seq_axis
         self.gate_proj = eqx.nn.Linear(d_model, d_rnn, dtype=jnp.float32, key=k_g)
         self.in_proj = eqx.nn.Linear(d_model, d_rnn, dtype=jnp.float32, key=k_in)
-        bound = 1 / np.sqrt(d_conv)
-        self.conv_weight = jr.uniform(k_conv, (d_conv, d_rnn), jnp.float32, -bound, bound)
-        self.conv_bias = jr.uniform(k_cb, (d_rnn,), jnp.float32, -bound, bound)
+        self.conv_weight, self.conv_bias = init_conv(
+            d_conv, d_rnn, key=k_conv, bias_key=k_cb
+        )
         shape = (num_heads, dh, dh)
         self.W_a = jr.normal(k_a, shape, jnp.float32) / np.float32(np.sqrt(dh))
         self.W_x = jr.normal(k_x, shape, jnp.float32) / np.float32(np.sqrt(dh))
@@ -200,8 +196,7 @@ class RGLRU(AbstractMixer):
         """Run `u` from `state`, restarting the convolution and the recurrence at
         `resets` (true at the first token of each packed document); returns the outputs
         and the state after the last step."""
-        check_sequence(u, self.d_model, "RGLRU")
-        resets = check_resets(resets, u.shape[0], "RGLRU")
+        resets = self._check_sequence(u, resets)
         gate, x, conv_state = self._pre(u, state.conv, resets)
         first = None
         if self.reset_rule == "recurrent_gemma":  # restart, and b = i x, at these
@@ -220,7 +215,7 @@ class RGLRU(AbstractMixer):
 
     def step(self, u_t: Float[Array, " d_model"], state: ConvState):
         """One time step: returns `(y_t, state)`."""
-        check_token(u_t, self.d_model, "RGLRU")
+        self._check_token(u_t)
         gate, x, conv_state = self._pre(u_t[None], state.conv)
         if self.reset_rule == "recurrent_gemma":
             log_a, b = self._gates(x[0], state.start)

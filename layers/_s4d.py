@@ -18,9 +18,6 @@ import ssm
 from ._init import as_complex, complex_normal, log_uniform
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     chunked,
     complex_dtype,
     real_dtype,
@@ -163,9 +160,8 @@ class S4D(AbstractMixer):
 
         **Returns:** `(seq, d_model)`, causal.
         """
-        check_sequence(x, self.d_model, "S4D")
+        resets = self._check_sequence(x, resets)
         T = x.shape[0]
-        resets = check_resets(resets, T, "S4D")
         long = self.mode == "auto" and T >= self.CONV_MIN_LENGTH
         conv = resets is None and (self.mode == "convolution" or long)
         if not conv:
@@ -214,8 +210,7 @@ class S4D(AbstractMixer):
     ):
         """Run `x` from `state` (`resets` as in `__call__`); returns the outputs and the
         state after the last step."""
-        check_sequence(x, self.d_model, "S4D")
-        resets = check_resets(resets, x.shape[0], "S4D")
+        resets = self._check_sequence(x, resets)
         rdt = real_dtype(x.dtype)
         dA, dB, C = self.discretise(rdt)
         u = x.astype(rdt)
@@ -232,7 +227,7 @@ class S4D(AbstractMixer):
 
     def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, "d_model modes"]):
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "S4D")
+        self._check_token(x_t)
         rdt = real_dtype(x_t.dtype)
         dA, dB, C = self.discretise(rdt)
         u = x_t.astype(rdt)

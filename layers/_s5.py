@@ -17,9 +17,6 @@ import ssm
 from ._init import as_complex, hippo_normal, log_uniform
 from ._mixer import (
     AbstractMixer,
-    check_resets,
-    check_sequence,
-    check_token,
     complex_dtype,
     real_dtype,
 )
@@ -163,8 +160,7 @@ class S5(AbstractMixer):
 
         **Returns:** `(seq, d_model)`; causal unless `bidirectional`.
         """
-        check_sequence(x, self.d_model, "S5")
-        resets = check_resets(resets, x.shape[0], "S5")
+        resets = self._check_sequence(x, resets)
         if not self.bidirectional:
             return self.prefill(x, self.init_state(), resets=resets)[0]
         # Backwards, a document's chain is cut at its last token: the next one starts
@@ -184,9 +180,8 @@ class S5(AbstractMixer):
     ):
         """Run `x` from `state` (`resets` as in `__call__`); returns the outputs and the
         state after the last step."""
-        check_sequence(x, self.d_model, "S5")
+        resets = self._check_sequence(x, resets)
         self._check_causal()
-        resets = check_resets(resets, x.shape[0], "S5")
         h0 = state.astype(complex_dtype(x.dtype))
         y, h, u = self._run(x, h0, False, self.C[0], resets)
         y = y + self.D.astype(u.dtype)[None] * u
@@ -194,7 +189,7 @@ class S5(AbstractMixer):
 
     def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, " modes"]):
         """One time step: returns `(y_t, state)`."""
-        check_token(x_t, self.d_model, "S5")
+        self._check_token(x_t)
         self._check_causal()
         rdt = real_dtype(x_t.dtype)
         dA, dB = self.discretise(rdt)
