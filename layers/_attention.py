@@ -110,7 +110,7 @@ class AbstractAttention(AbstractMixer):
     max_len: int | None = eqx.field(static=True)
     rope_base: float | None = eqx.field(static=True)
     rotary_dim: int | None = eqx.field(static=True)
-    implementation: str | None = eqx.field(static=True)
+    implementation: Literal["xla", "cudnn"] | None = eqx.field(static=True)
     q_proj: eqx.nn.Linear
     k_proj: eqx.nn.Linear
     v_proj: eqx.nn.Linear

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -41,7 +41,7 @@ class GatedMLP(eqx.Module):
     """`down(act(gate(x)) ⊙ up(x))`, position-wise: GeGLU with `act = gelu` (the
     default), SwiGLU with `"silu"` (Shazeer 2020)."""
 
-    activation: str = eqx.field(static=True)
+    activation: Literal["gelu", "silu"] = eqx.field(static=True)
     gate: eqx.nn.Linear
     up: eqx.nn.Linear
     down: eqx.nn.Linear
@@ -50,7 +50,7 @@ class GatedMLP(eqx.Module):
         self,
         d_model: int,
         d_hidden: int,
-        activation: str = "gelu",
+        activation: Literal["gelu", "silu"] = "gelu",
         use_bias: bool = False,
         *,
         key: PRNGKeyArray,
@@ -114,13 +114,13 @@ class Block(eqx.Module):
         d_model: int,
         mixer: str | type[AbstractMixer] | AbstractMixer = "s4d",
         mixer_kwargs: dict[str, Any] | None = None,
-        mlp_ratio: float = 4.0,
+        mlp_ratio: int | float = 4.0,
         dropout: float = 0.0,
         remat: bool = False,
         *,
         norm_eps: float = 1e-5,
         mlp_hidden: int | None = None,
-        mlp_activation: str = "gelu",
+        mlp_activation: Literal["gelu", "silu"] = "gelu",
         mlp_bias: bool = False,
         norm_offset: float = 0.0,
         key: PRNGKeyArray,
@@ -204,7 +204,7 @@ class Block(eqx.Module):
         state: PyTree[Array],
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], PyTree[Array]]:
         """Run `x` from `state` (inference: no dropout); returns `(y, state)`.
         `resets` as in `__call__`."""
         check_sequence(x, self.d_model, "Block")
@@ -215,7 +215,9 @@ class Block(eqx.Module):
             y, state = self.mixer.prefill(u, state, resets=resets)
         return self._mlp(x + y, None, train=False), state
 
-    def step(self, x_t: Float[Array, " d_model"], state: PyTree[Array]):
+    def step(
+        self, x_t: Float[Array, " d_model"], state: PyTree[Array]
+    ) -> tuple[Float[Array, " d_model"], PyTree[Array]]:
         """One token (inference: no dropout); returns `(y_t, state)`."""
         check_token(x_t, self.d_model, "Block")
         y, state = self.mixer.step(rms_norm(self.norm1, x_t, self.norm_offset), state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
@@ -49,8 +51,8 @@ class LinearAttention(AbstractMixer):
     d_model: int = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
-    feature_map: str = eqx.field(static=True)
-    normalization: str = eqx.field(static=True)
+    feature_map: Literal["elu", "relu", "identity"] = eqx.field(static=True)
+    normalization: Literal["sum", "rms", "none"] = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     q_proj: eqx.nn.Linear
@@ -63,8 +65,8 @@ class LinearAttention(AbstractMixer):
         self,
         d_model: int,
         num_heads: int = 4,
-        feature_map: str = "elu",
-        normalization: str = "sum",
+        feature_map: Literal["elu", "relu", "identity"] = "elu",
+        normalization: Literal["sum", "rms", "none"] = "sum",
         chunk_size: int = 64,
         eps: float = 1e-6,
         *,

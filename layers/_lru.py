@@ -112,7 +112,7 @@ class LRU(AbstractMixer):
         state: Complex[Array, " state"],
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], Complex[Array, " state"]]:
         """Run `x` from `state`, restarting at `resets` (true at the first token of each
         packed document); returns the outputs and the state after the last step."""
         resets = self._check_sequence(x, resets)
@@ -129,7 +129,9 @@ class LRU(AbstractMixer):
         y = (h @ C.T).real + self.D.astype(rdt)[None] * u
         return y.astype(x.dtype), h[-1].astype(state.dtype)
 
-    def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, " state"]):
+    def step(
+        self, x_t: Float[Array, " d_model"], state: Complex[Array, " state"]
+    ) -> tuple[Float[Array, " d_model"], Complex[Array, " state"]]:
         """One time step: returns `(y_t, state)`."""
         self._check_token(x_t)
         rdt = real_dtype(x_t.dtype)

@@ -15,6 +15,9 @@ import ssm
 from ._gru import _uniform
 from ._mixer import AbstractMixer, keep_mask
 
+LSTMState = tuple[Float[Array, " d_hidden"], Float[Array, " d_hidden"]]
+"""The LSTM's `(h, c)`: hidden and cell state."""
+
 
 class LSTM(AbstractMixer):
     """A long short-term memory as a sequence mixer.
@@ -79,7 +82,7 @@ class LSTM(AbstractMixer):
         self.d_hidden = d_hidden
         self.checkpoints = checkpoints
 
-    def init_state(self) -> tuple[Float[Array, " d_hidden"], Float[Array, " d_hidden"]]:
+    def init_state(self) -> LSTMState:
         """The zero state `(h, c)`."""
         zeros = jnp.zeros((self.d_hidden,), self.weight_hh.dtype)
         return zeros, zeros
@@ -98,10 +101,10 @@ class LSTM(AbstractMixer):
     def prefill(
         self,
         x: Float[Array, "seq d_model"],
-        state,
+        state: LSTMState,
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], LSTMState]:
         """Run over a sequence from `state`, restarting from the zero state at `resets`
         (true at the first token of each packed document); returns the outputs and the
         final state."""
@@ -120,7 +123,9 @@ class LSTM(AbstractMixer):
         )
         return hs @ self.weight_out.T, state
 
-    def step(self, x_t: Float[Array, " d_model"], state):
+    def step(
+        self, x_t: Float[Array, " d_model"], state: LSTMState
+    ) -> tuple[Float[Array, " d_model"], LSTMState]:
         """One token: returns its output and the next state."""
         self._check_token(x_t)
         gx = self.weight_ih @ x_t.astype(self.weight_ih.dtype) + self.bias

@@ -176,7 +176,7 @@ class Mamba(AbstractMixer):
         state: ConvState,
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], ConvState]:
         """Run `u` from `state`, restarting the convolution and the recurrence at
         `resets` (true at the first token of each packed document); returns the outputs
         and the state after the last step."""
@@ -200,7 +200,9 @@ class Mamba(AbstractMixer):
         out = linear(self.out_proj, y.astype(u.dtype))
         return out, ConvState(conv_state, h.astype(state.ssm.dtype))
 
-    def step(self, u_t: Float[Array, " d_model"], state: ConvState):
+    def step(
+        self, u_t: Float[Array, " d_model"], state: ConvState
+    ) -> tuple[Float[Array, " d_model"], ConvState]:
         """One time step: returns `(y_t, state)`."""
         self._check_token(u_t)
         x, z, delta, B, C, conv_state = self._selective_inputs(u_t[None], state.conv)

@@ -49,7 +49,7 @@ class SequenceModel(eqx.Module):
     """
 
     d_model: int = eqx.field(static=True)
-    pooling: str | None = eqx.field(static=True)
+    pooling: Literal["mean", "last"] | None = eqx.field(static=True)
     logit_soft_cap: float | None = eqx.field(static=True)
     embed_scale: float | None = eqx.field(static=True)
     norm_offset: float = eqx.field(static=True)
@@ -70,14 +70,14 @@ class SequenceModel(eqx.Module):
         d_input: int | None = None,
         pooling: Literal["mean", "last"] | None = None,
         mixer_kwargs: dict[str, Any] | None = None,
-        mlp_ratio: float = 4.0,
+        mlp_ratio: int | float = 4.0,
         dropout: float = 0.0,
         remat: bool = False,
         norm_eps: float = 1e-5,
         tie_embeddings: bool = False,
         head_bias: bool = True,
         mlp_hidden: int | None = None,
-        mlp_activation: str = "gelu",
+        mlp_activation: Literal["gelu", "silu"] = "gelu",
         logit_soft_cap: float | None = None,
         mlp_bias: bool = False,
         embed_scale: float | None = None,
@@ -225,11 +225,11 @@ class SequenceModel(eqx.Module):
 
     def prefill(
         self,
-        x,
+        x: Int[Array, " seq"] | Float[Array, "seq d_input"],
         state: tuple[PyTree[Array], ...],
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_output"], tuple[PyTree[Array], ...]]:
         """Run a sequence from `state` (`resets` as in `__call__`); returns per-step
         outputs and the new state."""
         h = self._encode(x)
@@ -239,7 +239,11 @@ class SequenceModel(eqx.Module):
             new.append(s)
         return self._head(h), tuple(new)
 
-    def step(self, x_t, state: tuple[PyTree[Array], ...]):
+    def step(
+        self,
+        x_t: Int[Array, ""] | Float[Array, " d_input"],
+        state: tuple[PyTree[Array], ...],
+    ) -> tuple[Float[Array, " d_output"], tuple[PyTree[Array], ...]]:
         """One token (an integer scalar, or a `(d_input,)` vector); returns
         `(output_t, state)`."""
         h = self._encode(x_t)

@@ -72,7 +72,7 @@ class RGLRU(AbstractMixer):
     num_heads: int = eqx.field(static=True)
     c: float = eqx.field(static=True)
     seq_axis: str | None = eqx.field(static=True)
-    reset_rule: str = eqx.field(static=True)
+    reset_rule: Literal["paper", "recurrent_gemma"] = eqx.field(static=True)
     gate_proj: eqx.nn.Linear
     in_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv d_rnn"]
@@ -189,10 +189,10 @@ class RGLRU(AbstractMixer):
     def prefill(
         self,
         u: Float[Array, "seq d_model"],
-        state: ConvState,
+        state: ConvState | RGLRUState,
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], ConvState | RGLRUState]:
         """Run `u` from `state`, restarting the convolution and the recurrence at
         `resets` (true at the first token of each packed document); returns the outputs
         and the state after the last step."""
@@ -213,7 +213,9 @@ class RGLRU(AbstractMixer):
         y = linear(self.out_proj, gate * h.astype(u.dtype))
         return y, self._state(conv_state, h[-1].astype(state.ssm.dtype))
 
-    def step(self, u_t: Float[Array, " d_model"], state: ConvState):
+    def step(
+        self, u_t: Float[Array, " d_model"], state: ConvState | RGLRUState
+    ) -> tuple[Float[Array, " d_model"], ConvState | RGLRUState]:
         """One time step: returns `(y_t, state)`."""
         self._check_token(u_t)
         gate, x, conv_state = self._pre(u_t[None], state.conv)

@@ -66,7 +66,7 @@ class S4D(AbstractMixer):
     d_model: int = eqx.field(static=True)
     state_size: int = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
+    mode: Literal["auto", "convolution", "recurrent"] = eqx.field(static=True)
     log_dt: Float[Array, " d_model"]
     log_A_real: Float[Array, "d_model modes"]
     A_imag: Float[Array, "d_model modes"]
@@ -207,7 +207,7 @@ class S4D(AbstractMixer):
         state: Complex[Array, "d_model modes"],
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], Complex[Array, "d_model modes"]]:
         """Run `x` from `state` (`resets` as in `__call__`); returns the outputs and the
         state after the last step."""
         resets = self._check_sequence(x, resets)
@@ -225,7 +225,9 @@ class S4D(AbstractMixer):
         y = y + self.D.astype(rdt)[None] * u
         return y.astype(x.dtype), h.astype(state.dtype)
 
-    def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, "d_model modes"]):
+    def step(
+        self, x_t: Float[Array, " d_model"], state: Complex[Array, "d_model modes"]
+    ) -> tuple[Float[Array, " d_model"], Complex[Array, "d_model modes"]]:
         """One time step: returns `(y_t, state)`."""
         self._check_token(x_t)
         rdt = real_dtype(x_t.dtype)

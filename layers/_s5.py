@@ -44,7 +44,7 @@ class S5(AbstractMixer):
 
     d_model: int = eqx.field(static=True)
     state_size: int = eqx.field(static=True)
-    discretisation: str = eqx.field(static=True)
+    discretisation: Literal["zoh", "bilinear"] = eqx.field(static=True)
     bidirectional: bool = eqx.field(static=True)
     Lambda_re: Float[Array, " modes"]
     Lambda_im: Float[Array, " modes"]
@@ -177,7 +177,7 @@ class S5(AbstractMixer):
         state: Complex[Array, " modes"],
         *,
         resets: Bool[Array, " seq"] | None = None,
-    ):
+    ) -> tuple[Float[Array, "seq d_model"], Complex[Array, " modes"]]:
         """Run `x` from `state` (`resets` as in `__call__`); returns the outputs and the
         state after the last step."""
         resets = self._check_sequence(x, resets)
@@ -187,7 +187,9 @@ class S5(AbstractMixer):
         y = y + self.D.astype(u.dtype)[None] * u
         return y.astype(x.dtype), h[-1].astype(state.dtype)
 
-    def step(self, x_t: Float[Array, " d_model"], state: Complex[Array, " modes"]):
+    def step(
+        self, x_t: Float[Array, " d_model"], state: Complex[Array, " modes"]
+    ) -> tuple[Float[Array, " d_model"], Complex[Array, " modes"]]:
         """One time step: returns `(y_t, state)`."""
         self._check_token(x_t)
         self._check_causal()
