@@ -17,6 +17,7 @@ from train.data import (
     MNIST1DConfig,
     MQARConfig,
     SelectiveCopyingConfig,
+    SplitSizes,
     build_task,
     eval_batches,
     train_batch,
@@ -112,6 +113,19 @@ def test_num_val_message():
     with pytest.raises(ValueError) as info:
         MNIST1DConfig(num_val=5000)
     assert str(info.value) == "num_val: must be < num_train (4000), got 5000"
+
+
+def test_synthetic_configs_share_split_sizes():
+    import train
+
+    for cls in (CopyingConfig, SelectiveCopyingConfig, MQARConfig, InductionHeadsConfig):
+        assert issubclass(cls, SplitSizes)
+    assert (MQARConfig().num_val, CopyingConfig().num_val) == (3000, 1000)
+    # the YAML keys stay flat under task
+    config = train.config.parse({"task": {"name": "copying", "num_val": 7}})
+    assert build_task(config.task).size("val") == 7
+    with pytest.raises(train.ConfigError, match="^task.num_test: must be >= 1, got 0"):
+        train.config.parse({"task": {"name": "induction_heads", "num_test": 0}})
 
 
 def test_build_task_rejects_other_objects():

@@ -42,6 +42,8 @@ devices.
 - `"lm_bytes"`: the same task with the defaults it always had: bytes of this
   working directory's `README.md` and `**/*.py` as one stream, no document tokens.
 
+The synthetic tasks' configs share their split keys (`num_train`, `num_val`,
+`num_test`) by subclassing one dataclass, [`SplitSizes`][train.data.SplitSizes].
 For the synthetic tasks every example is a pure function of (config seed, split,
 example index), computed with a counter-based hash, so splits are independent streams,
 any example can be regenerated alone and a batch is generated in one vectorised pass.
@@ -56,7 +58,13 @@ in order in batches of one shape, the last one padded, with a per-example `"weig
 
 import os
 
-from ._base import Batch as Batch, DataError as DataError, Kind as Kind, Task as Task
+from ._base import (
+    Batch as Batch,
+    DataError as DataError,
+    Kind as Kind,
+    SplitSizes as SplitSizes,
+    Task as Task,
+)
 from ._batching import (
     eval_batches as eval_batches,
     train_batch as train_batch,

@@ -42,11 +42,28 @@ def _check_int(config: Any, key: str, low: int, high: int | None = None) -> None
         _require(value <= high, key, f"must be <= {high}, got {value}")
 
 
-def _check_splits(config: Any) -> None:
-    _check_int(config, "seed", 0, 2**63 - 1)
-    _check_int(config, "num_train", 1)
-    _check_int(config, "num_val", 1)
-    _check_int(config, "num_test", 1)
+@dataclasses.dataclass(frozen=True)
+class SplitSizes:
+    """The number of examples in each split: the task keys `num_train`, `num_val` and
+    `num_test`, shared by every generated task's config (which subclasses this one; a
+    task may redeclare a field to change its default or meaning).
+
+    **Arguments:**
+
+    - `num_train`, `num_val`, `num_test`: the sizes of the splits, each >= 1.
+    """
+
+    num_train: int = _help("training examples", default=100_000)
+    num_val: int = _help("validation examples", default=1_000)
+    num_test: int = _help("test examples", default=1_000)
+
+    def __post_init__(self):
+        for split in ("train", "val", "test"):
+            _check_int(self, f"num_{split}", 1)
+
+    def split_size(self, split: str) -> int:
+        """The number of examples of `split` (`"train"`, `"val"` or `"test"`)."""
+        return getattr(self, f"num_{split}")
 
 
 class Task(abc.ABC):

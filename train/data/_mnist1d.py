@@ -11,7 +11,11 @@ from ._base import Batch, Task, _check_int, _check_name, _help, _read_only, _req
 
 @dataclasses.dataclass(frozen=True)
 class MNIST1DConfig:
-    """MNIST-1D classification (Greydanus & Kobak 2024), generated locally."""
+    """MNIST-1D classification (Greydanus & Kobak 2024), generated locally.
+
+    Its split keys are not [`SplitSizes`][train.data.SplitSizes]: `num_train` is the
+    generator's training portion, of which the last `num_val` are the validation split.
+    """
 
     name: str = _help("task name", default="mnist1d")
     num_train: int = _help(

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from ._base import Batch, Task, _check_int, _check_name, _check_splits, _help, _require
+from ._base import Batch, SplitSizes, Task, _check_int, _check_name, _help, _require
 
 
 @dataclasses.dataclass(frozen=True)
-class CopyingConfig:
+class CopyingConfig(SplitSizes):
     """Copy memory (Arjovsky et al. 2016): data, `lag` noise tokens, then the copy."""
 
     name: str = _help("task name", default="copying")
@@ -30,20 +30,18 @@ class CopyingConfig:
         default=100,
     )
     seed: int = _help("seed of the example generator", default=0)
-    num_train: int = _help("training examples", default=100_000)
-    num_val: int = _help("validation examples", default=1_000)
-    num_test: int = _help("test examples", default=1_000)
 
     def __post_init__(self):
         _check_name(self)
         _check_int(self, "vocab_size", 3)
         _check_int(self, "num_tokens", 1)
         _check_int(self, "lag", 0)
-        _check_splits(self)
+        _check_int(self, "seed", 0, 2**63 - 1)
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True)
-class SelectiveCopyingConfig:
+class SelectiveCopyingConfig(SplitSizes):
     """Selective copying (Gu & Dao 2023): data tokens at random positions among noise."""
 
     name: str = _help("task name", default="selective_copying")
@@ -59,9 +57,6 @@ class SelectiveCopyingConfig:
         default=256,
     )
     seed: int = _help("seed of the example generator", default=0)
-    num_train: int = _help("training examples", default=100_000)
-    num_val: int = _help("validation examples", default=1_000)
-    num_test: int = _help("test examples", default=1_000)
 
     def __post_init__(self):
         _check_name(self)
@@ -73,11 +68,12 @@ class SelectiveCopyingConfig:
             "context_len",
             f"must be >= num_tokens ({self.num_tokens}), got {self.context_len}",
         )
-        _check_splits(self)
+        _check_int(self, "seed", 0, 2**63 - 1)
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True)
-class MQARConfig:
+class MQARConfig(SplitSizes):
     """Multi-query associative recall (Arora et al. 2023, Zoology)."""
 
     name: str = _help("task name", default="mqar")
@@ -97,7 +93,6 @@ class MQARConfig:
         "fill non-query positions with random tokens (else with token 0)", default=True
     )
     seed: int = _help("seed of the example generator", default=0)
-    num_train: int = _help("training examples", default=100_000)
     num_val: int = _help("validation examples", default=3_000)
     num_test: int = _help("test examples", default=3_000)
 
@@ -118,11 +113,12 @@ class MQARConfig:
             f"must be >= 4 * num_kv_pairs ({4 * self.num_kv_pairs}), got {self.seq_len}",
         )
         _require(float(self.power_a) > 0.0, "power_a", f"must be > 0, got {self.power_a}")
-        _check_splits(self)
+        _check_int(self, "seed", 0, 2**63 - 1)
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True)
-class InductionHeadsConfig:
+class InductionHeadsConfig(SplitSizes):
     """Induction heads (Olsson et al. 2022; H3, Mamba): recall the token after a trigger."""
 
     name: str = _help("task name", default="induction_heads")
@@ -133,15 +129,13 @@ class InductionHeadsConfig:
     )
     seq_len: int = _help("sequence length (the Mamba paper trains at 256)", default=256)
     seed: int = _help("seed of the example generator", default=0)
-    num_train: int = _help("training examples", default=100_000)
-    num_val: int = _help("validation examples", default=1_000)
-    num_test: int = _help("test examples", default=1_000)
 
     def __post_init__(self):
         _check_name(self)
         _check_int(self, "vocab_size", 3)
         _check_int(self, "seq_len", 3)
-        _check_splits(self)
+        _check_int(self, "seed", 0, 2**63 - 1)
+        super().__post_init__()
 
 
 _SPLIT_ID = {"train": 1, "val": 2, "test": 3}
@@ -229,7 +223,7 @@ class _AbstractSyntheticTask(Task):
         self.n_outputs = config.vocab_size
 
     def size(self, split: str) -> int:
-        return getattr(self.config, f"num_{self._check_split(split)}")
+        return self.config.split_size(self._check_split(split))
 
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         idx = self._indices(split, idx)
