@@ -106,7 +106,7 @@ class Trainer:
 
     **Arguments:**
 
-    - `config`: a checked [`Config`][train.Config].
+    - `config`: a checked `train.Config`.
     - `run_dir`: the run directory (default `runs/NAME-TIME`).
     - `resume`: continue from the latest good checkpoint in `run_dir`.
     - `say`: where messages go (default: printed, above the progress bar); only
@@ -115,7 +115,7 @@ class Trainer:
     Building a trainer checks all it can before anything is compiled or written (the
     run directory, the task's data, `train.best_metric` against the task's metrics,
     the model and the optimiser) and registers the loop's own hooks (`train.hooks`).
-    [`fit`][train.Trainer.fit] does the rest and closes the trackers, the checkpointer
+    `Trainer.fit` does the rest and closes the trackers, the checkpointer
     and the progress bar in one place, however it ends; it is `initialize`, `train`
     and `finish` in turn, then `close`.
 
@@ -180,7 +180,7 @@ class Trainer:
         hooks_lib.add_default_hooks(self)
 
     def add_hook(self, hook: Hook, every: int = 1, *, final: bool = False) -> None:
-        """Run `hook(info)` (a [`StepInfo`][train.StepInfo]) after every step whose
+        """Run `hook(info)` (a `train.StepInfo`) after every step whose
         number is a multiple of `every`, and after the last step too when `final`.
         Hooks run in the order they were added, after the trainer's own; one that is a
         context manager is entered for the duration of the loop."""
@@ -284,7 +284,7 @@ class Trainer:
 
     def train(self) -> None:
         """Steps from the current one to `train.steps`, running the hooks after each;
-        ends early when a hook calls [`stop`][train.Trainer.stop]."""
+        ends early when a hook calls `Trainer.stop`."""
         tc = self.config.train
         step_fn = make_train_step(
             self.config,
