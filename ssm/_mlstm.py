@@ -247,8 +247,7 @@ def _mlstm_step(q_t, k_t, v_t, log_f, log_i, state, eps):
     n = f[:, None] * n + i[:, None] * k_t
     num = jnp.einsum("hkv,hk->hv", C, q_t)
     den = jnp.sum(n * q_t, axis=-1, keepdims=True)
-    h = num / (jnp.maximum(jnp.abs(den), jnp.exp(-m_new)[:, None]) + eps)
-    return h, MLSTMState(C, n, m_new)
+    return _mlstm_readout(num, den, m_new, eps), MLSTMState(C, n, m_new)
 
 
 def mlstm_step(

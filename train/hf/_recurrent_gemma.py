@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 
 import layers
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, build
+from ._tree import arrays_of, finish_backbone
 
 MODEL_TYPE = "recurrent_gemma"
 ARCHITECTURE = "RecurrentGemmaForCausalLM"
@@ -212,13 +211,7 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
                 tensors, h + f"mlp_block.{theirs}", o_ + f"mlp.{ours}", (F, D), True, arrays
             )
         _linear(tensors, h + "mlp_block.down_proj", o_ + "mlp.down", (D, F), True, arrays)
-    arrays["norm.weight"] = tensors.take("model.final_norm.weight", (D,))
-    if arch["tie_embeddings"]:
-        tensors.skip("lm_head.weight")  # save_pretrained may or may not write it
-    else:
-        arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
-    tensors.finish()
-    return build(lambda: layers.SequenceModel(**arch, key=jr.key(0)), arrays)
+    return finish_backbone(tensors, arrays, arch, final_norm="model.final_norm.weight")
 
 
 def kinds_of(block) -> str:

@@ -79,12 +79,14 @@ def with_chunk(architecture: Mapping, chunk_size: int | None) -> dict:
     return architecture
 
 
-def finish_backbone(tensors, arrays, architecture: Mapping):
-    """The tail shared by the Mamba-family loaders: take the final norm and the LM head
-    (or skip it when tied) from `tensors`, check nothing is left over, and build the
-    `SequenceModel` of `architecture` (`backbone_architecture`) from `arrays`."""
+def finish_backbone(
+    tensors, arrays, architecture: Mapping, final_norm: str = "backbone.norm_f.weight"
+):
+    """The tail shared by the loaders: take the final norm (the tensor `final_norm`)
+    and the LM head (or skip it when tied) from `tensors`, check nothing is left over,
+    and build the `SequenceModel` of `architecture` from `arrays`."""
     D, V = architecture["d_model"], architecture["vocab_size"]
-    arrays["norm.weight"] = tensors.take("backbone.norm_f.weight", (D,))
+    arrays["norm.weight"] = tensors.take(final_norm, (D,))
     if architecture["tie_embeddings"]:
         tensors.skip("lm_head.weight")  # save_pretrained may or may not write it
     else:
