@@ -19,6 +19,7 @@ from ._heads import head_rms_norm
 from ._init import init_dt_bias
 from ._mixer import (
     AbstractMixer,
+    chunked,
     linear,
     real_dtype,
 )
@@ -46,6 +47,17 @@ class Mamba(AbstractMixer):
     on the fly and keeps only the states at the starts of chunks of `chunk_size`
     steps: no `T × d_inner × d_state` tensor is ever stored, in the forward or the
     backward pass.
+
+    With `allow_neg_eigval=True` (Grazzi et al. 2025, "Unlocking state-tracking in
+    linear RNNs through negative eigenvalues", ICLR 2025) the transition is
+    `a[t] = 2 exp(Δ[t] A) - 1`, in `(-1, 1)` instead of `(0, 1)`, with the input term
+    `(Δ[t] x[t]) B[t]ᵀ` unchanged, as in the paper's Mamba variant. `selective_scan`
+    cannot carry a negative decay (it forms `exp(Δ A)` itself), so the recurrence then
+    runs through `ssm.linear_scan` on the materialised `a` and inputs, one chunk of
+    `chunk_size` steps at a time with the chunk rematerialised in the backward pass:
+    it holds `chunk_size × d_inner × d_state` transitions, inputs and states at once
+    (a few times the chunked `selective_scan`'s working set) and saves one
+    `d_inner × d_state` state per chunk, never the `T × d_inner × d_state` history.
     """
 
     d_model: int = eqx.field(static=True)
@@ -55,6 +67,7 @@ class Mamba(AbstractMixer):
     dt_rank: int = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
     bcdt_norm_eps: float | None = eqx.field(static=True)
+    allow_neg_eigval: bool = eqx.field(static=True)
     in_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv d_inner"]
     conv_bias: Float[Array, " d_inner"]
@@ -80,6 +93,7 @@ class Mamba(AbstractMixer):
         dt_scale: float = 1.0,
         chunk_size: int = 64,
         bcdt_norm_eps: float | None = None,
+        allow_neg_eigval: bool = False,
         *,
         key: PRNGKeyArray,
     ):
@@ -97,10 +111,14 @@ class Mamba(AbstractMixer):
         - `bcdt_norm_eps`: when given, the step-size input and `B`, `C` (the three
           parts of `x_proj`'s output) are each RMS-normalised, without weights, with
           this epsilon: Falcon Mamba (Zuo et al. 2024). `None`: Mamba.
+        - `allow_neg_eigval`: the transition `2 exp(Δ A) - 1` in `(-1, 1)` instead of
+          `exp(Δ A)` in `(0, 1)` (Grazzi et al. 2025), computed by `ssm.linear_scan`
+          chunk by chunk (see above); `False`: Mamba.
         - `key`: a `jax.random.PRNGKey`.
         """
         k_in, k_conv, k_cb, k_x, k_dt, k_dtb, k_out = jr.split(key, 7)
         self.bcdt_norm_eps = bcdt_norm_eps
+        self.allow_neg_eigval = allow_neg_eigval
         d_inner = expand * d_model
         dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
@@ -164,6 +182,26 @@ class Mamba(AbstractMixer):
         C = dbc[..., r + n :].astype(rdt)
         return x, z, delta, B, C, conv_state
 
+    def _transition(self, dA):
+        """`exp(Δ A)`, or `2 exp(Δ A) - 1` with `allow_neg_eigval` (Grazzi et al. 2025;
+        written `1 + 2 expm1(Δ A)`, exact near 1)."""
+        return 1 + 2 * jnp.expm1(dA) if self.allow_neg_eigval else jnp.exp(dA)
+
+    def _signed_scan(self, x, delta, A, B, C, h0, resets):
+        """The recurrence with transitions that may be negative (`allow_neg_eigval`):
+        `ssm.linear_scan` on the materialised `(chunk, d_inner, d_state)` transitions
+        and inputs, one rematerialised chunk at a time (`chunked`); returns `y[t] =
+        h[t] C[t]` (without `D`) and the last state."""
+
+        def chunk(h, inputs):
+            x_c, delta_c, B_c, C_c, r_c = inputs
+            a = self._transition(delta_c[:, :, None] * A[None])
+            b = (delta_c * x_c)[:, :, None] * B_c[:, None, :]
+            hs = ssm.linear_scan(a, b, h, resets=r_c)
+            return jnp.sum(hs * C_c[:, None, :], axis=-1), hs
+
+        return chunked(chunk, h0, (x, delta, B, C, resets), self.chunk_size)
+
     def _output(self, y, x, z, u_dtype):
         rdt = y.dtype
         D = jnp.reshape(self.D.astype(rdt), (1,) * (y.ndim - 1) + (-1,))
@@ -184,6 +222,12 @@ class Mamba(AbstractMixer):
         x, z, delta, B, C, conv_state = self._selective_inputs(u, state.conv, resets)
         rdt = delta.dtype
         A = -jnp.exp(self.A_log.astype(rdt))
+        if self.allow_neg_eigval:
+            y, h = self._signed_scan(
+                x.astype(rdt), delta, A, B, C, state.ssm.astype(rdt), resets
+            )
+            out = self._output(y, x, z, u.dtype)
+            return out, ConvState(conv_state, h.astype(state.ssm.dtype))
         y, h = ssm.selective_scan(
             x.astype(rdt),
             delta,
@@ -209,7 +253,7 @@ class Mamba(AbstractMixer):
         x, z, delta, B, C = x[0], z[0], delta[0], B[0], C[0]
         rdt = delta.dtype
         A = -jnp.exp(self.A_log.astype(rdt))
-        dA = jnp.exp(delta[:, None] * A)
+        dA = self._transition(delta[:, None] * A)
         h = dA * state.ssm.astype(rdt) + (delta * x.astype(rdt))[:, None] * B[None, :]
         y = self._output(h @ C, x, z, u_t.dtype)
         return y, ConvState(conv_state, h.astype(state.ssm.dtype))

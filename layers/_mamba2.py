@@ -17,6 +17,7 @@ from ._heads import head_rms_norm, head_sizes, split_heads
 from ._init import init_A_log, init_dt_bias
 from ._mixer import (
     AbstractMixer,
+    chunked,
     linear,
     real_dtype,
 )
@@ -45,6 +46,17 @@ class Mamba2(AbstractMixer):
     recurrence runs through `ssm.gated_linear_attention` (`q = C`, `k = B`, `v = Δ x`,
     `log α = Δ A`), chunked.
 
+    With `allow_neg_eigval=True` (Grazzi et al. 2025, "Unlocking state-tracking in
+    linear RNNs through negative eigenvalues", ICLR 2025) the decay is `α[t] = 2
+    exp(Δ[t] A) - 1`, in `(-1, 1)` instead of `(0, 1)`, with the input term `B[t]
+    (Δ[t] x[t])ᵀ` unchanged (the paper's change to Mamba, here per head). The
+    chunked operator works in log space and cannot carry a negative decay, so the
+    recurrence then runs through `ssm.linear_scan` on the materialised `(H, N, P)`
+    inputs, one chunk of `chunk_size` steps at a time with the chunk rematerialised in
+    the backward pass: it holds `chunk_size × d_inner × d_state` inputs and states at
+    once and saves one `(H, N, P)` state per chunk, never the `T × d_inner × d_state`
+    history; it is slower than the chunked operator (no matrix products).
+
     ```python
     mixer = layers.Mamba2(64, key=key)
     y = jax.vmap(mixer)(x)                           # x: (batch, seq, 64)
@@ -60,6 +72,7 @@ class Mamba2(AbstractMixer):
     chunk_size: int = eqx.field(static=True)
     n_groups: int = eqx.field(static=True)
     norm_eps: float = eqx.field(static=True)
+    allow_neg_eigval: bool = eqx.field(static=True)
     in_proj: eqx.nn.Linear
     conv_weight: Float[Array, "d_conv channels"]
     conv_bias: Float[Array, " channels"]
@@ -84,6 +97,7 @@ class Mamba2(AbstractMixer):
         chunk_size: int = 64,
         n_groups: int = 1,
         norm_eps: float = 1e-5,
+        allow_neg_eigval: bool = False,
         *,
         key: PRNGKeyArray,
     ):
@@ -101,6 +115,9 @@ class Mamba2(AbstractMixer):
           normalises each of the `G` slices of `d_inner` channels separately (as the
           reference code, `RMSNormGated(group_size=d_inner / G)`).
         - `norm_eps`: the epsilon of the gated RMS norm.
+        - `allow_neg_eigval`: the decay `2 exp(Δ A) - 1` in `(-1, 1)` instead of
+          `exp(Δ A)` in `(0, 1)` (Grazzi et al. 2025), computed by `ssm.linear_scan`
+          chunk by chunk (see above); `False`: Mamba-2.
         - `key`: a `jax.random.PRNGKey`.
         """
         k_in, k_conv, k_cb, k_dt, k_a, k_out = jr.split(key, 6)
@@ -113,6 +130,7 @@ class Mamba2(AbstractMixer):
                 f"Mamba2: n_groups must divide num_heads={num_heads}, got {n_groups}."
             )
         self.n_groups, self.norm_eps = n_groups, norm_eps
+        self.allow_neg_eigval = allow_neg_eigval
         channels = d_inner + 2 * n_groups * d_state
         self.in_proj = eqx.nn.Linear(
             d_model,
@@ -167,6 +185,23 @@ class Mamba2(AbstractMixer):
         k = jnp.repeat(jnp.reshape(B, (T, G, N)), H // G, axis=1, total_repeat_length=H)
         return q, k, v, log_decay, x, z, conv_state
 
+    def _signed_scan(self, q, k, v, log_decay, S0, resets):
+        """The recurrence with decays `2 exp(Δ A) - 1` that may be negative
+        (`allow_neg_eigval`): `ssm.linear_scan` on the materialised `(chunk, H, N, P)`
+        inputs `k vᵀ`, one rematerialised chunk at a time (`chunked`); returns `y[t] =
+        S[t]ᵀ q[t]` (without `D`) and the last state."""
+        rdt = log_decay.dtype
+
+        def chunk(S, inputs):
+            q_c, k_c, v_c, g_c, r_c = inputs
+            a = (1 + 2 * jnp.expm1(g_c))[:, :, None, None]  # (C, H, 1, 1)
+            b = k_c.astype(rdt)[:, :, :, None] * v_c.astype(rdt)[:, :, None, :]
+            Ss = ssm.linear_scan(a, b, S, resets=r_c)
+            return jnp.sum(Ss * q_c.astype(rdt)[:, :, :, None], axis=2), Ss
+
+        xs = (q, k, v, log_decay, resets)
+        return chunked(chunk, S0.astype(rdt), xs, self.chunk_size)
+
     def _output(self, y, x, z, u):
         rdt = real_dtype(u.dtype)
         y = y.astype(rdt) + self.D.astype(rdt)[None, :, None] * x.astype(rdt)
@@ -190,6 +225,9 @@ class Mamba2(AbstractMixer):
         outputs and the final state."""
         resets = self._check_sequence(u, resets)
         q, k, v, log_decay, x, z, conv = self._features(u, state.conv, resets)
+        if self.allow_neg_eigval:
+            y, S = self._signed_scan(q, k, v, log_decay, state.ssm, resets)
+            return self._output(y, x, z, u), ConvState(conv, S.astype(state.ssm.dtype))
         y, S = ssm.gated_linear_attention(
             q, k, v, log_decay, state.ssm, resets=resets, chunk_size=self.chunk_size
         )
@@ -201,6 +239,16 @@ class Mamba2(AbstractMixer):
         """One time step: returns `(y_t, state)`."""
         self._check_token(u_t)
         q, k, v, log_decay, x, z, conv = self._features(u_t[None], state.conv)
-        y, S = ssm.gated_linear_attention_step(q[0], k[0], v[0], log_decay[0], state.ssm)
+        if self.allow_neg_eigval:
+            rdt = log_decay.dtype
+            a = 1 + 2 * jnp.expm1(log_decay[0])  # (H,), in (-1, 1)
+            S = a[:, None, None] * state.ssm.astype(rdt) + (
+                k[0].astype(rdt)[:, :, None] * v[0].astype(rdt)[:, None, :]
+            )
+            y = jnp.sum(S * q[0].astype(rdt)[:, :, None], axis=1)  # Sᵀ q: (H, P)
+        else:
+            y, S = ssm.gated_linear_attention_step(
+                q[0], k[0], v[0], log_decay[0], state.ssm
+            )
         out = self._output(y[None], x, z, u_t[None])[0]
         return out, ConvState(conv, S.astype(state.ssm.dtype))
