@@ -57,6 +57,8 @@ def test_registry_names_and_help():
         "selective_copying",
         "mqar",
         "induction_heads",
+        "parity",
+        "modular_addition",
         "lm",
         "lm_bytes",
     }

@@ -76,6 +76,19 @@ def _check_best_metric(config: Config, kind: str) -> None:
         )
 
 
+def _check_split_lengths(config: Config, task) -> None:
+    """Sequence parallelism splits every evaluated sequence too: `distributed.seq`
+    must divide the lengths of `task.eval_lengths`."""
+    seq = config.distributed.seq
+    for split in task.splits:
+        length = task.split_seq_len(split)
+        if seq > 1 and length % seq:
+            raise ConfigError(
+                f"task.eval_lengths: split {split!r} has sequences of {length} steps, "
+                f"which distributed.seq={seq} does not divide"
+            )
+
+
 def _check_new_run_dir(run_dir: Path) -> None:
     ckpt_dir = run_dir / "checkpoints"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -155,6 +168,7 @@ class Trainer:
         self.layout = distributed.make_layout(
             config.distributed, batch_sizes, self.task.seq_len
         )
+        _check_split_lengths(config, self.task)
         self._rows = self.layout.local_rows(tc.batch_size)
         self._eval_rows = self.layout.local_rows(tc.eval_batch_size)
         self.main = distributed.is_main()
@@ -399,7 +413,9 @@ class Trainer:
 
     def finish(self) -> dict:
         """The final evaluation (with the best checkpoint if `train.eval_with_best`),
-        the test split, `summary.json` and the last `curves.png`.
+        the test split, the splits of `task.eval_lengths` (`val_len{L}`,
+        `test_len{L}`, each a key of the summary), `summary.json` and the last
+        `curves.png`.
 
         **Returns:** the summary.
         """
@@ -424,6 +440,12 @@ class Trainer:
             self.tracker.log({"split": "test", **test}, self.step)
             summary["test"] = test
             self.say(f"test {_format(test)}")
+        for split in self.task.splits:  # the other lengths of task.eval_lengths
+            if split not in ("train", "val", "test"):
+                values = self.evaluate(split, chosen)
+                self.tracker.log({"split": split, **values}, self.step)
+                summary[split] = values
+                self.say(f"{split} {_format(values)}")
         if self.init_report is not None:
             summary["init_from"] = self.init_report["source"]
         self._write_summary(summary)

@@ -31,6 +31,13 @@ devices.
   induction heads", 2022; the synthetic task of Fu et al., H3, 2023, and of the Mamba
   paper, Sec. 4.1). Random tokens with a trigger token somewhere followed by an
   answer token; the sequence ends with the trigger again and the target is the answer.
+- `"parity"`, `"modular_addition"`: state tracking (Deletang et al., "Neural networks
+  and the Chomsky hierarchy", ICLR 2023, as used by the xLSTM paper and by Grazzi et
+  al., "Unlocking state-tracking in linear RNNs through negative eigenvalues", ICLR
+  2025). Tokens in `Z_m` (bits for parity) of lengths uniform in `[min_len, max_len]`,
+  padded; the label is their sum mod `m`, at the last token (`supervision: final`, an
+  accuracy over sequences) or at every token (`running`). Train short, test long with
+  `eval_lengths`.
 - `"lm"`: language modelling over local text files, by default the Python standard
   library of the running interpreter (`stdlib:**/*.py`, less its test suites and
   installed packages). Tokens are UTF-8 bytes, byte-level BPE trained on the training
@@ -41,6 +48,13 @@ devices.
   bytes is held out for validation.
 - `"lm_bytes"`: the same task with the defaults it always had: bytes of this
   working directory's `README.md` and `**/*.py` as one stream, no document tokens.
+
+The synthetic tasks whose length is a parameter (copying's `lag`, selective copying's
+`context_len`, MQAR's and induction heads' `seq_len`, the state-tracking tasks'
+`min_len = max_len`) take `eval_lengths`: for each length `L` two more splits,
+`val_len{L}` and `test_len{L}`, generated from a copy of the config with the length
+set to `L` and a seed derived from `(seed, L)`; the trainer evaluates them at the end
+with the chosen checkpoint and reports them in `summary.json`.
 
 The synthetic tasks' configs share their split keys (`num_train`, `num_val`,
 `num_test`) by subclassing one dataclass, [`SplitSizes`][train.data.SplitSizes].
@@ -72,6 +86,11 @@ from ._batching import (
 )
 from ._lm import BytesLMConfig as BytesLMConfig, LMConfig as LMConfig, LMTask as LMTask
 from ._mnist1d import MNIST1DConfig as MNIST1DConfig, MNIST1DTask as MNIST1DTask
+from ._state_tracking import (
+    ModularAdditionConfig as ModularAdditionConfig,
+    ParityConfig as ParityConfig,
+    RunningSumTask as RunningSumTask,
+)
 from ._synthetic import (
     CopyingConfig as CopyingConfig,
     CopyingTask as CopyingTask,
@@ -81,6 +100,8 @@ from ._synthetic import (
     MQARTask as MQARTask,
     SelectiveCopyingConfig as SelectiveCopyingConfig,
     SelectiveCopyingTask as SelectiveCopyingTask,
+    at_length as at_length,
+    length_split as length_split,
 )
 from ._tokenizer import (
     BytesTokenizer as BytesTokenizer,
@@ -97,6 +118,8 @@ TaskConfig = (
     | SelectiveCopyingConfig
     | MQARConfig
     | InductionHeadsConfig
+    | ParityConfig
+    | ModularAdditionConfig
     | LMConfig
 )
 
@@ -106,6 +129,8 @@ TASKS: dict[str, type] = {
     "selective_copying": SelectiveCopyingConfig,
     "mqar": MQARConfig,
     "induction_heads": InductionHeadsConfig,
+    "parity": ParityConfig,
+    "modular_addition": ModularAdditionConfig,
     "lm": LMConfig,
     "lm_bytes": BytesLMConfig,
 }
@@ -116,6 +141,8 @@ _BUILDERS: dict[type, type[Task]] = {
     SelectiveCopyingConfig: SelectiveCopyingTask,
     MQARConfig: MQARTask,
     InductionHeadsConfig: InductionHeadsTask,
+    ParityConfig: RunningSumTask,
+    ModularAdditionConfig: RunningSumTask,
     LMConfig: LMTask,
     BytesLMConfig: LMTask,
 }

@@ -79,7 +79,9 @@ class Task(abc.ABC):
     - `d_input`: the width of real-valued inputs, else `None`.
     - `n_outputs`: the number of classes, or the output vocabulary.
     - `seq_len`: the length of every input sequence.
-    - `splits`: the split names, `("train", "val", "test")` or `("train", "val")`.
+    - `splits`: the split names, `("train", "val", "test")` or `("train", "val")`;
+        a synthetic task with `eval_lengths` adds `val_len{L}` and `test_len{L}` for
+        each length `L`, whose sequences have `split_seq_len(split)` steps.
 
     `examples(split, idx)` returns a dict of numpy arrays for the examples `idx`:
 
@@ -108,6 +110,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def examples(self, split: str, idx: np.ndarray) -> Batch:
         """The examples at indices `idx` (a 1-D integer array) of `split`."""
+
+    def split_seq_len(self, split: str) -> int:
+        """The length of the sequences of `split`: `seq_len` unless the split is one of
+        the extra evaluation lengths."""
+        self._check_split(split)
+        return self.seq_len
 
     def augment(
         self, batch: Batch, rng: np.random.Generator, rows: slice, batch_size: int

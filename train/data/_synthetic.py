@@ -3,15 +3,94 @@
 Every example is a pure function of (config seed, split, example index), computed with
 a counter-based hash, so splits are independent streams, any example can be
 regenerated alone and a batch is generated in one vectorised pass.
+
+A task whose length is a parameter takes `eval_lengths`: for each length `L` it has
+two more splits, `val_len{L}` and `test_len{L}`, drawn from a copy of the config with
+the length set to `L` (`at_length`) and a seed derived from `(seed, L)`.
 """
 
 import abc
 import dataclasses
-from typing import Any
+import re
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ._base import Batch, SplitSizes, Task, _check_int, _check_name, _help, _require
+
+_EVAL_LENGTHS_HELP = (
+    "extra evaluation lengths: for each L, splits val_len{L} and test_len{L} (num_val "
+    "and num_test examples) at {key} = L, drawn with a seed derived from (seed, L); "
+    "evaluated at the end of training with the chosen checkpoint and reported per "
+    "length in summary.json"
+)
+
+
+def _eval_lengths_field(key: str) -> Any:
+    return _help(_EVAL_LENGTHS_HELP.replace("{key}", key), default=())
+
+
+def _check_eval_lengths(config: Any) -> None:
+    """`eval_lengths`: distinct positive integers, each a valid length of the task;
+    stored as a tuple (so the config stays hashable)."""
+    value = config.eval_lengths
+    _require(
+        isinstance(value, list | tuple),
+        "eval_lengths",
+        f"must be a list of positive integers, got {value!r}",
+    )
+    for i, length in enumerate(value):
+        _require(
+            isinstance(length, int | np.integer)
+            and not isinstance(length, bool)
+            and length >= 1,
+            "eval_lengths",
+            f"must be positive integers, got {length!r} at index {i}",
+        )
+    _require(
+        len(set(value)) == len(value), "eval_lengths", f"has repeated lengths: {value}"
+    )
+    object.__setattr__(config, "eval_lengths", tuple(int(v) for v in value))
+    for length in config.eval_lengths:
+        try:
+            at_length(config, length)
+        except ValueError as e:
+            raise ValueError(
+                f"eval_lengths: length {length} is not a valid length of task "
+                f"{config.name!r} ({e})"
+            ) from None
+
+
+def length_seed(seed: int, length: int) -> int:
+    """The generator seed of the evaluation splits at `length`: a hash of `(seed,
+    length)`, in [0, 2^63)."""
+    key = _mix(_mix(np.asarray([seed], np.uint64)) ^ np.uint64(0x4C454E00 + length))
+    return int(key[0] >> np.uint64(1))
+
+
+def at_length(config: Any, length: int) -> Any:
+    """A copy of a task config whose sequences have length `length` (the keys in
+    `config.length_keys` set to it), with the seed `length_seed(seed, length)` and no
+    `eval_lengths` of its own.
+
+    **Raises:** `ValueError` when the task has no length or `length` does not fit it.
+    """
+    keys = getattr(type(config), "length_keys", None)
+    if not keys:
+        raise ValueError(f"task {config.name!r} has no length parameter")
+    changes = dict.fromkeys(keys, length)
+    return dataclasses.replace(
+        config, **changes, seed=length_seed(config.seed, length), eval_lengths=()
+    )
+
+
+_LENGTH_SPLIT = re.compile(r"^(val|test)_len(\d+)$")
+
+
+def length_split(split: str) -> tuple[str, int] | None:
+    """`("val", 512)` for `"val_len512"`, `("test", L)` for `"test_len{L}"`, else None."""
+    m = _LENGTH_SPLIT.match(split)
+    return None if m is None else (m[1], int(m[2]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +109,8 @@ class CopyingConfig(SplitSizes):
         default=100,
     )
     seed: int = _help("seed of the example generator", default=0)
+    eval_lengths: tuple[int, ...] = _eval_lengths_field("lag")
+    length_keys: ClassVar[tuple[str, ...]] = ("lag",)
 
     def __post_init__(self):
         _check_name(self)
@@ -38,6 +119,7 @@ class CopyingConfig(SplitSizes):
         _check_int(self, "lag", 0)
         _check_int(self, "seed", 0, 2**63 - 1)
         super().__post_init__()
+        _check_eval_lengths(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +139,8 @@ class SelectiveCopyingConfig(SplitSizes):
         default=256,
     )
     seed: int = _help("seed of the example generator", default=0)
+    eval_lengths: tuple[int, ...] = _eval_lengths_field("context_len")
+    length_keys: ClassVar[tuple[str, ...]] = ("context_len",)
 
     def __post_init__(self):
         _check_name(self)
@@ -70,6 +154,7 @@ class SelectiveCopyingConfig(SplitSizes):
         )
         _check_int(self, "seed", 0, 2**63 - 1)
         super().__post_init__()
+        _check_eval_lengths(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +178,8 @@ class MQARConfig(SplitSizes):
         "fill non-query positions with random tokens (else with token 0)", default=True
     )
     seed: int = _help("seed of the example generator", default=0)
+    eval_lengths: tuple[int, ...] = _eval_lengths_field("seq_len")
+    length_keys: ClassVar[tuple[str, ...]] = ("seq_len",)
     num_val: int = _help("validation examples", default=3_000)
     num_test: int = _help("test examples", default=3_000)
 
@@ -115,6 +202,7 @@ class MQARConfig(SplitSizes):
         _require(float(self.power_a) > 0.0, "power_a", f"must be > 0, got {self.power_a}")
         _check_int(self, "seed", 0, 2**63 - 1)
         super().__post_init__()
+        _check_eval_lengths(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +217,8 @@ class InductionHeadsConfig(SplitSizes):
     )
     seq_len: int = _help("sequence length (the Mamba paper trains at 256)", default=256)
     seed: int = _help("seed of the example generator", default=0)
+    eval_lengths: tuple[int, ...] = _eval_lengths_field("seq_len")
+    length_keys: ClassVar[tuple[str, ...]] = ("seq_len",)
 
     def __post_init__(self):
         _check_name(self)
@@ -136,6 +226,7 @@ class InductionHeadsConfig(SplitSizes):
         _check_int(self, "seq_len", 3)
         _check_int(self, "seed", 0, 2**63 - 1)
         super().__post_init__()
+        _check_eval_lengths(self)
 
 
 _SPLIT_ID = {"train": 1, "val": 2, "test": 3}
@@ -211,21 +302,37 @@ def _has_repeats(x: np.ndarray) -> np.ndarray:
 
 
 class _AbstractSyntheticTask(Task):
-    """A generated token task with per-step targets under a mask."""
+    """A generated token task with per-step targets under a mask.
+
+    With `config.eval_lengths`, the splits `val_len{L}` and `test_len{L}` are the
+    `val` and `test` splits of the same task built from `at_length(config, L)`.
+    """
 
     kind = "sequence"
     d_input = None
-    splits = ("train", "val", "test")
 
     def __init__(self, config: Any):
         self.config = config
-        self.vocab_size = config.vocab_size
-        self.n_outputs = config.vocab_size
+        self.vocab_size = self.n_outputs = getattr(config, "vocab_size", None)
+        lengths = getattr(config, "eval_lengths", ())
+        self.at_length = {n: type(self)(at_length(config, n)) for n in lengths}
+        extra = [f"{split}_len{n}" for n in lengths for split in ("val", "test")]
+        self.splits = ("train", "val", "test", *extra)
 
     def size(self, split: str) -> int:
-        return self.config.split_size(self._check_split(split))
+        at = length_split(self._check_split(split))
+        if at is not None:
+            return self.at_length[at[1]].size(at[0])
+        return self.config.split_size(split)
+
+    def split_seq_len(self, split: str) -> int:
+        at = length_split(self._check_split(split))
+        return self.seq_len if at is None else self.at_length[at[1]].seq_len
 
     def examples(self, split: str, idx: np.ndarray) -> Batch:
+        at = length_split(self._check_split(split))
+        if at is not None:
+            return self.at_length[at[1]].examples(at[0], idx)
         idx = self._indices(split, idx)
         inputs, targets, mask = self._generate(
             _Draws.for_examples(self.config.seed, split, idx)
