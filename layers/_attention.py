@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -214,6 +215,44 @@ class AbstractAttention(AbstractMixer):
         """The number of KV-cache entries: `window`, else `max_len`."""
         return self.window if self.window is not None else self.max_len
 
+    def with_cache_length(self, max_len: int) -> AbstractAttention:
+        """This global-attention layer with a KV cache of `max_len` tokens; the
+        parameters are shared, not copied, and `self` is left as it is.
+
+        ```python
+        mixer = layers.Attention(64, num_heads=4, key=key)  # no cache: parallel only
+        sized = mixer.with_cache_length(512)
+        y, cache = sized.prefill(x, sized.init_state())
+        ```
+
+        **Arguments:**
+
+        - `max_len`: the most tokens `prefill` plus `step` will see, `>= 1`.
+
+        **Returns:** a layer equal to this one but for `max_len`.
+
+        **Raises:** `ValueError` for local attention (its cache is its `window`) or a
+        `max_len` that is not an integer `>= 1`.
+        """
+        if self.window is not None:
+            raise ValueError(
+                f"{type(self).__name__}: local attention's KV cache holds its "
+                f"`window` ({self.window}) entries; `with_cache_length` applies to "
+                "global attention."
+            )
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+            raise ValueError(
+                f"the KV cache length must be an integer >= 1, got {max_len!r}."
+            )
+        # `max_len` is a static field (part of the tree structure, so `eqx.tree_at`
+        # cannot reach it), and `__init__` takes a key and options, not the fields, so
+        # `dataclasses.replace` cannot rebuild the layer (Equinox has no public
+        # replace for a module with its own `__init__`). A shallow copy shares every
+        # array; its one field is set as Equinox's own unflattening sets fields.
+        new = copy.copy(self)
+        object.__setattr__(new, "max_len", max_len)
+        return new
+
     def _qkv(self, x, positions):
         q = split_heads(linear(self.q_proj, x), self.num_heads)
         k = split_heads(linear(self.k_proj, x), self.num_kv_heads)
@@ -279,7 +318,8 @@ class AbstractAttention(AbstractMixer):
         if self.cache_size is None:
             raise ValueError(
                 f"{type(self).__name__}: global attention needs `max_len` (the KV cache "
-                "length) for init_state/prefill/step; construct it with max_len=..."
+                "length) for init_state/prefill/step; construct it with max_len=... or use "
+                "with_cache_length(n)."
             )
         C, dtype = self.cache_size, real_dtype(self.q_proj.weight.dtype)
         zeros = jnp.zeros((C, self.num_kv_heads, self.head_dim), dtype)

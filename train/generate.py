@@ -23,7 +23,6 @@ tokens = train.generate.generate(model, prompt, 200, temperature=0.8, top_p=0.95
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -193,8 +192,9 @@ def _is_global_attention(x) -> bool:
 
 def with_cache_length(model: Any, length: int) -> Any:
     """`model` with the KV cache of every global-attention layer set to `length`
-    tokens (`max_len`); other layers, local attention's ring buffer included, are
-    left as they are. The parameters are shared, not copied.
+    tokens (each through `AbstractAttention.with_cache_length`); other layers, local
+    attention's ring buffer included, are left as they are. The parameters are shared,
+    not copied.
 
     **Arguments:**
 
@@ -209,11 +209,7 @@ def with_cache_length(model: Any, length: int) -> Any:
     def resize(leaf):
         if not _is_global_attention(leaf) or leaf.max_len == length:
             return leaf
-        # `max_len` is a static field (part of the tree structure), which `eqx.tree_at`
-        # cannot replace; a shallow copy shares every array.
-        new = copy.copy(leaf)
-        object.__setattr__(new, "max_len", length)
-        return new
+        return leaf.with_cache_length(length)
 
     return jax.tree.map(resize, model, is_leaf=_is_global_attention)
 
