@@ -36,6 +36,13 @@ class LRU(AbstractMixer):
 
     initialised on the ring `r_min <= |λ| <= r_max` (uniform in area) with phases
     uniform in `[0, max_phase]`, `B ~ CN(0, 1/H)`, `C ~ CN(0, 1/N)`, `D ~ N(0, 1)`.
+
+    The eigenvalues `λ` are complex and fill the unit disc, so they already reach the
+    negative reals (phase `π`, within the default `max_phase = 2π`) and there is no
+    `allow_neg_eigval` option as on `Mamba`, `Mamba2`, `DeltaNet` and `GatedDeltaNet`
+    (Grazzi et al. 2025). They do not depend on the input, though, and a
+    time-invariant recurrence does not solve parity whatever its eigenvalues
+    (Grazzi et al. 2025; Sarrof et al. 2024): that needs input-dependent transitions.
     """
 
     d_model: int = eqx.field(static=True)
