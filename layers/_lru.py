@@ -40,9 +40,9 @@ class LRU(AbstractMixer):
     The eigenvalues `λ` are complex and fill the unit disc, so they already reach the
     negative reals (phase `π`, within the default `max_phase = 2π`) and there is no
     `allow_neg_eigval` option as on `Mamba`, `Mamba2`, `DeltaNet` and `GatedDeltaNet`
-    (Grazzi et al. 2025). They do not depend on the input, though, and a
-    time-invariant recurrence does not solve parity whatever its eigenvalues
-    (Grazzi et al. 2025; Sarrof et al. 2024): that needs input-dependent transitions.
+    (Grazzi et al. 2025). They do not depend on the input, though: the state is a
+    fixed linear filter of the inputs, which cannot track parity at arbitrary lengths
+    in finite precision; the negative eigenvalues help the input-dependent layers.
     """
 
     d_model: int = eqx.field(static=True)
