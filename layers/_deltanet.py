@@ -209,6 +209,13 @@ class DeltaNet(AbstractDeltaRuleMixer):
     projection of the paper's architecture. Training uses the chunked WY form of
     `ssm.delta_rule`, generation `ssm.delta_rule_step`.
 
+    The transition `I - β k kᵀ` (`‖k‖ = 1`) has the eigenvalue `1 - β` along `k` and
+    1 elsewhere: in `(0, 1)` with `β = σ(·)`, in `(-1, 1)` with `allow_neg_eigval`
+    (`β = 2σ(·)`; Grazzi et al. 2025, "Unlocking state-tracking in linear RNNs
+    through negative eigenvalues", ICLR 2025): near `β = 2` the transition is a
+    reflection, which flips the sign of what is stored under `k`, as tracking parity
+    needs. The chunked and the step form take any `β` in `(0, 2)` at the same cost.
+
     ```python
     mixer = layers.DeltaNet(128, num_heads=4, key=jr.key(0))
     y = mixer(x)                                   # x: (seq, 128)
@@ -290,8 +297,10 @@ class GatedDeltaNet(AbstractDeltaRuleMixer):
 
     so the gate `α` erases the whole memory quickly when needed and the delta rule
     edits single associations. As in the paper: short convolutions with SiLU on
-    `q, k, v`, L2-normalised `q, k` (`q` scaled by `d_k^(-1/2)`), `β = σ(W_β u)`, and
-    the output `W_o (RMSNorm(o) ⊙ silu(W_g u))` per head. `A = exp(A_log)` is
+    `q, k, v`, L2-normalised `q, k` (`q` scaled by `d_k^(-1/2)`), `β = σ(W_β u)`
+    (`2σ(W_β u)` with `allow_neg_eigval`: the transition's eigenvalue along `k`,
+    `α (1 - β)`, then ranges in `(-α, α)`; see `DeltaNet`), and the output
+    `W_o (RMSNorm(o) ⊙ silu(W_g u))` per head. `A = exp(A_log)` is
     initialised uniform in `[1, 16]` and `softplus(dt_bias)` log-uniform in
     `[dt_min, dt_max]` (Mamba-2's initialisation); both are `ssm_params`. Training
     uses the chunked WY form of `ssm.delta_rule` with cumulative log gates,
