@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import ssm  # noqa: E402
-from ssm import _cpu_kernel  # noqa: E402
+from ssm import _kernels  # noqa: E402
 
 
 def lax_scan_diag(a, b):
@@ -98,7 +98,7 @@ def measure(contenders: dict, args, rounds: int) -> dict:
         # Compiled ahead of time; contenders marked `xla_loops` with ssm's compiled
         # CPU kernel turned off (what `method="sequential"` runs without it).
         off = getattr(f, "xla_loops", False)
-        with _cpu_kernel.disabled() if off else contextlib.nullcontext():
+        with _kernels.disabled() if off else contextlib.nullcontext():
             fwd = jax.jit(f).lower(*args).compile()
             bwd = jax.jit(jax.grad(_loss(f), argnums=(0, 1))).lower(*args).compile()
         mem = bwd.memory_analysis().temp_size_in_bytes
@@ -181,7 +181,7 @@ def main():
 
             xla_loop.xla_loops = True
             contenders["linear_scan[sequential], XLA loop"] = xla_loop
-        chosen = ssm._kernels.auto_method(T, matrix=False)
+        chosen = ssm._loops.auto_method(T, matrix=False)
         results = measure(contenders, (a, b), args.rounds)
         table(
             f"linear_scan, T={T}, D={D}, float32 (auto = {chosen})",
@@ -199,7 +199,7 @@ def main():
             contenders[f"matrix_scan[{method}]"] = lambda A, x, m=method: ssm.matrix_scan(
                 A, x, method=m
             )
-        chosen = ssm._kernels.auto_method(T, matrix=True)
+        chosen = ssm._loops.auto_method(T, matrix=True)
         results = measure(contenders, (A, x), args.rounds)
         table(
             f"matrix_scan, T={T}, N={N}, vector state, float32 (auto = {chosen})",

@@ -75,7 +75,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
-from . import _cpu_kernel
+from . import _kernels
 from ._autodiff import fast_vjp
 from ._checks import (
     check_array,
@@ -86,7 +86,7 @@ from ._checks import (
     compute_dtype,
 )
 from ._chunking import heads_first as _heads_first
-from ._cpu_kernel import chain, matmul
+from ._kernels import chain, matmul
 
 _METHODS = ("chunked", "recurrent")
 # Chunks are taken in groups of about this many steps (see `_group`): a scan step's
@@ -427,7 +427,7 @@ def _reference(C, out_dtype, q, k, v, beta, log_decay, h0, resets):
     forward mode stores nothing; its reverse mode (used only for second order) keeps
     what JAX keeps of a `lax.scan` over groups: each chunk's start state, factors and
     inverse."""
-    with _cpu_kernel.xla_only():
+    with _kernels.xla_only():
         return _chunked_fwd(C, out_dtype, q, k, v, beta, log_decay, h0, resets)[0]
 
 

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _cpu_kernel
+from . import _kernels
 from ._autodiff import fast_vjp
 from ._chunking import from_groups, heads_first, mT, to_groups
-from ._cpu_kernel import matmul
 from ._gla_intra import _intra_per_key, _intra_per_key_bwd, _intra_scalar, _intra_scalar_bwd
+from ._kernels import matmul
 from ._scan import linear_scan
 
 # Chunks are processed in groups of about this many time steps (a `lax.scan` over
@@ -187,7 +187,7 @@ def _gla_reference(q, k, v, g, h0, k_scale, C, ones, resets):
     Its forward mode stores nothing; its reverse mode (used only for second order)
     keeps what JAX keeps of a `lax.scan` over groups: every chunk's start state and
     within-chunk products."""
-    with _cpu_kernel.xla_only():
+    with _kernels.xla_only():
         return _gla_chunked_fwd(q, k, v, g, h0, k_scale, C, ones, resets)[0]
 
 

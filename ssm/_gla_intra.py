@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._chunking import mT, tril
-from ._cpu_kernel import matmul, per_key_tree
+from ._kernels import matmul, per_key_tree
 
 # Each takes one chunk's `q, k` `(..., C, dk)`, `v` `(..., C, dv)` and cumulative log
 # decays `b` `(..., C, K)` (K = 1 or dk), and returns the within-chunk outputs
@@ -127,7 +127,7 @@ def _leaf(q, k, b, c, seg=None):
 
 def _intra_per_key(q, k, v, b, seg=None):
     """Within-chunk outputs for a per-key decay: `_tree` in XLA ops, or the compiled
-    kernel that does the same on CPU (`ssm._cpu_kernel.per_key_tree`). The kernel
+    kernel that does the same on CPU (`ssm._kernels.per_key_tree`). The kernel
     knows no resets: with them (`seg` given), `_tree` in XLA ops."""
     if seg is not None:
         return _tree(q, k, v, b, seg)

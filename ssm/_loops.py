@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _cpu_kernel
+from . import _kernels
 
 
 @dataclass(frozen=True)
@@ -367,8 +367,8 @@ def evaluate(
     ops = _Ops(matrix=matrix, trans=trans)
     kw = dict(ops=ops, reverse=reverse, shift=shift, has_resets=has_resets)
     if method == "sequential":
-        if kernel and _cpu_kernel.covers(a, b, h0, r, matrix=matrix, has_resets=has_resets):
-            return _cpu_kernel.scan(
+        if kernel and _kernels.covers(a, b, h0, r, matrix=matrix, has_resets=has_resets):
+            return _kernels.scan(
                 a, b, h0, r, reverse=reverse, shift=shift, has_resets=has_resets
             )
         return sequential(a, b, h0, r, **kw)

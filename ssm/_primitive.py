@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.core import ShapedArray
 from jax.interpreters import ad, batching, mlir
 
-from . import _cpu_kernel, _kernels
+from . import _kernels, _loops
 
 linear_recurrence_p = jex.core.Primitive("ssm_linear_recurrence")
 
@@ -78,7 +78,7 @@ def linear_recurrence(
         kernel = (
             method == "sequential"
             and jax.default_backend() == "cpu"
-            and _cpu_kernel.available()
+            and _kernels.available()
         )
     return linear_recurrence_p.bind(
         a,
@@ -97,7 +97,7 @@ def linear_recurrence(
 
 
 def _impl(a, b, h0, r, **params):
-    return _kernels.evaluate(a, b, h0, r, **params)
+    return _loops.evaluate(a, b, h0, r, **params)
 
 
 def _abstract_eval(a, b, h0, r, **params):
@@ -154,11 +154,11 @@ def _time_shift(x, reverse, fill):
 
 
 def _multiplier(a, r, dtype, *, matrix, trans, has_resets):
-    return _kernels._Ops(matrix=matrix, trans=trans).mult(a, r, dtype, has_resets)
+    return _loops._Ops(matrix=matrix, trans=trans).mult(a, r, dtype, has_resets)
 
 
 def _apply(m, h, matrix):
-    return _kernels._Ops(matrix=matrix, trans=False).apply(m, h)
+    return _loops._Ops(matrix=matrix, trans=False).apply(m, h)
 
 
 def _sum_to_shape(x, shape):

@@ -1,5 +1,5 @@
 """The linear scans on one device: argument checks, then the ``linear_recurrence``
-primitive (``_primitive.py``) with the method resolved (``_kernels.auto_method``).
+primitive (``_primitive.py``) with the method resolved (``_loops.auto_method``).
 
 ``ssm.linear_scan`` and ``ssm.matrix_scan`` are these functions behind a thin wrapper in
 ``_sharded.py`` that adds ``mesh_axis`` (time-sharded scans); this module does not import
@@ -13,7 +13,7 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-from . import _kernels
+from . import _loops
 from ._checks import (
     as_array,
     check_array,
@@ -37,7 +37,7 @@ def _prepare_resets(resets, T, ndim):
 
 
 def _resolve(method, T, matrix):
-    return _kernels.auto_method(T, matrix) if method == "auto" else method
+    return _loops.auto_method(T, matrix) if method == "auto" else method
 
 
 def linear_scan(

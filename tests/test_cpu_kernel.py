@@ -1,4 +1,4 @@
-"""The compiled CPU kernel of ``ssm.linear_scan`` (``ssm/_cpu_kernel.cc``).
+"""The compiled CPU kernel of ``ssm.linear_scan`` (``ssm/_kernels/scan.cc``).
 
 ``method="sequential"`` (and ``"auto"`` on CPU) runs the diagonal scan as an XLA FFI
 call when the kernel covers the case; these tests check that it is really used, that
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ssm
-from ssm import _cpu_kernel
+from ssm import _kernels
 
 from .helpers import assert_close, decay, normal
 from .test_scan import ref_linear_scan
@@ -25,7 +25,7 @@ from .test_scan import ref_linear_scan
 F32, F64, BF16 = jnp.float32, jnp.float64, jnp.bfloat16
 
 pytestmark = pytest.mark.skipif(
-    _cpu_kernel._compiler() is None, reason="no C++ compiler to build the kernel"
+    _kernels.build._compiler() is None, reason="no C++ compiler to build the kernel"
 )
 
 
@@ -56,8 +56,8 @@ def check_kernel(f, ref, primals, tangents, ct, wide, tol, vjp_tol):
 def mode(request, monkeypatch):
     """The kernel's two store paths and its thread split, chosen at trace time."""
     if request.param == "nontemporal-threads":
-        monkeypatch.setattr(_cpu_kernel, "NONTEMPORAL_BYTES", 0)
-        monkeypatch.setattr(_cpu_kernel, "THREADS_ELEMENTS", 0)
+        monkeypatch.setattr(_kernels.linear_scan, "NONTEMPORAL_BYTES", 0)
+        monkeypatch.setattr(_kernels.linear_scan, "THREADS_ELEMENTS", 0)
     return request.param
 
 
@@ -129,7 +129,7 @@ def test_kernel_agrees_with_xla_loops_and_under_vmap(getkey):
         return jnp.sum(ssm.linear_scan(a, b, method="sequential") ** 2)
 
     grad = jax.value_and_grad(loss, argnums=(0, 1))
-    with _cpu_kernel.disabled():
+    with _kernels.disabled():
         assert not uses_kernel(grad, a[0], b[0])
         want = jax.jit(grad)(a[0], b[0])
     assert uses_kernel(grad, a[0], b[0])
@@ -185,10 +185,10 @@ def test_cases_the_kernel_does_not_cover_use_xla():
 
 def test_build_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SSM_KERNEL_CACHE", str(tmp_path))
-    library = _cpu_kernel._build()
+    library = _kernels.build._build()
     assert library.parent == tmp_path and library.exists()
     stamp = library.stat().st_mtime_ns
-    assert _cpu_kernel._build() == library and library.stat().st_mtime_ns == stamp
+    assert _kernels.build._build() == library and library.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no leftovers
 
 
@@ -205,16 +205,16 @@ def test_fallback_without_the_kernel(getkey, monkeypatch):
     def broken():
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setitem(_cpu_kernel._state, "loaded", None)
-    monkeypatch.setattr(_cpu_kernel, "_build", broken)
+    monkeypatch.setitem(_kernels.build._state, "loaded", None)
+    monkeypatch.setattr(_kernels.build, "_build", broken)
     with pytest.warns(RuntimeWarning, match="compiler exploded"):
-        assert not _cpu_kernel.available()
-    assert not _cpu_kernel.available()  # no second warning, no second try
+        assert not _kernels.available()
+    assert not _kernels.available()  # no second warning, no second try
     assert not uses_kernel(f, a, b)
     assert_close(jax.jit(f)(a, b), want, 1e-5)
 
-    monkeypatch.setitem(_cpu_kernel._state, "loaded", True)
-    assert _cpu_kernel.available()
+    monkeypatch.setitem(_kernels.build._state, "loaded", True)
+    assert _kernels.available()
     monkeypatch.setenv("SSM_CPU_KERNEL", "0")
-    assert not _cpu_kernel.available() and not uses_kernel(f, a, b)
+    assert not _kernels.available() and not uses_kernel(f, a, b)
     np.testing.assert_allclose(jax.jit(f)(a, b), want, rtol=1e-5, atol=1e-6)

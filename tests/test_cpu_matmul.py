@@ -1,14 +1,14 @@
-"""The compiled CPU kernels of ``ssm/_cpu_matmul.cc``: batched small matrix products
+"""The compiled CPU kernels of ``ssm/_kernels/matmul.cc``: batched small matrix products
 and the delta rule's chain of chunks.
 
 The chunked operators (``ssm.gated_linear_attention``, ``ssm.mlstm``,
-``ssm.delta_rule``) take their products through ``ssm._cpu_kernel.matmul``, which
+``ssm.delta_rule``) take their products through ``ssm._kernels.matmul``, which
 runs them as an XLA FFI call on the CPU backend. These tests check it against
 float64 NumPy products (every transpose, float32 and float64, shapes off its
 register tiles and vector widths, row blocks, batches that broadcast, a zero-length
 contraction, one thread and several), its derivative, ``vmap``, that it is really
 used (and not when lowered for a GPU), and that the operators agree with and
-without it. The chain (``ssm._cpu_kernel.chain``) is checked against a float64 loop of
+without it. The chain (``ssm._kernels.chain``) is checked against a float64 loop of
 its recurrence, in both directions, under ``vmap``, and through the delta rule.
 """
 
@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 
 import ssm
-from ssm import _cpu_kernel
+from ssm import _kernels
 
 from .helpers import assert_close
 
 F32, F64 = jnp.float32, jnp.float64
 
 pytestmark = pytest.mark.skipif(
-    _cpu_kernel._compiler() is None, reason="no C++ compiler to build the kernel"
+    _kernels.build._compiler() is None, reason="no C++ compiler to build the kernel"
 )
 
 
@@ -69,14 +69,14 @@ SHAPES = [
 @pytest.mark.parametrize("ta", [False, True], ids=["a", "aT"])
 def test_matches_float64_products(ta, tb, dtype, threads, monkeypatch):
     if threads == "threads":
-        monkeypatch.setattr(_cpu_kernel, "MATMUL_THREADS_MACS", 0)
+        monkeypatch.setattr(_kernels.products, "MATMUL_THREADS_MACS", 0)
     else:
-        monkeypatch.setattr(_cpu_kernel, "MATMUL_THREADS_MACS", 1 << 62)
+        monkeypatch.setattr(_kernels.products, "MATMUL_THREADS_MACS", 1 << 62)
     rng = np.random.default_rng([ta, tb, dtype == F64])
     tol = 1e-5 if dtype == F32 else 1e-13
     for batch_a, batch_b, M, K, N in SHAPES:
         a, b = operands(rng, batch_a, batch_b, M, K, N, ta, tb, dtype)
-        f = functools.partial(_cpu_kernel.matmul, transpose_a=ta, transpose_b=tb)
+        f = functools.partial(_kernels.matmul, transpose_a=ta, transpose_b=tb)
         assert uses_kernel(f, a, b)
         c = jax.jit(f)(a, b)
         ref = op(a.astype(np.float64), ta) @ op(b.astype(np.float64), tb)
@@ -85,9 +85,9 @@ def test_matches_float64_products(ta, tb, dtype, threads, monkeypatch):
 
 
 def test_empty_contraction_and_outputs():
-    f = jax.jit(_cpu_kernel.matmul)
+    f = jax.jit(_kernels.matmul)
     a, b = jnp.ones((2, 9, 0), F32), jnp.ones((2, 0, 20), F32)
-    assert uses_kernel(_cpu_kernel.matmul, a, b)
+    assert uses_kernel(_kernels.matmul, a, b)
     np.testing.assert_array_equal(f(a, b), np.zeros((2, 9, 20)))
     assert f(jnp.ones((0, 9, 4)), jnp.ones((0, 4, 20))).shape == (0, 9, 20)
 
@@ -103,7 +103,7 @@ def test_gradient_and_vmap(ta, tb):
     ct = rng.standard_normal((3, 11, 23))
 
     def ours(a, b):
-        return jnp.sum(_cpu_kernel.matmul(a, b, transpose_a=ta, transpose_b=tb) * ct) ** 2
+        return jnp.sum(_kernels.matmul(a, b, transpose_a=ta, transpose_b=tb) * ct) ** 2
 
     def ref(a, b):
         return jnp.sum((op(a, ta) @ op(b, tb)) * ct) ** 2
@@ -114,7 +114,7 @@ def test_gradient_and_vmap(ta, tb):
     for d in (functools.partial(jax.grad, argnums=(0, 1)), second):
         assert_close(jax.jit(d(ours))(a, b), d(ref)(a, b), 1e-10, "derivatives")
     batched = jax.jit(
-        jax.vmap(functools.partial(_cpu_kernel.matmul, transpose_a=ta, transpose_b=tb))
+        jax.vmap(functools.partial(_kernels.matmul, transpose_a=ta, transpose_b=tb))
     )
     assert_close(batched(a, b), op(a, ta) @ op(b, tb), 1e-12, "vmap")
 
@@ -125,8 +125,8 @@ def test_dtypes_it_does_not_take_use_xla():
         (jnp.ones((2, 8, 8), jnp.bfloat16), jnp.ones((2, 8, 8), jnp.bfloat16)),
         (jnp.ones((2, 8, 8), jnp.int32), jnp.ones((2, 8, 8), jnp.int32)),
     ]:
-        assert not uses_kernel(_cpu_kernel.matmul, a, b)
-        np.testing.assert_allclose(_cpu_kernel.matmul(a, b), np.full((2, 8, 8), 8.0))
+        assert not uses_kernel(_kernels.matmul, a, b)
+        np.testing.assert_allclose(_kernels.matmul(a, b), np.full((2, 8, 8), 8.0))
 
 
 def test_not_lowered_for_gpus():
@@ -134,7 +134,7 @@ def test_not_lowered_for_gpus():
     the precision asked for."""
     a, b = jnp.ones((3, 16, 8), F32), jnp.ones((3, 16, 32), F32)
     for precision in (None, jax.lax.Precision.HIGHEST):
-        f = functools.partial(_cpu_kernel.matmul, transpose_a=True, precision=precision)
+        f = functools.partial(_kernels.matmul, transpose_a=True, precision=precision)
         text = jax.export.export(jax.jit(f), platforms=["cuda"])(a, b).mlir_module()
         assert "ssm_matmul" not in text and "dot_general" in text
         assert ("HIGHEST" in text) == (precision is not None)
@@ -185,7 +185,7 @@ def test_operators_agree_without_the_kernel(getkey):
         in jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x)[0]))).lower(*inputs).as_text()
     )
     with_kernel = {name: values_and_grads(*case) for name, case in cases.items()}
-    with _cpu_kernel.disabled():
+    with _kernels.disabled():
         assert not any(kernel_in_gradient(*case) for case in cases.values())
         without = {name: values_and_grads(*case) for name, case in cases.items()}
     for name in cases:
@@ -232,7 +232,7 @@ CHAINS = [
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 def test_chain_matches_float64_loop(dtype, threads, monkeypatch):
     monkeypatch.setattr(
-        _cpu_kernel, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
+        _kernels.products, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
     )
     rng = np.random.default_rng([dtype == F64, threads == "threads"])
     tol = 1e-5 if dtype == F32 else 1e-12
@@ -257,7 +257,7 @@ def test_chain_matches_float64_loop(dtype, threads, monkeypatch):
             normal(n, H, dk, dv) if with_c else None,
         )
         kw = dict(a_offset=a_off, b_offset=b_off, negate_a=negate_a, negate_b=negate_b)
-        f = jax.jit(lambda *x, kw=kw, r=reverse: _cpu_kernel.chain(*x, **kw, reverse=r))
+        f = jax.jit(lambda *x, kw=kw, r=reverse: _kernels.chain(*x, **kw, reverse=r))
         assert "@ssm_delta_chain(" in f.lower(*args).as_text()
         got = f(*args)
         want = chain_reference(*args, a_off, b_off, negate_a, negate_b, reverse)
@@ -275,7 +275,7 @@ def test_chain_vmap_and_gpu_lowering():
     args += [rng.standard_normal((4, n, H, C, dk)), rng.uniform(0.5, 1, (4, n, H))]
     args += [rng.standard_normal((4, H, dk, dv))]
     kw = dict(negate_a=True, reverse=True)
-    batched = jax.jit(jax.vmap(lambda *x: _cpu_kernel.chain(*x, **kw)))(*args)
+    batched = jax.jit(jax.vmap(lambda *x: _kernels.chain(*x, **kw)))(*args)
     want = chain_reference(*args, None, 0, 0, True, False, True)
     assert_close(batched, want, 1e-12, "vmap")
     x = [jnp.ones((9, 2, 4), F32)] * 3 + [
@@ -322,7 +322,7 @@ def test_per_key_tree_matches_dense_float64(dtype, threads, monkeypatch):
     from ssm import _gla_intra as _gla
 
     monkeypatch.setattr(
-        _cpu_kernel, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
+        _kernels.products, "MATMUL_THREADS_MACS", 0 if threads == "threads" else 1 << 62
     )
     rng = np.random.default_rng([dtype == F64, threads == "threads"])
     tol = 2e-4 if dtype == F32 else 1e-11
