@@ -23,19 +23,28 @@ forwards or backwards, as in Mamba's CUDA kernel:
 The derivative rule is a ``fast_vjp``: reverse mode runs the chunked backward pass
 above; forward mode (``jax.jvp``) and second-order derivatives go through a plain
 ``lax.scan`` over time (the reference), which JAX differentiates itself.
+
+On the CPU backend, where the compiled kernels are available (``ssm._kernels``), the
+same two passes run as one compiled kernel each (``ssm/_kernels/selective.cc``) for the
+recurrence and its read-out ``h C``; the skip term, the gate and their derivatives stay
+in XLA around it, and the derivative rule (what is saved, forward mode, second order)
+is the same ``fast_vjp``. ``method="xla"`` keeps the XLA loops above.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Shaped
 
+from . import _kernels
 from ._autodiff import fast_vjp
 from ._checks import check_array, check_chunk_size, check_resets, check_shape, compute_dtype
+from ._kernels import selective as _kernel
 
 __all__ = ["selective_scan"]
 
@@ -190,6 +199,18 @@ def _forward(K, x, dt, A, B, C, D, z, h0, resets):
     return (out, hT), (starts, None if z is None else y)
 
 
+def _gate_cotangents(ct_out, x, y, z, w_z):
+    """The cotangent of `y` (before the gate) and, if wanted, of `z`."""
+    if ct_out is None:
+        ct_out = jnp.zeros(x.shape, x.dtype)
+    if z is None:
+        return ct_out, None
+    sz = jax.nn.sigmoid(z)
+    gy = ct_out * z * sz
+    dz = ct_out * y * sz * (1 + z * (1 - sz)) if w_z else None
+    return gy, dz
+
+
 def _backward(K, args, res, cts, want):
     """The chunked backward pass: recompute each chunk's states, then its adjoints."""
     x, dt, A, B, C, D, z, h0, resets = args
@@ -197,14 +218,7 @@ def _backward(K, args, res, cts, want):
     starts, y = res
     ct_out, ct_h = cts
     T = x.shape[0]
-    if ct_out is None:
-        ct_out = jnp.zeros(x.shape, x.dtype)
-    if z is not None:
-        sz = jax.nn.sigmoid(z)
-        gy = ct_out * z * sz
-        dz = ct_out * y * sz * (1 + z * (1 - sz)) if w_z else None
-    else:
-        gy, dz = ct_out, None
+    gy, dz = _gate_cotangents(ct_out, x, y, z, w_z)
     m = jnp.zeros(A.shape, A.dtype) if ct_h is None else ct_h
     dA = jnp.zeros(A.shape, A.dtype) if w_A else None
     need_u = w_x or w_dt
@@ -265,6 +279,94 @@ def _op(K: int):
     )
 
 
+# ------------------------------------------------------------ the compiled kernel
+#
+# The same two passes with the recurrence and `h C` in the compiled CPU kernel
+# (`ssm._kernels.selective`), the skip term and the gate in XLA around it. Lowered for
+# another platform, the kernel's calls become the XLA passes above (without D, z).
+
+_ALL = (True,) * 8 + (False,)
+
+
+def _xla_core_forward(K, x, dt, A, B, C, h, r):
+    (y, hT), (starts, _) = _forward(K, x, dt, A, B, C, None, None, h, r)
+    return y, hT, starts
+
+
+def _xla_core_backward(K, x, dt, A, B, C, r, starts, gy, m):
+    args = (x, dt, A, B, C, None, None, jnp.zeros_like(m), r)
+    dx, ddt, dA, dB, dC, _, _, dh0, _ = _backward(K, args, (starts, None), (gy, m), _ALL)
+    return dx, ddt, dA, dB, dC, dh0
+
+
+def _no_resets(x, resets):
+    return jnp.zeros(x.shape[:1], bool) if resets is None else resets
+
+
+def _kernel_forward(K, x, dt, A, B, C, D, z, h0, resets):
+    h = jnp.zeros(A.shape, A.dtype) if h0 is None else h0
+    y, hT, starts = _kernel.forward(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        h,
+        _no_resets(x, resets),
+        chunk=K,
+        xla=functools.partial(_xla_core_forward, K),
+    )
+    out, y = _gate(y, x, D, z)
+    return (out, hT), (starts, None if z is None else y)
+
+
+def _kernel_backward(K, args, res, cts, want):
+    x, dt, A, B, C, D, z, h0, resets = args
+    w_x, w_dt, w_A, w_B, w_C, w_D, w_z, w_h0, _ = want
+    starts, y = res
+    ct_out, ct_h = cts
+    gy, dz = _gate_cotangents(ct_out, x, y, z, w_z)
+    m = jnp.zeros(A.shape, A.dtype) if ct_h is None else ct_h
+    dx, ddt, dA, dB, dC, dh0 = _kernel.backward(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        _no_resets(x, resets),
+        starts,
+        gy,
+        m,
+        chunk=K,
+        xla=functools.partial(_xla_core_backward, K),
+    )
+    if D is not None and w_x:
+        dx = dx + D[None] * gy
+    dD = jnp.sum(gy * x, axis=0) if D is not None and w_D else None
+    keep = lambda v, w: v if w else None  # noqa: E731
+    return (
+        keep(dx, w_x),
+        keep(ddt, w_dt),
+        keep(dA, w_A),
+        keep(dB, w_B),
+        keep(dC, w_C),
+        dD,
+        dz,
+        keep(dh0, h0 is not None and w_h0),
+        None,
+    )
+
+
+@functools.cache
+def _kernel_op(K: int):
+    """The operator on the compiled kernel, for one chunk length."""
+    return fast_vjp(
+        functools.partial(_kernel_forward, K),
+        functools.partial(_kernel_backward, K),
+        _reference,
+    )
+
+
 # ---------------------------------------------------------------------- public API
 
 
@@ -281,6 +383,7 @@ def selective_scan(
     resets: Shaped[Array, "..."] | None = None,
     return_state: bool = False,
     chunk_size: int | None = None,
+    method: Literal["auto", "kernel", "xla"] = "auto",
 ) -> (
     Float[Array, "T d_inner"] | tuple[Float[Array, "T d_inner"], Float[Array, "d_inner N"]]
 ):
@@ -317,6 +420,11 @@ def selective_scan(
     - `return_state`: also return the final state (for prefill).
     - `chunk_size`: the chunk length (default: about 64 steps, balanced so the last
       chunk is nearly full). Memory is `(T / chunk_size + chunk_size) d_inner d_state`.
+    - `method`: `"auto"` (the compiled CPU kernel where it is available, that is on the
+      CPU backend with a C++ compiler and unless `SSM_CPU_KERNEL=0`; XLA's loops
+      elsewhere), `"kernel"` (the kernel, an error where it is unavailable) or
+      `"xla"` (XLA's loops everywhere). Both compute the same function with the same
+      derivative rule.
 
     **Returns:**
 
@@ -330,6 +438,8 @@ def selective_scan(
     ```
     """
     _check_args(x, dt, A, B, C, D, z, h0, resets, chunk_size)
+    if method not in ("auto", "kernel", "xla"):
+        raise ValueError(f"`method` must be 'auto', 'kernel' or 'xla', got {method!r}.")
     T, d_inner = x.shape
     N = A.shape[1]
     G = B.shape[1] if B.ndim == 3 else 1
@@ -356,6 +466,14 @@ def selective_scan(
         state_major(h0),
         None if resets is None else jnp.asarray(resets),
     )
-    out, h = _op(_chunk_length(T, chunk_size))(*args)
+    K = _chunk_length(T, chunk_size)
+    use_kernel = method != "xla" and _kernels.available() and _kernel.covers(*args[:5])
+    if method == "kernel" and not use_kernel:
+        raise ValueError(
+            "selective_scan(method='kernel'): the compiled CPU kernel is unavailable "
+            "here (it needs JAX's CPU backend, a C++ compiler and SSM_CPU_KERNEL not 0); "
+            "use method='auto' or 'xla'."
+        )
+    out, h = (_kernel_op(K) if use_kernel else _op(K))(*args)
     out = out.reshape(T, d_inner).astype(x.dtype)
     return (out, h.reshape(N, d_inner).T) if return_state else out

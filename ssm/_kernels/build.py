@@ -39,13 +39,18 @@ import jax
 
 # The C++ sources, built into one library, and the FFI targets it provides (target
 # name: exported symbol): the diagonal scan (scan.cc); batched small products, the
-# delta rule's chain and the per-key GLA tree (matmul.cc).
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("scan.cc", "matmul.cc"))
+# delta rule's chain and the per-key GLA tree (matmul.cc); Mamba's selective scan
+# (selective.cc).
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("scan.cc", "matmul.cc", "selective.cc")
+)
 TARGETS = {
     "ssm_linear_scan": "SsmLinearScan",
     "ssm_matmul": "SsmMatmul",
     "ssm_delta_chain": "SsmDeltaChain",
     "ssm_gla_tree": "SsmGlaTree",
+    "ssm_selective_fwd": "SsmSelectiveFwd",
+    "ssm_selective_bwd": "SsmSelectiveBwd",
 }
 
 _lock = threading.Lock()
