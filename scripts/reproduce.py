@@ -52,8 +52,8 @@ _MAMBA_T1 = (
 )
 _ZOOLOGY = (
     "Arora et al. 2024, 'Zoology: measuring and improving recall in efficient language "
-    "models', Fig. 2 and Sec. 3 (MQAR, vocabulary 8192, sequence 64 to 512 with 4 to 64 "
-    "pairs, widths 64 to 512; reported as plots)"
+    "models', Fig. 2 and Sec. 3 (MQAR; reported as plots of accuracy against model "
+    "width)"
 )
 _GRAZZI = (
     "Grazzi et al. 2025, 'Unlocking state-tracking in linear RNNs through negative "
@@ -79,8 +79,8 @@ PAPERS: dict[str, Paper] = {
         "(S4, Hyena) do not",
     ),
     "induction_heads": Paper(
-        source="Gu & Dao 2023, Mamba, Table 2 / Table 11 (induction heads, vocabulary "
-        "16, trained at 256, tested at 64 to 2^20)",
+        source="Gu & Dao 2023, Mamba, Table 2 (induction heads, vocabulary 16, "
+        "trained at 256, tested at 64 to 2^20)",
         rows={
             "mamba": "100 at every length up to 2^20",
             "attention": "perfect at 256; fails beyond about twice the training "
@@ -117,7 +117,7 @@ PAPERS: dict[str, Paper] = {
     ),
     "mnist1d": Paper(
         source="Greydanus & Kobak 2024, 'Scaling down deep learning with MNIST-1D' "
-        "(ICML), Table 1 (test accuracy %)",
+        "(ICML), the dataset's published baseline table (test accuracy %)",
         rows={"gru": 91.0},
         other_rows={
             "logistic regression": 32.0,
