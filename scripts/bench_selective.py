@@ -1,10 +1,12 @@
 """Benchmark the Mamba layer's training step: `ssm.selective_scan` against the old paths.
 
 One training step of `layers.Mamba` (forward and backward, loss `sum(y**2)`, gradient
-to every parameter, a batch through `jax.vmap`) with the recurrence computed four ways,
+to every parameter, a batch through `jax.vmap`) with the recurrence computed five ways,
 everything else (projections, convolution, gate) the same:
 
-- `selective`: `ssm.selective_scan` (discretised on the fly, chunk-start states only).
+- `selective`: `ssm.selective_scan` (discretised on the fly, chunk-start states only),
+  `method="auto"`: on CPU the compiled kernel (`ssm/_kernels/selective.cc`).
+- `selective_xla`: the same with `method="xla"` (XLA's chunked loops).
 - `chunked`: the layer before `selective_scan`: each chunk of 64 steps discretised to
   `(64, d_inner, d_state)` tensors, `ssm.linear_scan` over it, the chunk body
   rematerialised (`jax.checkpoint`), only chunk-boundary states kept.
@@ -87,7 +89,11 @@ def recurrence(kind, chunk_size=64):
     def selective(delta, A, B, C, x):
         return ssm.selective_scan(x, delta, A, B, C)
 
-    return {"full": full, "port": port, "chunked": chunk, "selective": selective}[kind]
+    def selective_xla(delta, A, B, C, x):
+        return ssm.selective_scan(x, delta, A, B, C, method="xla")
+
+    kinds = {"full": full, "port": port, "chunked": chunk, "selective": selective}
+    return {**kinds, "selective_xla": selective_xla}[kind]
 
 
 def mamba_apply(m, kind):
@@ -112,7 +118,7 @@ def train_step(m, kind):
     return jax.jit(jax.value_and_grad(loss)), params
 
 
-KINDS = ("selective", "chunked", "full", "port")
+KINDS = ("selective", "selective_xla", "chunked", "full", "port")
 
 
 def bench(T, d_model, batch, runs, kinds):

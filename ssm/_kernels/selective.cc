@@ -33,6 +33,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -142,184 +143,257 @@ struct Shape {
   int64_t P() const { return D / G; }
 };
 
-// One block of `w` channels from d0 (w = lanes, or fewer at the end): loads zero the
-// lanes from w on, stores skip them. Lanes in one group (`uniform`) share B[t, n, g]
-// and C[t, n, g], broadcast; otherwise each lane reads its own group's.
-template <typename F>
+// One block of `w` channels from d0 (w = lanes, or fewer at the end, `kFull` when
+// w = lanes): loads zero the lanes from w on, stores skip them. Lanes in one group
+// (`kUniform`) share B[t, n, g0] and C[t, n, g0], broadcast; otherwise each lane reads
+// its own group's, and sums over channels are added lane by lane.
+template <typename F, bool kFull, bool kUniform>
 struct Block {
   using V = typename Vec<F>::V;
   static constexpr int kLanes = Vec<F>::kLanes;
   int64_t d0, w, g0;
-  bool uniform;
   int64_t group[kLanes];
 
   Block(const Shape& s, int64_t d0_) : d0(d0_), w(std::min<int64_t>(kLanes, s.D - d0_)) {
     for (int l = 0; l < kLanes; ++l) group[l] = std::min(d0 + l, d0 + w - 1) / s.P();
     g0 = group[0];
-    uniform = group[w - 1] == g0;
   }
   V Load(const F* p) const {
     V v{};
-    std::memcpy(&v, p + d0, w * sizeof(F));
+    std::memcpy(&v, p + d0, (kFull ? kLanes : w) * sizeof(F));
     return v;
   }
-  void Store(F* p, V v) const { std::memcpy(p + d0, &v, w * sizeof(F)); }
+  void Store(F* p, V v) const { std::memcpy(p + d0, &v, (kFull ? kLanes : w) * sizeof(F)); }
   // B[t, n, :] (a row of G) for this block's lanes.
-  V Groups(const F* row, int64_t G) const {
-    (void)G;
-    if (uniform) return V{} + row[g0];
-    V v{};
-    for (int l = 0; l < kLanes; ++l) v[l] = row[group[l]];
-    return v;
-  }
-  // out[g] += sum of v over the lanes of group g (zero lanes from w on).
-  void AddGroups(F* out, V v) const {
-    if (uniform) {
-      out[g0] += Sum<F>(v);
-      return;
+  V Groups(const F* row) const {
+    if constexpr (kUniform) {
+      return V{} + row[g0];
+    } else {
+      V v{};
+      for (int l = 0; l < kLanes; ++l) v[l] = row[group[l]];
+      return v;
     }
+  }
+  // out[g] += the sum of v over the lanes of group g (the lanes from w on are zero).
+  void AddLanes(F* out, V v) const {
     for (int l = 0; l < w; ++l) out[group[l]] += v[l];
   }
 };
+
+// Calls f(Block<F, full, uniform>) for the block of channels from d0.
+template <typename F, typename Fn>
+void WithBlock(const Shape& s, int64_t d0, Fn&& f) {
+  constexpr int64_t kLanes = Vec<F>::kLanes;
+  const int64_t w = std::min<int64_t>(kLanes, s.D - d0);
+  const bool uniform = d0 / s.P() == (d0 + w - 1) / s.P();
+  if (w == kLanes && uniform) {
+    f(Block<F, true, true>(s, d0));
+  } else if (w == kLanes) {
+    f(Block<F, true, false>(s, d0));
+  } else if (uniform) {
+    f(Block<F, false, true>(s, d0));
+  } else {
+    f(Block<F, false, false>(s, d0));
+  }
+}
 
 template <typename F>
 struct Selective {
   using V = typename Vec<F>::V;
   static constexpr int kLanes = Vec<F>::kLanes;
 
+  // One example's inputs.
   struct In {
     const F *x, *dt, *A, *B, *C;
-    const bool* resets;
+    const bool* r;
+    In(const Shape& s, const F* x_, const F* dt_, const F* A_, const F* B_, const F* C_,
+       const bool* r_, int64_t b)
+        : x(x_ + b * s.T * s.D),
+          dt(dt_ + b * s.T * s.D),
+          A(A_ + b * s.N * s.D),
+          B(B_ + b * s.T * s.N * s.G),
+          C(C_ + b * s.T * s.N * s.G),
+          r(r_ + b * s.T) {}
   };
+
+  // One block through the sequence: y (T, D), hT (N, D), starts (nc, N, D) of the
+  // example; h0 (N, D); h a buffer of N vectors.
+  template <typename Blk>
+  static void ForwardBlock(const Shape& s, const In& in, const Blk& blk, const F* h0, F* y,
+                           F* hT, F* starts, V* __restrict h) {
+    const int64_t T = s.T, D = s.D, N = s.N, G = s.G, K = s.K;
+    for (int64_t n = 0; n < N; ++n) h[n] = blk.Load(h0 + n * D);
+    const F* A = in.A;
+    for (int64_t t = 0; t < T; ++t) {
+      if (t % K == 0) {
+        F* st = starts + (t / K) * N * D;
+        for (int64_t n = 0; n < N; ++n) blk.Store(st + n * D, h[n]);
+      }
+      const V dtv = blk.Load(in.dt + t * D);
+      const V u = dtv * blk.Load(in.x + t * D);
+      const F* Bt = in.B + t * N * G;
+      const F* Ct = in.C + t * N * G;
+      V acc{};
+      if (in.r[t]) {
+        for (int64_t n = 0; n < N; ++n) {
+          h[n] = u * blk.Groups(Bt + n * G);
+          acc += h[n] * blk.Groups(Ct + n * G);
+        }
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          const V e = Exp<F>::Of(dtv * blk.Load(A + n * D));
+          h[n] = e * h[n] + u * blk.Groups(Bt + n * G);
+          acc += h[n] * blk.Groups(Ct + n * G);
+        }
+      }
+      blk.Store(y + t * D, acc);
+    }
+    for (int64_t n = 0; n < N; ++n) blk.Store(hT + n * D, h[n]);
+  }
 
   // Channel blocks [k0, k1) of example b, forwards.
   static void Forward(const Shape& s, const In& in, const F* h0, F* y, F* hT, F* starts,
                       int64_t b, int64_t k0, int64_t k1) {
-    const int64_t T = s.T, D = s.D, N = s.N, G = s.G, K = s.K;
-    const F* x = in.x + b * T * D;
-    const F* dt = in.dt + b * T * D;
-    const F* A = in.A + b * N * D;
-    const F* Bm = in.B + b * T * N * G;
-    const F* Cm = in.C + b * T * N * G;
-    const bool* r = in.resets + b * T;
-    std::vector<V> hbuf(N), abuf(N);
-    V* __restrict h = hbuf.data();
-    V* __restrict a = abuf.data();
+    const int64_t T = s.T, D = s.D, N = s.N;
+    std::vector<V> h(N);
     for (int64_t k = k0; k < k1; ++k) {
-      const Block<F> blk(s, k * kLanes);
-      for (int64_t n = 0; n < N; ++n) {
-        h[n] = blk.Load(h0 + (b * N + n) * D);
-        a[n] = blk.Load(A + n * D);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        if (t % K == 0) {
-          F* st = starts + ((b * s.nc + t / K) * N) * D;
-          for (int64_t n = 0; n < N; ++n) blk.Store(st + n * D, h[n]);
-        }
-        const V dtv = blk.Load(dt + t * D);
-        const V u = dtv * blk.Load(x + t * D);
-        const F* Bt = Bm + t * N * G;
-        const F* Ct = Cm + t * N * G;
-        V acc{};
-        if (r[t]) {
-          for (int64_t n = 0; n < N; ++n) {
-            h[n] = u * blk.Groups(Bt + n * G, G);
-            acc += h[n] * blk.Groups(Ct + n * G, G);
-          }
-        } else {
-          for (int64_t n = 0; n < N; ++n) {
-            const V e = Exp<F>::Of(dtv * a[n]);
-            h[n] = e * h[n] + u * blk.Groups(Bt + n * G, G);
-            acc += h[n] * blk.Groups(Ct + n * G, G);
-          }
-        }
-        blk.Store(y + (b * T + t) * D, acc);
-      }
-      for (int64_t n = 0; n < N; ++n) blk.Store(hT + (b * N + n) * D, h[n]);
+      WithBlock<F>(s, k * kLanes, [&](const auto& blk) {
+        ForwardBlock(s, in, blk, h0 + b * N * D, y + b * T * D, hT + b * N * D,
+                     starts + b * s.nc * N * D, h.data());
+      });
     }
   }
 
-  // Channel blocks [k0, k1) of example b, backwards; dB and dC summed into dBs, dCs
-  // (T, N, G), which the caller zeroed.
+  // The backward pass's buffers for one unit (a range of blocks of one example).
+  struct Work {
+    int64_t gl, Gu;         // the groups the range spans: gl, ..., gl + Gu - 1
+    std::vector<V> m, dA;   // per block, N vectors each: the adjoint carry, dA
+    std::vector<V> H, E;    // (K, N): a chunk's states before each step, its decays
+    std::vector<V> h;       // (N,): the running state
+    std::vector<V> sB, sC;  // (K, N, Gu): dB and dC of the chunk, lane by lane
+  };
+
+  // One block through chunk [t0, t1), backwards: recompute the chunk's states from
+  // `st` (N, D), then the adjoint from t1 - 1 down to t0. m, dA: the block's carry.
+  template <typename Blk>
+  static void ChunkBlock(const Shape& s, const In& in, const Blk& blk, const F* st,
+                         const F* gy, F* dx, F* ddt, F* dBs, F* dCs, int64_t t0,
+                         int64_t t1, V* __restrict m, V* __restrict dA, Work& w) {
+    constexpr bool kUniform = std::is_same<Blk, Block<F, true, true>>::value ||
+                              std::is_same<Blk, Block<F, false, true>>::value;
+    const int64_t D = s.D, N = s.N, G = s.G, Gu = w.Gu, gi = blk.g0 - w.gl;
+    V* __restrict H = w.H.data();
+    V* __restrict E = w.E.data();
+    V* __restrict h = w.h.data();
+    V* __restrict sB = w.sB.data();
+    V* __restrict sC = w.sC.data();
+    const F* A = in.A;
+    for (int64_t n = 0; n < N; ++n) h[n] = blk.Load(st + n * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t - t0;
+      const V dtv = blk.Load(in.dt + t * D);
+      const V u = dtv * blk.Load(in.x + t * D);
+      const V g = blk.Load(gy + t * D);
+      const F* Bt = in.B + t * N * G;
+      V* Hj = H + j * N;
+      V* Ej = E + j * N;
+      const bool reset = in.r[t];
+      for (int64_t n = 0; n < N; ++n) {
+        const V e = reset ? V{} : Exp<F>::Of(dtv * blk.Load(A + n * D));
+        Ej[n] = e;
+        Hj[n] = h[n];
+        h[n] = e * h[n] + u * blk.Groups(Bt + n * G);
+        if constexpr (kUniform) {
+          sC[(j * N + n) * Gu + gi] += g * h[n];
+        } else {
+          blk.AddLanes(dCs + (t * N + n) * G, g * h[n]);
+        }
+      }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const int64_t j = t - t0;
+      const V dtv = blk.Load(in.dt + t * D);
+      const V xv = blk.Load(in.x + t * D);
+      const V u = dtv * xv;
+      const V gyv = blk.Load(gy + t * D);
+      const F* Bt = in.B + t * N * G;
+      const F* Ct = in.C + t * N * G;
+      const V* Hj = H + j * N;
+      const V* Ej = E + j * N;
+      V sb{}, sa{};
+      for (int64_t n = 0; n < N; ++n) {
+        const V g = gyv * blk.Groups(Ct + n * G) + m[n];
+        sb += g * blk.Groups(Bt + n * G);
+        const V q = g * Ej[n] * Hj[n];
+        sa += q * blk.Load(A + n * D);
+        dA[n] += dtv * q;
+        if constexpr (kUniform) {
+          sB[(j * N + n) * Gu + gi] += g * u;
+        } else {
+          blk.AddLanes(dBs + (t * N + n) * G, g * u);
+        }
+        m[n] = Ej[n] * g;
+      }
+      blk.Store(dx + t * D, dtv * sb);
+      blk.Store(ddt + t * D, sa + xv * sb);
+    }
+  }
+
+  // Channel blocks [k0, k1) of example b, backwards, chunk by chunk (every block of the
+  // range through a chunk, then the previous chunk), so that dB and dC are summed over
+  // the range's channels lane by lane and reduced across lanes once per chunk; into
+  // dBs, dCs (T, N, G), which the caller zeroed.
   static void Backward(const Shape& s, const In& in, const F* starts, const F* gy,
                        const F* m0, F* dx, F* ddt, F* dA, F* dBs, F* dCs, F* dh0,
                        int64_t b, int64_t k0, int64_t k1) {
-    const int64_t T = s.T, D = s.D, N = s.N, G = s.G, K = s.K;
-    const F* x = in.x + b * T * D;
-    const F* dt = in.dt + b * T * D;
-    const F* A = in.A + b * N * D;
-    const F* Bm = in.B + b * T * N * G;
-    const F* Cm = in.C + b * T * N * G;
-    const bool* r = in.resets + b * T;
+    const int64_t T = s.T, D = s.D, N = s.N, G = s.G, K = s.K, nb = k1 - k0;
+    if (nb <= 0) return;
+    Work w;
+    w.gl = (k0 * kLanes) / s.P();
+    w.Gu = (std::min(D, k1 * kLanes) - 1) / s.P() - w.gl + 1;
+    w.m.resize(nb * N);
+    w.dA.assign(nb * N, V{});
+    w.H.resize(K * N);
+    w.E.resize(K * N);
+    w.h.resize(N);
+    w.sB.resize(K * N * w.Gu);
+    w.sC.resize(K * N * w.Gu);
+    starts += b * s.nc * N * D;
     gy += b * T * D;
     dx += b * T * D;
     ddt += b * T * D;
-    std::vector<V> mbuf(N), abuf(N), dabuf(N), hbuf(N), hs(K * N), as(K * N);
-    V* __restrict m = mbuf.data();
-    V* __restrict h = hbuf.data();  // the running state
-    V* __restrict av = abuf.data();
-    V* __restrict da = dabuf.data();
-    V* __restrict H = hs.data();   // H[j N + n]: the state before step t0 + j
-    V* __restrict E = as.data();   // E[j N + n]: that step's decay
     for (int64_t k = k0; k < k1; ++k) {
-      const Block<F> blk(s, k * kLanes);
-      for (int64_t n = 0; n < N; ++n) {
-        m[n] = blk.Load(m0 + (b * N + n) * D);
-        av[n] = blk.Load(A + n * D);
-        da[n] = V{};
+      WithBlock<F>(s, k * kLanes, [&](const auto& blk) {
+        for (int64_t n = 0; n < N; ++n) w.m[(k - k0) * N + n] = blk.Load(m0 + (b * N + n) * D);
+      });
+    }
+    for (int64_t c = s.nc - 1; c >= 0; --c) {
+      const int64_t t0 = c * K, t1 = std::min(T, t0 + K);
+      std::fill(w.sB.begin(), w.sB.end(), V{});
+      std::fill(w.sC.begin(), w.sC.end(), V{});
+      for (int64_t k = k0; k < k1; ++k) {
+        WithBlock<F>(s, k * kLanes, [&](const auto& blk) {
+          ChunkBlock(s, in, blk, starts + c * N * D, gy, dx, ddt, dBs, dCs, t0, t1,
+                     w.m.data() + (k - k0) * N, w.dA.data() + (k - k0) * N, w);
+        });
       }
-      for (int64_t c = s.nc - 1; c >= 0; --c) {
-        const int64_t t0 = c * K, t1 = std::min(T, t0 + K);
-        // Recompute the chunk's states from its start; dC[t] = sum_d gy[t] h[t].
-        const F* st = starts + ((b * s.nc + c) * N) * D;
-        for (int64_t n = 0; n < N; ++n) h[n] = blk.Load(st + n * D);
-        for (int64_t t = t0; t < t1; ++t) {
-          const V dtv = blk.Load(dt + t * D);
-          const V u = dtv * blk.Load(x + t * D);
-          const V g = blk.Load(gy + t * D);
-          const F* Bt = Bm + t * N * G;
-          F* dCt = dCs + t * N * G;
-          V* __restrict Hj = H + (t - t0) * N;
-          V* __restrict Ej = E + (t - t0) * N;
-          for (int64_t n = 0; n < N; ++n) {
-            const V e = r[t] ? V{} : Exp<F>::Of(dtv * av[n]);
-            Ej[n] = e;
-            Hj[n] = h[n];
-            h[n] = e * h[n] + u * blk.Groups(Bt + n * G, G);
-            blk.AddGroups(dCt + n * G, g * h[n]);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t gi = 0; gi < w.Gu; ++gi) {
+            const int64_t i = ((t - t0) * N + n) * w.Gu + gi;
+            dBs[(t * N + n) * G + w.gl + gi] += Sum<F>(w.sB[i]);
+            dCs[(t * N + n) * G + w.gl + gi] += Sum<F>(w.sC[i]);
           }
         }
-        // The adjoint, backwards over the chunk.
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-          const int64_t j = t - t0;
-          const V dtv = blk.Load(dt + t * D);
-          const V xv = blk.Load(x + t * D);
-          const V u = dtv * xv;
-          const V gyv = blk.Load(gy + t * D);
-          const F* Bt = Bm + t * N * G;
-          const F* Ct = Cm + t * N * G;
-          F* dBt = dBs + t * N * G;
-          const V* Hj = H + j * N;
-          const V* Ej = E + j * N;
-          V sb{}, sa{};
-          for (int64_t n = 0; n < N; ++n) {
-            const V Bn = blk.Groups(Bt + n * G, G);
-            const V g = gyv * blk.Groups(Ct + n * G, G) + m[n];
-            sb += g * Bn;
-            const V q = g * Ej[n] * Hj[n];
-            sa += q * av[n];
-            da[n] += dtv * q;
-            blk.AddGroups(dBt + n * G, g * u);
-            m[n] = Ej[n] * g;
-          }
-          blk.Store(dx + t * D, dtv * sb);
-          blk.Store(ddt + t * D, sa + xv * sb);
+      }
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      WithBlock<F>(s, k * kLanes, [&](const auto& blk) {
+        for (int64_t n = 0; n < N; ++n) {
+          blk.Store(dh0 + (b * N + n) * D, w.m[(k - k0) * N + n]);
+          blk.Store(dA + (b * N + n) * D, w.dA[(k - k0) * N + n]);
         }
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        blk.Store(dh0 + (b * N + n) * D, m[n]);
-        blk.Store(dA + (b * N + n) * D, da[n]);
-      }
+      });
     }
   }
 };
@@ -389,14 +463,15 @@ ffi::Error Fwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dt, ffi::A
   }
   const auto run = [&](auto zero) {
     using F = decltype(zero);
-    const typename Selective<F>::In in{P<F>(x), P<F>(dt), P<F>(A), P<F>(B), P<F>(C),
-                                       static_cast<const bool*>(resets.untyped_data())};
+    const bool* pr = static_cast<const bool*>(resets.untyped_data());
     const int64_t blocks = (s.D + Vec<F>::kLanes - 1) / Vec<F>::kLanes;
     const int64_t R = Ranges(s, blocks, threads);
     const F* ph0 = P<F>(h0);
     F *py = W<F>(y), *phT = W<F>(hT), *pst = W<F>(starts);
     Parallel(pool, threads, s.L * R, [&, R, blocks](int64_t u) {
       const int64_t b = u / R, i = u % R;
+      const typename Selective<F>::In in(s, P<F>(x), P<F>(dt), P<F>(A), P<F>(B), P<F>(C),
+                                         pr, b);
       Selective<F>::Forward(s, in, ph0, py, phT, pst, b, blocks * i / R,
                             blocks * (i + 1) / R);
     });
@@ -431,8 +506,7 @@ ffi::Error Bwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dt, ffi::A
   }
   const auto run = [&](auto zero) {
     using F = decltype(zero);
-    const typename Selective<F>::In in{P<F>(x), P<F>(dt), P<F>(A), P<F>(B), P<F>(C),
-                                       static_cast<const bool*>(resets.untyped_data())};
+    const bool* pr = static_cast<const bool*>(resets.untyped_data());
     const int64_t blocks = (s.D + Vec<F>::kLanes - 1) / Vec<F>::kLanes;
     const int64_t R = Ranges(s, blocks, threads);
     const int64_t TNG = s.T * s.N * s.G;
@@ -450,6 +524,8 @@ ffi::Error Bwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dt, ffi::A
       const int64_t b = u / R, i = u % R;
       F* sB = R == 1 ? pdB + b * TNG : scratch.data() + u * TNG;
       F* sC = R == 1 ? pdC + b * TNG : scratch.data() + (s.L * R + u) * TNG;
+      const typename Selective<F>::In in(s, P<F>(x), P<F>(dt), P<F>(A), P<F>(B), P<F>(C),
+                                         pr, b);
       Selective<F>::Backward(s, in, pst, pgy, pm, pdx, pddt, pdA, sB, sC, pdh0, b,
                              blocks * i / R, blocks * (i + 1) / R);
     });
