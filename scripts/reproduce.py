@@ -176,7 +176,10 @@ def train_one(config: Path, run_dir: Path, seed: int, overrides: list[str]) -> d
         cmd += every
     print(("resume: " if resume else "run: ") + " ".join(cmd[2:]), flush=True)
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code != 0:  # reported in the table; the other runs go on
+        print(f"failed (exit code {code}): {run_dir}", flush=True)
+        return {"config": str(config.relative_to(ROOT)), "seed": seed, "failed": code}
     record = {
         "config": str(config.relative_to(ROOT)),
         "seed": seed,
@@ -218,13 +221,24 @@ def markdown(table: str, results: dict[str, list[dict]]) -> str:
     the paper's number, and the wall time (mean per run)."""
     paper = PAPERS.get(table)
     lengths = sorted(
-        {n for runs in results.values() for r in runs for n in _lengths(r["summary"])}
+        {
+            n
+            for runs in results.values()
+            for r in runs
+            for n in _lengths(r.get("summary", {}))
+        }
     )
     head = ["config", "mixer", "params", "steps", "seeds", "test acc %"]
     head += [f"test acc % at {n}" for n in lengths]
     head += ["paper", "wall/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, runs in results.items():
+    for name, all_runs in results.items():
+        runs = [r for r in all_runs if "summary" in r]
+        if not runs:
+            codes = ", ".join(str(r["failed"]) for r in all_runs)
+            cells = [f"`{name}`", all_runs[0].get("mixer", "?"), f"failed (exit {codes})"]
+            lines.append("| " + " | ".join(cells + ["-"] * (len(head) - 3)) + " |")
+            continue
         s = runs[0]["summary"]
         row = [
             f"`{name}`",
@@ -316,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "table.md").write_text(text + "\n")
     (out / "table.json").write_text(json.dumps(results, indent=1))
     print(text)
+    failed = [r["config"] for runs in results.values() for r in runs if "failed" in r]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

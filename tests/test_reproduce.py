@@ -137,3 +137,12 @@ def test_unknown_table_and_config():
         reproduce.main(["nope"])
     with pytest.raises(SystemExit):
         reproduce.main(["mqar", "--only", "nope"])
+
+
+def test_a_failed_run_is_reported_and_the_table_printed(tmp_path, capfd):
+    args = ["state_tracking", "--only", "parity_gru", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed"):
+        reproduce.main([*args, "--steps", "2", "--set", "task.min_len=0"])
+    out = capfd.readouterr()
+    assert "| `parity_gru` | gru | failed (exit 2) |" in out.out
+    assert "task.min_len: must be >= 1" in out.err
