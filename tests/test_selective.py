@@ -3,7 +3,10 @@
 Values and gradients to every argument (x, dt, A, B, C, D, z, h0) with and without
 resets, grouped B/C, lengths that are not a multiple of the chunk, bfloat16 inputs,
 forward mode and a Hessian-vector product, vmap, the cotangents asked for, argument
-errors, and the compiled gradient's temp memory against one state history.
+errors, and the compiled gradient's temp memory against one state history. On CPU
+`method="auto"` runs the compiled kernel (tests/test_selective_kernel.py has its own
+tests); the values-and-gradients cases run with `method="xla"` too, the path other
+platforms take.
 """
 
 import jax
@@ -77,10 +80,10 @@ def loss_fn(fn, w, w_h):
     return loss
 
 
-def op(resets=None, chunk_size=None):
+def op(resets=None, chunk_size=None, method="auto"):
     def fn(args):
         return ssm.selective_scan(
-            **args, resets=resets, return_state=True, chunk_size=chunk_size
+            **args, resets=resets, return_state=True, chunk_size=chunk_size, method=method
         )
 
     return fn
@@ -115,8 +118,9 @@ CASES = {  # name: (T, d_inner, N, groups, chunk_size, extras, resets)
 }
 
 
+@pytest.mark.parametrize("method", ["auto", "xla"])
 @pytest.mark.parametrize("case", CASES)
-def test_values_and_gradients(case, getkey):
+def test_values_and_gradients(case, method, getkey):
     T, d_inner, N, groups, chunk, extras, with_resets = CASES[case]
     args = make_inputs(getkey(), T, d_inner, N, groups, extras=extras)
     resets = None
@@ -124,9 +128,9 @@ def test_values_and_gradients(case, getkey):
         at = np.array([r for r in with_resets if r < T])
         resets = jnp.zeros((T,), bool).at[at].set(True)
     w, w_h = random_weights(getkey(), args)
-    (val, grads) = value_and_grad(op(resets, chunk), w, w_h, args)
+    (val, grads) = value_and_grad(op(resets, chunk, method), w, w_h, args)
     (val_ref, grads_ref) = value_and_grad(ref(resets), w, w_h, args)
-    out, h = op(resets, chunk)(args)
+    out, h = op(resets, chunk, method)(args)
     out_ref, h_ref = ref(resets)(args)
     assert out.dtype == f64 and h.shape == (d_inner, N)
     assert_close(out, out_ref, 1e-12, "outputs")
