@@ -27,7 +27,14 @@ import yaml
 
 import layers
 
-from .helpers import assert_close, numpy_rules, rel_err, value_and_grads
+from .helpers import (
+    assert_close,
+    numpy_rules,
+    raises_as_user,
+    rel_err,
+    value_and_grads,
+    with_random_parameters,
+)
 
 D_MODEL, T, SPLIT = 8, 37, 13  # odd lengths and an odd boundary
 f32, f64 = jnp.float32, jnp.float64
@@ -55,31 +62,6 @@ RESETS[[SPLIT, 29]] = True
 
 def cast(tree, dtype):
     return jax.tree.map(lambda v: v.astype(dtype) if eqx.is_inexact_array(v) else v, tree)
-
-
-def with_random_parameters(build, seed: int, dtype=f32):
-    """The module `build()` makes, with every floating array drawn afresh by NumPy:
-    matrices `N(0, 1/fan_in)`, vectors (norm scales, biases, decays) `1 + N(0, 0.3²)`.
-
-    The structure comes from `eqx.filter_eval_shape`, so nothing is compiled (jitted
-    random initialisers cost seconds of compilation each on CPU); the contract and the
-    reference hold for any parameters, and random norm scales make using them matter.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(v):
-        if not isinstance(v, jax.ShapeDtypeStruct) or not jnp.issubdtype(
-            v.dtype, jnp.floating
-        ):
-            return v
-        if len(v.shape) >= 2:
-            value = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1])
-        else:
-            value = 1 + 0.3 * rng.standard_normal(v.shape)
-        return jnp.asarray(value, dtype)
-
-    shapes = eqx.filter_eval_shape(build)
-    return jax.tree.map(fill, shapes, is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
 
 
 @functools.cache
@@ -274,11 +256,11 @@ def test_recurrent_forms_causality_bf16(case):
     else:
         np.testing.assert_array_equal(r["s_full"].pos[:T], np.arange(T))
         assert np.all(np.asarray(r["s_full"].pos[T:]) == -1)
-    with pytest.raises(ValueError, match="vmap"):
+    with raises_as_user(ValueError, match="vmap"):
         m(jnp.stack([x, x]))
-    with pytest.raises(ValueError, match="vmap"):
+    with raises_as_user(ValueError, match="vmap"):
         m.step(x[:2], m.init_state())
-    with pytest.raises(ValueError, match="resets"):
+    with raises_as_user(ValueError, match="resets"):
         m(x, resets=jnp.zeros(T - 1, bool))
 
 
@@ -312,9 +294,9 @@ def test_global_cache_limit_and_options():
         (dict(num_heads=2, window=0), "window"),
         (dict(num_heads=2, implementation="flash"), "implementation"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with raises_as_user(ValueError, match=match):
             build(**kwargs)
-    with pytest.raises(ValueError, match="integer"):
+    with raises_as_user(ValueError, match="integer"):
         build(layers.LocalAttention, window=None)
     assert set(jax.tree.leaves(layers.ssm_param_labels(m))) == {"other"}
 
@@ -354,6 +336,7 @@ def test_hybrid_sequence_model():
             key=jr.key(0),
         ),
         1,
+        f32,
     )
     kinds = [type(b.mixer) for b in model.blocks]
     assert kinds == [layers.RGLRU, layers.LocalAttention, layers.RGLRU]
@@ -369,6 +352,7 @@ def test_hybrid_sequence_model():
             key=jr.key(0),
         ),
         2,
+        f32,
     )
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, T), jnp.int32)
     r = model_forms(model, packed, tokens)

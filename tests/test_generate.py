@@ -32,31 +32,10 @@ from train.generate import (
     with_cache_length,
 )
 
+from .helpers import with_random_parameters
+
 VOCAB, PROMPT, NEW = 13, 5, 9  # odd lengths; the window below is shorter than both
 f64 = jnp.float64
-
-
-def with_random_parameters(build, seed: int):
-    """The module `build()` makes, with every floating array drawn by NumPy in float64
-    (matrices `N(0, 1/fan_in)`, vectors `1 + N(0, 0.3²)`): the structure comes from
-    `eqx.filter_eval_shape`, so no initialiser is compiled; generation and the parallel
-    form must agree for any parameters."""
-    rng = np.random.default_rng(seed)
-
-    def fill(v):
-        if not isinstance(v, jax.ShapeDtypeStruct) or not jnp.issubdtype(
-            v.dtype, jnp.inexact
-        ):
-            return v
-        if len(v.shape) >= 2:
-            value = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1])
-        else:
-            value = 1 + 0.3 * rng.standard_normal(v.shape)
-        return jnp.asarray(value, jnp.complex128 if jnp.iscomplexobj(v) else f64)
-
-    shapes = eqx.filter_eval_shape(build)
-    return jax.tree.map(fill, shapes, is_leaf=lambda v: isinstance(v, jax.ShapeDtypeStruct))
-
 
 MODELS = {
     "recurrent": ("lru", 1, {}),
@@ -79,6 +58,7 @@ def make(name: str, seed: int = 0):
             mixer, 8, n_layers, VOCAB, vocab_size=VOCAB, mixer_kwargs=kwargs, key=jr.key(0)
         ),
         seed,
+        f64,
     )
 
 
@@ -256,6 +236,7 @@ def test_cache_length_and_errors():
             key=jr.key(1),
         ),
         0,
+        f64,
     )
     sized = with_cache_length(attn, 17)
     assert sized.blocks[0].mixer.max_len == 17 and attn.blocks[0].mixer.max_len is None

@@ -27,6 +27,7 @@ from .helpers import (
     assert_close,
     assert_gradient_reaches_every_parameter,
     numpy_rules,
+    raises_as_user,
     rel_err,
     value_and_grads,
 )
@@ -341,9 +342,9 @@ def test_recurrent_forms_causality_vmap_bf16(case):
         assert_close(r["y_shift"][shift:], y[:-shift], 1e-5, "shift equivariance")
     assert r["y16"].dtype == jnp.bfloat16
     assert rel_err(r["y16"].astype(f32), y) < 5e-2
-    with pytest.raises(ValueError, match="vmap"):
+    with raises_as_user(ValueError, match="vmap"):
         m(jnp.stack([x, x]))
-    with pytest.raises(ValueError, match="vmap"):
+    with raises_as_user(ValueError, match="vmap"):
         m.step(x[:2], m.init_state())
 
 
@@ -402,7 +403,7 @@ def test_sizes_init_and_options():
     key = jr.key(0)
     with pytest.raises(ValueError, match="positive feature map"):
         layers.LinearAttention(8, feature_map="identity", key=key)
-    with pytest.raises(ValueError, match="normalization"):
+    with raises_as_user(ValueError, match="normalization"):
         layers.LinearAttention(8, normalization="softmax", key=key)
     with pytest.raises(ValueError, match="even"):
         layers.RetNet(6, num_heads=2, key=key)

@@ -28,7 +28,7 @@ import pytest
 
 import layers
 
-from .helpers import assert_close
+from .helpers import assert_close, raises_as_user
 
 D_MODEL = 8
 LENGTHS = (5, 1, 7)
@@ -148,5 +148,5 @@ def test_packed_equals_separate_documents(name):
 @pytest.mark.parametrize("bad", [jnp.zeros(T, jnp.int32), jnp.zeros(T + 1, bool)])
 def test_bad_resets_are_named(bad):
     m = make("lru")
-    with pytest.raises(ValueError, match="resets"):
+    with raises_as_user(ValueError, match="resets"):
         m(jnp.zeros((T, D_MODEL)), resets=bad)

@@ -15,7 +15,7 @@ import pytest
 import layers
 from layers._rglru import RGLRUState
 
-from .helpers import rel_err
+from .helpers import raises_as_user, rel_err
 
 T, D, R, H, K = 13, 6, 8, 2, 3
 RESET = 7  # a packed document starts here
@@ -121,7 +121,7 @@ def test_recurrent_gemma_rule_gradients(mixer_and_input):
 
 
 def test_reset_rule_is_checked():
-    with pytest.raises(ValueError, match="reset_rule"):
+    with raises_as_user(ValueError, match="reset_rule"):
         layers.RGLRU(4, reset_rule="gemma", key=jr.key(0))
     # the default state is unchanged
     state = eqx.filter_eval_shape(lambda: layers.RGLRU(4, key=jr.key(0))).init_state()

@@ -9,7 +9,7 @@ import pytest
 
 import layers
 
-from .helpers import assert_close
+from .helpers import assert_close, raises_as_user
 
 F64 = jnp.float64
 
@@ -81,5 +81,5 @@ def test_float32_convolution_and_bad_mode(getkey):
     assert y.dtype == jnp.float32
     m64 = jax.tree.map(lambda v: v.astype(F64), m)
     assert_close(y, reference(m64, x.astype(F64)), 1e-5, "float32 against float64")
-    with pytest.raises(ValueError, match="mode"):
+    with raises_as_user(ValueError, match="mode"):
         layers.S4D(4, mode="fft", key=getkey())
