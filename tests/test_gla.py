@@ -18,47 +18,14 @@ import pytest
 
 import ssm
 
-from .helpers import assert_close, rel_err
+from .helpers import assert_close, ref_gla, ref_mlstm, rel_err
 
 H, DK, DV = 2, 8, 5
 f32, f64, bf16 = jnp.float32, jnp.float64, jnp.bfloat16
 
 
-# ---------------------------------------------------------- references (float64 loops)
-
-
-def ref_gla(q, k, v, log_decay, h0):
-    """`S[t] = diag(exp(log_decay[t])) S[t-1] + k[t] v[t]^T`, `o[t] = S[t]^T q[t]`."""
-    if log_decay.ndim == 2:  # one decay per head
-        log_decay = jnp.broadcast_to(log_decay[:, :, None], q.shape)
-
-    def step(S, x):
-        q_t, k_t, v_t, g_t = x
-        S = jnp.exp(g_t)[:, :, None] * S + k_t[:, :, None] * v_t[:, None, :]
-        return S, jnp.einsum("hkv,hk->hv", S, q_t)
-
-    S, o = jax.lax.scan(step, h0, (q, k, v, log_decay))
-    return o, S
-
-
-def ref_mlstm(q, k, v, log_f, log_i, state, eps=1e-6):
-    """The stabilised mLSTM of Beck et al. (2024), equations (19)-(27)."""
-
-    def step(state, x):
-        C, n, m = state
-        q_t, k_t, v_t, lf, li = x
-        m_new = jnp.maximum(lf + m, li)
-        f = jnp.exp(lf + m - m_new)[:, None]
-        i = jnp.exp(li - m_new)[:, None]
-        C = f[:, :, None] * C + i[:, :, None] * k_t[:, :, None] * v_t[:, None, :]
-        n = f * n + i * k_t
-        num = jnp.einsum("hkv,hk->hv", C, q_t)
-        den = jnp.abs(jnp.sum(n * q_t, axis=-1))
-        h = num / (jnp.maximum(den, jnp.exp(-m_new)) + eps)[:, None]
-        return (C, n, m_new), h
-
-    state, h = jax.lax.scan(step, tuple(state), (q, k, v, log_f, log_i))
-    return h, state
+# References: `ref_gla`, `ref_mlstm` (tests/helpers.py), float64 loops written from the
+# equations.
 
 
 # ------------------------------------------------------------------------- inputs

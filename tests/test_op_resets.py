@@ -23,7 +23,7 @@ import pytest
 
 import ssm
 
-from .helpers import assert_close
+from .helpers import assert_close, ref_delta, ref_gla, ref_mlstm
 
 T, H, DK, DV = 19, 2, 4, 3
 f32, f64 = jnp.float32, jnp.float64
@@ -40,57 +40,8 @@ def reset_mask(positions, n=T):
     return jnp.asarray(r)
 
 
-# ---------------------------------------------------------- references (float64 loops)
-
-
-def _restart(state, r):
-    return jax.tree.map(lambda s: jnp.where(r, jnp.zeros_like(s), s), state)
-
-
-def ref_gla(q, k, v, log_decay, h0, resets):
-    if log_decay.ndim == 2:
-        log_decay = jnp.broadcast_to(log_decay[:, :, None], q.shape)
-
-    def step(S, x):
-        q_t, k_t, v_t, g_t, r = x
-        S = _restart(S, r)
-        S = jnp.exp(g_t)[:, :, None] * S + k_t[:, :, None] * v_t[:, None, :]
-        return S, jnp.einsum("hkv,hk->hv", S, q_t)
-
-    S, o = jax.lax.scan(step, h0, (q, k, v, log_decay, resets))
-    return o, S
-
-
-def ref_mlstm(q, k, v, log_f, log_i, state, resets, eps=1e-6):
-    def step(state, x):
-        q_t, k_t, v_t, lf, li, r = x
-        C, n, m = _restart(state, r)
-        m_new = jnp.maximum(lf + m, li)
-        f = jnp.exp(lf + m - m_new)[:, None]
-        i = jnp.exp(li - m_new)[:, None]
-        C = f[:, :, None] * C + i[:, :, None] * k_t[:, :, None] * v_t[:, None, :]
-        n = f * n + i * k_t
-        num = jnp.einsum("hkv,hk->hv", C, q_t)
-        den = jnp.abs(jnp.sum(n * q_t, axis=-1))
-        h = num / (jnp.maximum(den, jnp.exp(-m_new)) + eps)[:, None]
-        return (C, n, m_new), h
-
-    state, h = jax.lax.scan(step, tuple(state), (q, k, v, log_f, log_i, resets))
-    return h, state
-
-
-def ref_delta(q, k, v, beta, log_decay, h0, resets):
-    def step(S, x):
-        q_t, k_t, v_t, b_t, g_t, r = x
-        S = _restart(S, r)
-        a = jnp.exp(g_t)[:, None, None]
-        kS = jnp.einsum("hk,hkv->hv", k_t, S)
-        write = (b_t[:, None] * k_t)[:, :, None]
-        S = a * (S - write * kS[:, None, :]) + write * v_t[:, None, :]
-        return S, jnp.einsum("hkv,hk->hv", S, q_t)
-
-    S, o = jax.lax.scan(step, h0, (q, k, v, beta, log_decay, resets))
-    return o, S
+# The references, float64 loops written from the equations, are `ref_gla`,
+# `ref_mlstm` and `ref_delta` in tests/helpers.py.
 
 
 # ------------------------------------------------------------------------- inputs
@@ -129,16 +80,6 @@ def delta_args(rng, gated, n=T, dtype=f64):
     beta = jnp.asarray(rng.uniform(0.1, 1.0, (n, H)), dtype)
     g = jnp.asarray(-rng.uniform(0.02, 0.8, (n, H)), dtype) if gated else None
     return q, k, v, beta, g, draw(rng, (H, DK, DV), dtype)
-
-
-def with_decay(fn):
-    """`fn` with the delta rule's `log_decay = None` as zeros, for the reference."""
-
-    def wrapped(q, k, v, beta, g, h0, resets):
-        g = jnp.zeros(beta.shape, beta.dtype) if g is None else g
-        return fn(q, k, v, beta, g, h0, resets)
-
-    return wrapped
 
 
 # ---------------------------------------------------------------- values, gradients
@@ -190,7 +131,7 @@ def test_mlstm(rng, method, C):
         out = ssm.mlstm(
             q, k, v, log_f, log_i, h0, resets=resets, chunk_size=C, method=method
         )
-        return out[0], tuple(out[1])
+        return out
 
     check_against_reference(op, ref_mlstm, mlstm_args(rng), rng)
 
@@ -209,7 +150,7 @@ def test_delta(rng, gated, method, C):
         fn = ssm.delta_rule
         return fn(q, k, v, beta, g, h0, resets=resets, chunk_size=C, method=method)
 
-    check_against_reference(op, with_decay(ref_delta), delta_args(rng, gated), rng)
+    check_against_reference(op, ref_delta, delta_args(rng, gated), rng)
 
 
 # ------------------------------------------------------------------------ forward mode
@@ -255,7 +196,7 @@ def _packing_cases(rng):
     def mlstm(*a):
         *a, resets = a
         out = ssm.mlstm(*a, resets=resets, chunk_size=4)
-        return out[0], tuple(out[1])
+        return out
 
     def delta(gated):
         def op(q, k, v, beta, *rest):

@@ -27,7 +27,7 @@ import pytest
 import layers
 import ssm
 
-from .helpers import assert_close
+from .helpers import assert_close, ref_delta, ref_gla, ref_mlstm
 
 f64 = jnp.float64
 H, DK, DV = 2, 4, 3
@@ -35,72 +35,8 @@ T, CHUNK = 19, 8  # two whole chunks and a part
 T_TINY, CHUNK_TINY = 6, 4
 
 
-# ---------------------------------------------------------- references (float64 loops)
-
-
-def equations(fn):
-    """References are written as the equations read, with NumPy's broadcasting."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-@equations
-def ref_gla(q, k, v, log_decay, h0):
-    """`S[t] = diag(exp(log_decay[t])) S[t-1] + k[t] v[t]^T`, `o[t] = S[t]^T q[t]`."""
-    if log_decay.ndim == 2:  # one decay per head
-        log_decay = log_decay[:, :, None] * jnp.ones(q.shape, q.dtype)
-
-    def step(S, x):
-        q_t, k_t, v_t, g_t = x
-        S = jnp.exp(g_t)[:, :, None] * S + k_t[:, :, None] * v_t[:, None, :]
-        return S, jnp.einsum("hkv,hk->hv", S, q_t)
-
-    S, o = jax.lax.scan(step, h0, (q, k, v, log_decay))
-    return o, S
-
-
-@equations
-def ref_mlstm(q, k, v, log_forget, log_input, h0, eps=1e-6):
-    """The stabilised mLSTM of Beck et al. (2024), equations (19)-(27)."""
-
-    def step(state, x):
-        C, n, m = state
-        q_t, k_t, v_t, lf, li = x
-        m_new = jnp.maximum(lf + m, li)
-        f = jnp.exp(lf + m - m_new)[:, None]
-        i = jnp.exp(li - m_new)[:, None]
-        C = f[:, :, None] * C + i[:, :, None] * k_t[:, :, None] * v_t[:, None, :]
-        n = f * n + i * k_t
-        num = jnp.einsum("hkv,hk->hv", C, q_t)
-        den = jnp.abs(jnp.sum(n * q_t, axis=-1))
-        h = num / (jnp.maximum(den, jnp.exp(-m_new)) + eps)[:, None]
-        return ssm.MLSTMState(C, n, m_new), h
-
-    state, h = jax.lax.scan(step, ssm.MLSTMState(*h0), (q, k, v, log_forget, log_input))
-    return h, state
-
-
-@equations
-def ref_delta(q, k, v, beta, h0, log_decay=None):
-    """`S[t] = α[t] (I - β[t] k[t] k[t]ᵀ) S[t-1] + β[t] k[t] v[t]ᵀ`, `o[t] = S[t]ᵀ q[t]`."""
-    if log_decay is None:
-        log_decay = jnp.zeros(beta.shape, beta.dtype)
-
-    def step(S, x):
-        q_t, k_t, v_t, b_t, g_t = x
-        kS = jnp.einsum("hk,hkv->hv", k_t, S)
-        S = S - (b_t[:, None] * k_t)[:, :, None] * kS[:, None, :]
-        S = jnp.exp(g_t)[:, None, None] * S
-        S = S + (b_t[:, None] * k_t)[:, :, None] * v_t[:, None, :]
-        return S, jnp.einsum("hk,hkv->hv", q_t, S)
-
-    S, o = jax.lax.scan(step, h0, (q, k, v, beta, log_decay))
-    return o, S
+# The references, float64 loops written from the equations, are `ref_gla`,
+# `ref_mlstm` and `ref_delta` in tests/helpers.py.
 
 
 # ------------------------------------------------------------------------- the cases

@@ -50,6 +50,26 @@ def ref_matrix_scan(A, b, h0, reverse=False, resets=None):
     return hs
 
 
+def assert_values_vjp_jvp(ours, ref, args, ct, tangents, tol=1e-10):
+    """`ours(*args)` equals `ref(*args)` in values, in the VJP of the cotangent `ct`
+    and in the JVP of `tangents`, all from one compiled program.
+    **Returns:** both outputs."""
+
+    @jax.jit
+    def run(*args):
+        out, vjp = jax.vjp(ours, *args)
+        _, tan = jax.jvp(ours, args, tangents)
+        out_ref, vjp_ref = jax.vjp(ref, *args)
+        _, tan_ref = jax.jvp(ref, args, tangents)
+        return (out, vjp(ct), tan), (out_ref, vjp_ref(ct), tan_ref)
+
+    (out, grads, tan), (out_ref, grads_ref, tan_ref) = run(*args)
+    assert_close(out, out_ref, tol, "values")
+    assert_close(grads, grads_ref, tol, "vjp")
+    assert_close(tan, tan_ref, tol, "jvp")
+    return out, out_ref
+
+
 # ---------------------------------------------------------------------------
 # Case tables: each row mixes several features so that every method meets every
 # feature without a full cross product of compilations.
@@ -99,19 +119,8 @@ def test_linear_scan_values_vjp_jvp(getkey, method, case):
     )
     ref = functools.partial(ref_linear_scan, reverse=reverse, resets=resets)
 
-    @jax.jit
-    def run(a, b, h0):
-        out, vjp = jax.vjp(ours, a, b, h0)
-        _, tan = jax.jvp(ours, (a, b, h0), tangents)
-        out_ref, vjp_ref = jax.vjp(ref, a, b, h0)
-        _, tan_ref = jax.jvp(ref, (a, b, h0), tangents)
-        return (out, vjp(ct), tan), (out_ref, vjp_ref(ct), tan_ref)
-
-    (out, grads, tan), (out_ref, grads_ref, tan_ref) = run(a, b, h0_ref)
+    out, out_ref = assert_values_vjp_jvp(ours, ref, (a, b, h0_ref), ct, tangents)
     assert out.dtype == dtype
-    assert_close(out, out_ref, 1e-10, "values")
-    assert_close(grads, grads_ref, 1e-10, "vjp")
-    assert_close(tan, tan_ref, 1e-10, "jvp")
     if h0 is None:  # the default state really is zero
         assert_close(ours(a, b), out_ref, 1e-10, "h0=None")
 
@@ -147,18 +156,7 @@ def test_matrix_scan_values_vjp_jvp(getkey, method, case):
     )
     ref = functools.partial(ref_matrix_scan, reverse=reverse, resets=resets)
 
-    @jax.jit
-    def run(A, b, h0):
-        out, vjp = jax.vjp(ours, A, b, h0)
-        _, tan = jax.jvp(ours, (A, b, h0), tangents)
-        out_ref, vjp_ref = jax.vjp(ref, A, b, h0)
-        _, tan_ref = jax.jvp(ref, (A, b, h0), tangents)
-        return (out, vjp(ct), tan), (out_ref, vjp_ref(ct), tan_ref)
-
-    (out, grads, tan), (out_ref, grads_ref, tan_ref) = run(A, b, h0)
-    assert_close(out, out_ref, 1e-10, "values")
-    assert_close(grads, grads_ref, 1e-10, "vjp")
-    assert_close(tan, tan_ref, 1e-10, "jvp")
+    assert_values_vjp_jvp(ours, ref, (A, b, h0), ct, tangents)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -91,6 +91,24 @@ def _put(x, mesh, spec):
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
+def _unsharded_and_sharded(scan, diff, sharded, r, ct, mesh):
+    """`scan(None, *diff, r=r)` on one device and `scan("seq", *sharded, ...)` with
+    the resets and cotangent sharded over `mesh`, each with its VJP of `ct`.
+
+    **Returns:** `(h, vjp)` unsharded, `(h, vjp)` sharded, and the sharded program's
+    compiled HLO text."""
+    ref = jax.jit(lambda diff, ct: _value_and_vjp(lambda *d: scan(None, *d, r=r), diff, ct))
+    f = jax.jit(
+        lambda diff, r, ct: _value_and_vjp(lambda *d: scan("seq", *d, r=r), diff, ct)
+    )
+    seq = P("seq")
+    with jax.set_mesh(mesh):
+        r_s = None if r is None else _put(r, mesh, seq)
+        compiled = f.lower(sharded, r_s, _put(ct, mesh, seq)).compile()
+        out = compiled(sharded, r_s, _put(ct, mesh, seq))
+    return ref(diff, ct), out, compiled.as_text()
+
+
 # (devices, T, state shape, shape of a, dtype of a, dtype of b, reverse, h0, resets,
 #  local method)
 LINEAR_CASES = [
@@ -125,20 +143,10 @@ def test_linear_scan_mesh_axis(case, rng):
             chunk_size=5 if method == "chunked" else None,
         )
 
-    h_ref, g_ref = jax.jit(
-        lambda diff, ct: _value_and_vjp(lambda *d: scan(None, *d, r=r), diff, ct)
-    )(diff, ct)
     seq = P("seq")
     sharded = (a if a_kind == "inv" else _put(a, mesh, seq), _put(b, mesh, seq))
     sharded += diff[2:]  # h0: replicated
-    f = jax.jit(
-        lambda diff, r, ct: _value_and_vjp(lambda *d: scan("seq", *d, r=r), diff, ct)
-    )
-    with jax.set_mesh(mesh):
-        r_s = None if r is None else _put(r, mesh, seq)
-        compiled = f.lower(sharded, r_s, _put(ct, mesh, seq)).compile()
-        h, g = compiled(sharded, r_s, _put(ct, mesh, seq))
-        hlo = compiled.as_text()
+    (h_ref, g_ref), (h, g), hlo = _unsharded_and_sharded(scan, diff, sharded, r, ct, mesh)
     assert h.sharding.spec[0] == "seq"
     assert_close(h, h_ref, TOL, "states")
     for name, x, y in zip("a b h0".split(), g, g_ref, strict=False):
@@ -172,19 +180,9 @@ def test_matrix_scan_mesh_axis(case, rng):
     def scan(mesh_axis, A, b, h0=None, *, r):
         return ssm.matrix_scan(A, b, h0, reverse=reverse, resets=r, mesh_axis=mesh_axis)
 
-    h_ref, g_ref = jax.jit(
-        lambda diff, ct: _value_and_vjp(lambda *d: scan(None, *d, r=r), diff, ct)
-    )(diff, ct)
     seq = P("seq")
     sharded = (A if invariant else _put(A, mesh, seq), _put(b, mesh, seq)) + diff[2:]
-    f = jax.jit(
-        lambda diff, r, ct: _value_and_vjp(lambda *d: scan("seq", *d, r=r), diff, ct)
-    )
-    with jax.set_mesh(mesh):
-        r_s = None if r is None else _put(r, mesh, seq)
-        compiled = f.lower(sharded, r_s, _put(ct, mesh, seq)).compile()
-        h, g = compiled(sharded, r_s, _put(ct, mesh, seq))
-        hlo = compiled.as_text()
+    (h_ref, g_ref), (h, g), hlo = _unsharded_and_sharded(scan, diff, sharded, r, ct, mesh)
     assert_close(h, h_ref, TOL, "states")
     for name, x, y in zip("A b h0".split(), g, g_ref, strict=False):
         assert_close(x, y, TOL, f"d{name}")
