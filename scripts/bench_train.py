@@ -20,7 +20,9 @@ mixer's recurrence written "the usual way in JAX", from the same parameters:
   recurrence;
 - `attention`, `local_attention`: plain `jnp` causal softmax attention (einsum
   `q kᵀ`, mask, softmax, einsum) with the same projections and rotary embedding,
-  where our layer calls `jax.nn.dot_product_attention`.
+  where our layer calls `jax.nn.dot_product_attention`;
+- `s4d`: the FFT-kernel S4D of the paper's code (the kernel `2 Re(C B̄ Ā^k)` by a
+  Vandermonde product over all `T` at once, then an FFT convolution).
 
 Everything else (embedding, norms, MLPs, projections, convolutions, head, optimiser)
 is the same code. Before timing, each port's loss and gradients are checked against
@@ -70,7 +72,7 @@ import layers  # noqa: E402
 from layers._attention import document_starts  # noqa: E402
 from layers._heads import merge_heads  # noqa: E402
 from layers._init import as_complex  # noqa: E402
-from layers._mixer import linear, real_dtype  # noqa: E402
+from layers._mixer import complex_dtype, linear, real_dtype  # noqa: E402
 
 # --------------------------------------------------------------------------- ports
 
@@ -178,6 +180,24 @@ def attention_port(m: layers.AbstractAttention, u):
     return linear(m.o_proj, merge_heads(o))
 
 
+def s4d_port(m: layers.S4D, u):
+    """S4D as its paper's code trains it: the kernel `K = 2 Re(C B̄ Ā^k)`, `k < T`, by a
+    Vandermonde product over all `T` at once, an FFT convolution of length `2T`, `+ D u`.
+    """
+    rdt = real_dtype(u.dtype)
+    cdt = complex_dtype(rdt)
+    T = u.shape[0]
+    A = lax.complex(-jnp.exp(m.log_A_real.astype(rdt)), m.A_imag.astype(rdt))
+    dtA = jnp.exp(m.log_dt.astype(rdt))[:, None].astype(cdt) * A  # (H, N/2)
+    CB = as_complex(m.C, cdt) * as_complex(m.B, cdt) * (jnp.exp(dtA) - 1) / A
+    powers = jnp.exp(dtA[:, :, None] * jnp.arange(T, dtype=rdt).astype(cdt)[None, None])
+    K = 2 * jnp.einsum("hn,hnl->hl", CB, powers).real
+    x = u.astype(rdt).T  # (H, T)
+    y = jnp.fft.irfft(jnp.fft.rfft(x, n=2 * T) * jnp.fft.rfft(K, n=2 * T), n=2 * T)
+    y = y[:, :T] + m.D.astype(rdt)[:, None] * x  # (H, T)
+    return y.T.astype(u.dtype)
+
+
 PORTS: dict[str, Callable] = {
     "mamba": mamba_port,
     "s5": s5_port,
@@ -187,6 +207,7 @@ PORTS: dict[str, Callable] = {
     "gated_deltanet": delta_port,
     "attention": attention_port,
     "local_attention": attention_port,
+    "s4d": s4d_port,
 }
 """The common port of each mixer that has one: `port(mixer, x) -> y` for one sequence."""
 

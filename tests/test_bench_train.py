@@ -50,3 +50,28 @@ def test_attention_port_equals_layer(getkey):
     leaves = zip(jax.tree.leaves(g_port), jax.tree.leaves(g_ours), strict=True)
     for a, b in leaves:
         assert _rel(a, b) < 1e-6
+
+
+def test_s4d_port_equals_layer(getkey):
+    """The FFT-kernel S4D port: values and gradients, odd length, float64."""
+    mixer = layers.S4D(6, state_size=8, key=getkey())
+    mixer = eqx.tree_at(lambda m: m.B, mixer, jr.normal(getkey(), mixer.B.shape))
+    x = jr.normal(getkey(), (37, 6), jnp.float64)
+    w = jr.normal(getkey(), (37, 6), jnp.float64)
+
+    @eqx.filter_jit
+    def both(m, x):
+        def loss(m, x, fn):
+            y = fn(m, x)
+            return jnp.sum(y * w), y
+
+        grad = eqx.filter_value_and_grad(loss, has_aux=True)
+        ours = grad(m, x, lambda m, x: m.prefill(x, m.init_state())[0])
+        return ours, grad(m, x, bench_train.s4d_port)
+
+    ((_, y_ours), g_ours), ((_, y_port), g_port) = both(mixer, x)
+    assert y_port.dtype == jnp.float64
+    assert _rel(y_port, y_ours) < 1e-6
+    leaves = zip(jax.tree.leaves(g_port), jax.tree.leaves(g_ours), strict=True)
+    for a, b in leaves:
+        assert _rel(a, b) < 1e-6
