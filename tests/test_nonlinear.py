@@ -13,7 +13,7 @@ import ssm
 from layers._gru import GRU
 from layers._lstm import LSTM
 
-from .helpers import assert_close, normal
+from .helpers import assert_close, normal, raises_as_user
 
 F64 = jnp.float64
 N, D = 3, 2
@@ -331,5 +331,5 @@ def test_mixer_causal_vmap_and_grads(getkey, cls):
 @pytest.mark.parametrize("cls", MIXERS)
 def test_mixer_rejects_batches(getkey, cls):
     mixer = make_mixer(cls, getkey())
-    with pytest.raises(ValueError, match="vmap"):
+    with raises_as_user(ValueError, match="vmap"):
         mixer(jnp.zeros((2, 3, 5), F64))
