@@ -44,6 +44,8 @@ import jax
 SOURCES = tuple(
     Path(__file__).with_name(n) for n in ("scan.cc", "matmul.cc", "selective.cc")
 )
+# Included by the sources (part of the cache key, not compiled on their own).
+HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGETS = {
     "ssm_linear_scan": "SsmLinearScan",
     "ssm_matmul": "SsmMatmul",
@@ -101,7 +103,7 @@ def _build() -> Path:
         b"\0".join(
             s.encode()
             for s in (
-                *(source.read_text() for source in SOURCES),
+                *(source.read_text() for source in SOURCES + HEADERS),
                 jax.lib.__version__,
                 version,
                 _cpu_id(),
@@ -114,22 +116,50 @@ def _build() -> Path:
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         out = Path(tmp) / library.name
         # `-march=native` where the compiler knows it (vector width of this CPU),
         # else the compiler's default target.
         for arch in (["-march=native"], []):
-            cmd = [cxx, *flags, *arch, "-I", include, *map(str, SOURCES), "-o", str(out)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode == 0:
+            failed = _compile(cxx, arch, include, Path(tmp), out)
+            if failed is None:
                 break
         else:
-            raise RuntimeError(
-                f"`{' '.join(cmd)}` failed ({done.returncode}):\n{done.stderr[-2000:]}"
-            )
+            raise RuntimeError(failed)
         os.replace(out, library)  # atomic: concurrent builds leave one whole file
     return library
+
+
+def _compile(cxx, arch, include, tmp: Path, out: Path) -> str | None:
+    """Compiles the sources to objects side by side (one compiler process each, in
+    parallel), then links them into ``out``. Returns what failed, or None."""
+    flags = ["-O3", "-std=c++17", "-fPIC", "-pthread", *arch]
+    objects = [tmp / f"{source.stem}.o" for source in SOURCES]
+    commands = [
+        [cxx, *flags, "-I", include, "-c", str(source), "-o", str(obj)]
+        for source, obj in zip(SOURCES, objects, strict=True)
+    ]
+    commands.append([cxx, *flags, "-shared", *map(str, objects), "-o", str(out)])
+    # Each compiler's messages go to a file, so that no pipe fills while another waits.
+    logs = [tmp / f"{obj.stem}.log" for obj in objects]
+    jobs = []
+    try:
+        for cmd, log in zip(commands, logs, strict=False):
+            with log.open("w") as stderr:
+                jobs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr))
+    finally:
+        codes = [job.wait() for job in jobs]
+    results = [
+        (cmd, code, log.read_text())
+        for cmd, code, log in zip(commands, codes, logs, strict=False)
+    ]
+    if len(codes) == len(objects) and all(code == 0 for code in codes):
+        done = subprocess.run(commands[-1], capture_output=True, text=True, check=False)
+        results = [(commands[-1], done.returncode, done.stderr)]
+    for cmd, code, err in results:
+        if code != 0:
+            return f"`{' '.join(cmd)}` failed ({code}):\n{err[-2000:]}"
+    return None
 
 
 def _load() -> bool:
