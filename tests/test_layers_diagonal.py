@@ -145,7 +145,10 @@ def _conv(w, b, x):
     return b + sum(w[k] * xp[k : k + n] for k in range(K))
 
 
-def ref_mamba(m, u):
+def ref_mamba(m, u, *, transitions=False):
+    """Mamba, `h[t] = a[t] ⊙ h[t-1] + (Δ[t] x[t]) B[t]ᵀ` with `a = exp(Δ A)`, or
+    `2 exp(Δ A) - 1` with `allow_neg_eigval`; with `transitions` also returns `a`
+    `(T, d_inner, d_state)`."""
     xz = u @ m.in_proj.weight.T
     x, z = xz[:, : m.d_inner], xz[:, m.d_inner :]
     x = jax.nn.silu(_conv(m.conv_weight, m.conv_bias, x))
@@ -153,15 +156,18 @@ def ref_mamba(m, u):
     r, n = m.dt_rank, m.d_state
     delta = jax.nn.softplus(dbc[:, :r] @ m.dt_proj.weight.T + m.dt_bias)
     Bs, Cs = dbc[:, r : r + n], dbc[:, r + n :]
-    A = -jnp.exp(m.A_log)
+    a = jnp.exp(delta[:, :, None] * -jnp.exp(m.A_log))
+    if m.allow_neg_eigval:
+        a = 2 * a - 1
 
     def step(h, inp):
-        d, b, c, xt = inp
-        h = jnp.exp(d[:, None] * A) * h + (d * xt)[:, None] * b[None, :]
+        a_t, d, b, c, xt = inp
+        h = a_t * h + (d * xt)[:, None] * b[None, :]
         return h, h @ c + m.D * xt
 
-    y = loop(step, jnp.zeros(A.shape, f64), (delta, Bs, Cs, x))
-    return (y * jax.nn.silu(z)) @ m.out_proj.weight.T
+    y = loop(step, jnp.zeros((m.d_inner, n), f64), (a, delta, Bs, Cs, x))
+    out = (y * jax.nn.silu(z)) @ m.out_proj.weight.T
+    return (out, a) if transitions else out
 
 
 def ref_rglru(m, u):

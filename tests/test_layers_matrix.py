@@ -207,32 +207,37 @@ def ref_mlstm(m, x):
     return (y * jax.nn.silu(z)) @ m.down_proj.weight.T
 
 
-def ref_mamba2(m, u):
+def ref_mamba2(m, u, *, transitions=False):
+    """Mamba-2, `S[t] = a[t] S[t-1] + B[t] (Δ[t] x[t])ᵀ` per head with `a = exp(Δ A)`,
+    or `2 exp(Δ A) - 1` with `allow_neg_eigval`; with `transitions` also returns `a`
+    `(T, H)`."""
     d, N, H, P = m.d_inner, m.d_state, m.num_heads, m.head_dim
     zxbcdt = u @ m.in_proj.weight.T
     z, xbc, dt = zxbcdt[:, :d], zxbcdt[:, d : 2 * d + 2 * N], zxbcdt[:, 2 * d + 2 * N :]
     xbc = jax.nn.silu(_conv(m.conv_weight, m.conv_bias, xbc))
     x, B, C = heads(xbc[:, :d], H), xbc[:, d : d + N], xbc[:, d + N :]
     delta = jax.nn.softplus(dt + m.dt_bias)  # (T, H)
-    A = -jnp.exp(m.A_log)
+    a = jnp.exp(-delta * jnp.exp(m.A_log))
+    if m.allow_neg_eigval:
+        a = 2 * a - 1
 
     def step(S, inp):  # S: (H, N, P)
-        x_t, B_t, C_t, d_t = inp
-        S = (
-            jnp.exp(d_t * A)[:, None, None] * S
-            + B_t[None, :, None] * (d_t[:, None] * x_t)[:, None, :]
-        )
+        a_t, x_t, B_t, C_t, d_t = inp
+        S = a_t[:, None, None] * S + B_t[None, :, None] * (d_t[:, None] * x_t)[:, None, :]
         return S, jnp.einsum("hnp,n->hp", S, C_t) + m.D[:, None] * x_t
 
-    y = loop(step, jnp.zeros((H, N, P)), (x, B, C, delta)).reshape(u.shape[0], d)
+    y = loop(step, jnp.zeros((H, N, P)), (a, x, B, C, delta)).reshape(u.shape[0], d)
     y = y * jax.nn.silu(z)
     y = y / jnp.sqrt((y**2).mean(-1, keepdims=True) + 1e-5) * m.norm_weight
-    return y @ m.out_proj.weight.T
+    out = y @ m.out_proj.weight.T
+    return (out, a) if transitions else out
 
 
-def ref_delta_rule(m, u):
+def ref_delta_rule(m, u, *, transitions=False):
     """DeltaNet (Yang et al. 2024) and Gated DeltaNet (Yang et al. 2025), one step at
-    a time with the full transition `α (I - β k kᵀ)`."""
+    a time with the full transition `α (I - β k kᵀ)` (`β = 2σ(·)` with
+    `allow_neg_eigval`); with `transitions` also returns the transitions' eigenvalues
+    along `k`, `α (1 - β ‖k‖²)`."""
     H, dk, dv = m.num_heads, m.head_dim, m.head_dim_v
     qkv = jax.nn.silu(_conv(m.conv_weight, 0.0, u @ m.qkv_proj.weight.T))
     q = qkv[:, : H * dk].reshape(-1, H, dk)
@@ -258,7 +263,8 @@ def ref_delta_rule(m, u):
     o = o / jnp.sqrt(jnp.mean(o**2, -1, keepdims=True) + 1e-5) * m.norm_weight
     if m.g_proj is not None:
         o = o * jax.nn.silu(u @ m.g_proj.weight.T).reshape(o.shape)
-    return o.reshape(o.shape[0], -1) @ m.o_proj.weight.T
+    out = o.reshape(o.shape[0], -1) @ m.o_proj.weight.T
+    return (out, alpha * (1 - beta * jnp.sum(k**2, -1))) if transitions else out
 
 
 REFERENCES = {

@@ -33,6 +33,9 @@ import layers
 import train
 
 from .helpers import assert_close, assert_gradient_reaches_every_parameter, numpy_rules
+from .test_layers_diagonal import ref_mamba
+from .test_layers_matrix import ref_delta_rule, ref_mamba2
+from .test_packing import _documents, _resets, _undocument
 
 D_MODEL = 6
 LENGTHS = (5, 1, 7)  # packed documents; boundaries inside the chunks of 4 steps
@@ -69,122 +72,21 @@ def draw(name, shape, salt):
 
 
 # ---------------------------------------------------------------- references (float64)
-
-
-def _conv(w, b, x):
-    """Causal depthwise convolution from zero history."""
-    K, n = w.shape[0], x.shape[0]
-    xp = jnp.concatenate([jnp.zeros((K - 1, x.shape[1])), x])
-    return b + sum(w[k] * xp[k : k + n] for k in range(K))
-
-
-def loop(step, h0, xs):
-    return jax.lax.scan(step, h0, xs)[1]
-
-
-def ref_mamba(m, u):
-    """Mamba with `h[t] = (2 exp(Δ[t] A) - 1) ⊙ h[t-1] + (Δ[t] x[t]) B[t]ᵀ`; returns the
-    outputs and the transitions `(T, d_inner, d_state)`."""
-    xz = u @ m.in_proj.weight.T
-    x, z = xz[:, : m.d_inner], xz[:, m.d_inner :]
-    x = jax.nn.silu(_conv(m.conv_weight, m.conv_bias, x))
-    dbc = x @ m.x_proj.weight.T
-    r, n = m.dt_rank, m.d_state
-    delta = jax.nn.softplus(dbc[:, :r] @ m.dt_proj.weight.T + m.dt_bias)
-    Bs, Cs = dbc[:, r : r + n], dbc[:, r + n :]
-    a = 2 * jnp.exp(delta[:, :, None] * -jnp.exp(m.A_log)) - 1
-
-    def step(h, inp):
-        a_t, d, b, c, xt = inp
-        h = a_t * h + (d * xt)[:, None] * b[None, :]
-        return h, h @ c + m.D * xt
-
-    y = loop(step, jnp.zeros((m.d_inner, n)), (a, delta, Bs, Cs, x))
-    return (y * jax.nn.silu(z)) @ m.out_proj.weight.T, a
-
-
-def ref_mamba2(m, u):
-    """Mamba-2 with `S[t] = (2 exp(Δ[t] A) - 1) S[t-1] + B[t] (Δ[t] x[t])ᵀ` per head."""
-    d, N, H, P = m.d_inner, m.d_state, m.num_heads, m.head_dim
-    zxbcdt = u @ m.in_proj.weight.T
-    z, xbc, dt = zxbcdt[:, :d], zxbcdt[:, d : 2 * d + 2 * N], zxbcdt[:, 2 * d + 2 * N :]
-    xbc = jax.nn.silu(_conv(m.conv_weight, m.conv_bias, xbc))
-    x, B, C = xbc[:, :d].reshape(-1, H, P), xbc[:, d : d + N], xbc[:, d + N :]
-    delta = jax.nn.softplus(dt + m.dt_bias)  # (T, H)
-    a = 2 * jnp.exp(-delta * jnp.exp(m.A_log)) - 1
-
-    def step(S, inp):  # S: (H, N, P)
-        a_t, x_t, B_t, C_t, d_t = inp
-        S = a_t[:, None, None] * S + B_t[None, :, None] * (d_t[:, None] * x_t)[:, None, :]
-        return S, jnp.einsum("hnp,n->hp", S, C_t) + m.D[:, None] * x_t
-
-    y = loop(step, jnp.zeros((H, N, P)), (a, x, B, C, delta)).reshape(-1, d)
-    y = y * jax.nn.silu(z)
-    y = y / jnp.sqrt((y**2).mean(-1, keepdims=True) + 1e-5) * m.norm_weight
-    return y @ m.out_proj.weight.T, a
-
-
-def ref_delta_rule(m, u):
-    """(Gated) DeltaNet with `β = 2σ(W_β u)` and the full transition `α (I - β k kᵀ)`
-    at every step; returns the outputs and the transitions' eigenvalues along `k`,
-    `α (1 - β ‖k‖²)`."""
-    H, dk, dv = m.num_heads, m.head_dim, m.head_dim_v
-    qkv = jax.nn.silu(_conv(m.conv_weight, 0.0, u @ m.qkv_proj.weight.T))
-    q = qkv[:, : H * dk].reshape(-1, H, dk)
-    k = qkv[:, H * dk : 2 * H * dk].reshape(-1, H, dk)
-    v = qkv[:, 2 * H * dk :].reshape(-1, H, dv)
-    q = q / jnp.sqrt(jnp.sum(q**2, -1, keepdims=True) + 1e-6) / np.sqrt(dk)
-    k = k / jnp.sqrt(jnp.sum(k**2, -1, keepdims=True) + 1e-6)
-    beta = 2 * jax.nn.sigmoid(u @ m.b_proj.weight.T)
-    if isinstance(m, layers.GatedDeltaNet):
-        dt = jax.nn.softplus(u @ m.a_proj.weight.T + m.dt_bias)
-        alpha = jnp.exp(-jnp.exp(m.A_log) * dt)
-    else:
-        alpha = jnp.ones(beta.shape)
-
-    def step(S, x):
-        q_t, k_t, v_t, b_t, a_t = x
-        outer = k_t[:, :, None] * k_t[:, None, :]
-        S = a_t[:, None, None] * (jnp.eye(dk) - b_t[:, None, None] * outer) @ S
-        S = S + b_t[:, None, None] * k_t[:, :, None] * v_t[:, None, :]
-        return S, jnp.einsum("hkv,hk->hv", S, q_t)
-
-    o = loop(step, jnp.zeros((H, dk, dv)), (q, k, v, beta, alpha))
-    o = o / jnp.sqrt(jnp.mean(o**2, -1, keepdims=True) + 1e-5) * m.norm_weight
-    if m.g_proj is not None:
-        o = o * jax.nn.silu(u @ m.g_proj.weight.T).reshape(o.shape)
-    eig = alpha * (1 - beta * jnp.sum(k**2, -1))
-    return o.reshape(o.shape[0], -1) @ m.o_proj.weight.T, eig
-
+# The layers' plain loops (tests/test_layers_diagonal.py, test_layers_matrix.py), which
+# follow `allow_neg_eigval`, with the transitions returned too.
 
 REFERENCES = {
-    "mamba": ref_mamba,
-    "mamba2": ref_mamba2,
-    "deltanet": ref_delta_rule,
-    "gated_deltanet": ref_delta_rule,
+    name: functools.partial(ref, transitions=True)
+    for name, ref in (
+        ("mamba", ref_mamba),
+        ("mamba2", ref_mamba2),
+        ("deltanet", ref_delta_rule),
+        ("gated_deltanet", ref_delta_rule),
+    )
 }
 
 
 # ---------------------------------------------------------------------------- tests
-
-
-def _resets(first: bool):
-    r = np.zeros(T, bool)
-    r[STARTS] = True
-    r[0] = first
-    return jnp.asarray(r)
-
-
-def _documents(x):
-    """The documents of `x`, each zero-padded at its end to the longest (causal
-    mixers give the same outputs on a document's own positions)."""
-    L = max(LENGTHS)
-    docs = [x[s : s + n] for s, n in zip(STARTS, LENGTHS, strict=True)]
-    return jnp.stack([jnp.pad(d, ((0, L - d.shape[0]), (0, 0))) for d in docs])
-
-
-def _undocument(y):
-    return jnp.concatenate([y[i, :n] for i, n in enumerate(LENGTHS)])
 
 
 @eqx.filter_jit
