@@ -271,7 +271,29 @@ class AbstractAttention(AbstractMixer):
         rotated = rope(x[..., :r], positions, self.rope_base)
         return jnp.concatenate([rotated, x[..., r:]], axis=-1)
 
-    def _attend(self, q, k, v, mask, causal: bool):
+    def _attend(self, q, k, v, mask, causal: bool, starts=None):
+        """Softmax attention of `q` `(T, N, d)` over `k`, `v` `(S, K, d)`: `mask`
+        `(T, S)` (or None), plus the causal and window masks when `causal` (then
+        `starts` holds each query's document start, for the band).
+
+        On the CPU backend (and with `implementation=None`) this is the plain
+        einsum-softmax formulation, and local attention over a long sequence computes
+        only the band: `jax.nn.dot_product_attention`'s XLA path is slower there (it
+        vmaps its core over the query groups, so both `T × S` products and the
+        softmax run on transposed batched layouts). Elsewhere, or with an explicit
+        `implementation`, `jax.nn.dot_product_attention`.
+        """
+        if self.implementation is None and jax.default_backend() == "cpu":
+            if causal:
+                T = q.shape[0]
+                if self.window is not None and _band_pays(T, self.window):
+                    return band_attention(q, k, v, starts, self.window)
+                index = jnp.arange(T, dtype=jnp.int32)
+                allowed = index[None, :] <= index[:, None]
+                if self.window is not None:
+                    allowed = allowed & (index[:, None] - index[None, :] < self.window)
+                mask = allowed if mask is None else mask & allowed
+            return softmax_attention(q, k, v, mask)
         window = None
         if causal and self.window is not None:
             window = (self.window - 1, 0)
@@ -310,7 +332,7 @@ class AbstractAttention(AbstractMixer):
         starts = document_starts(resets, index, jnp.zeros((), jnp.int32))
         q, k, v = self._qkv(x, index - starts)
         mask = None if resets is None else index[None, :] >= starts[:, None]
-        o = self._attend(q, k, v, mask, causal=True)
+        o = self._attend(q, k, v, mask, causal=True, starts=starts)
         return linear(self.o_proj, merge_heads(o))
 
     def init_state(self) -> AttentionState:
@@ -393,6 +415,86 @@ class AbstractAttention(AbstractMixer):
                 "construct the layer with a larger max_len.",
             )
         return y, new
+
+
+def softmax_attention(
+    q: Float[Array, "*blocks seq heads head_dim"],
+    k: Float[Array, "*blocks keys kv_heads head_dim"],
+    v: Float[Array, "*blocks keys kv_heads head_dim"],
+    mask: Bool[Array, "*blocks seq keys"] | None,
+) -> Float[Array, "*blocks seq heads head_dim"]:
+    """`softmax(q kᵀ / √d, masked) v` by two einsums, query heads grouped onto their
+    key/value heads (no repeat); logits and softmax in float32 (float64 for float64
+    inputs), as `jax.nn.dot_product_attention` takes them. Every query row must keep
+    at least one key."""
+    *lead, T, N, d = q.shape
+    K = k.shape[-2]
+    G = N // K
+    # (..., K, G·T, d): each key/value head's queries as one matrix, so that both
+    # products are plain batched matrix products with no size-1 group axis (a group
+    # axis puts `T × S` transposes into the backward pass).
+    qg = jnp.moveaxis(q.reshape(*lead, T, K, G, d), -4, -2).reshape(*lead, K, G * T, d)
+    dtype = real_dtype(q.dtype)
+    logits = jnp.einsum("...kqd,...skd->...kqs", qg, k, preferred_element_type=dtype)
+    logits = logits * (1 / np.sqrt(d)).astype(dtype)
+    if mask is not None:
+        S = k.shape[-3]
+        negative = jnp.asarray(-0.7 * np.finfo(dtype).max, dtype)
+        grouped = logits.reshape(*lead, K, G, T, S)
+        logits = jnp.where(mask[..., None, None, :, :], grouped, negative)
+        logits = logits.reshape(*lead, K, G * T, S)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    o = jnp.einsum("...kqs,...skd->...kqd", probs, v).reshape(*lead, K, G, T, d)
+    return jnp.moveaxis(o, -2, -4).reshape(*lead, T, N, d)
+
+
+def _band_pays(length: int, window: int) -> bool:
+    """The band (blocks of `window` queries against two blocks of keys) does less work
+    than the masked `length × length` product."""
+    blocks = -(-length // window)
+    return blocks * 2 * window * window < length * length
+
+
+def band_attention(
+    q: Float[Array, "seq heads head_dim"],
+    k: Float[Array, "seq kv_heads head_dim"],
+    v: Float[Array, "seq kv_heads head_dim"],
+    starts: Int[Array, " seq"],
+    window: int,
+) -> Float[Array, "seq heads head_dim"]:
+    """Causal sliding-window attention computing only the band: the queries in blocks
+    of `window`, each block against the keys of its own and the previous block
+    (`O(T · window)` work and memory rather than `T²`), masked to `t - window < s <= t`
+    and `s >= starts[t]` (the query's document).
+
+    **Arguments:**
+
+    - `q`, `k`, `v`: one sequence's queries and keys/values.
+    - `starts`: the stream index of each token's document start (`document_starts`).
+    - `window`: each token attends to itself and the `window - 1` before it.
+
+    **Returns:** `(seq, heads, head_dim)`, as the masked full product gives it.
+    """
+    T, W = q.shape[0], window
+    n = -(-T // W)
+
+    def blocks(x):
+        x = jnp.pad(x, [(0, n * W - T)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(n, W, *x.shape[1:])
+
+    def with_previous(xb):  # (n, 2W, ...): block i-1 (zeros before the first), block i
+        previous = jnp.concatenate([jnp.zeros_like(xb[:1]), xb[:-1]])
+        return jnp.concatenate([previous, xb], axis=1)
+
+    index = jnp.arange(n * W, dtype=jnp.int32).reshape(n, W)
+    key_index = index[:, :1] - W + jnp.arange(2 * W, dtype=jnp.int32)[None, :]
+    t, s = index[:, :, None], key_index[:, None, :]
+    # Padded queries (t >= T) keep their own key; padded keys lie after every real
+    # query; the keys before the first block (s < 0) lie before every document start.
+    mask = (s <= t) & (t - s < W) & (s >= blocks(starts)[:, :, None])
+    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))
+    o = softmax_attention(blocks(q), kb, vb, mask)
+    return o.reshape(n * W, *o.shape[2:])[:T]
 
 
 class Attention(AbstractAttention):

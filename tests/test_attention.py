@@ -13,6 +13,7 @@ fine-tuning from it and generation.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import zlib
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 import layers
+from layers._attention import _band_pays as _band_attention_pays
 
 from .helpers import (
     assert_close,
@@ -150,6 +152,44 @@ def test_packed_documents_match_reference_and_separate_runs(case):
     assert_close(g, g_sep, 1e-6, "gradients against separate documents")
     for path, leaf in jax.tree_util.tree_leaves_with_path(eqx.filter(g[0], eqx.is_array)):
         assert np.all(np.isfinite(leaf)) and np.max(np.abs(leaf)) > 0, path
+
+
+def _with_jax_attention(m):
+    """`m` computing its parallel form with `jax.nn.dot_product_attention`'s XLA path
+    (`implementation="xla"`), parameters shared."""
+    new = copy.copy(m)
+    object.__setattr__(new, "implementation", "xla")
+    return new
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_einsum_and_band_match_dot_product_attention(case, packed):
+    """On CPU `__call__` runs its own einsum-softmax (and, for local attention over a
+    sequence much longer than the window, only the band: window 5 at T = 37, and the
+    masked full product at T = 9). Both equal the float64 reference and
+    `jax.nn.dot_product_attention`, in values and gradients, with and without resets,
+    at odd lengths."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the einsum and band paths are taken on the CPU backend")
+    m = make(case, f64)
+    if m.window is not None:
+        assert _band_attention_pays(T, m.window) and not _band_attention_pays(9, m.window)
+    for n in (T, 9):
+        resets = RESETS[:n] if packed else np.zeros(n, bool)
+        x = jnp.asarray(draw(case, (n, D_MODEL)), f64)
+        w = jnp.asarray(draw(case, (n, D_MODEL), "w"), f64)
+        r = jnp.asarray(resets)
+        y, g = value_and_grads(lambda m, x, r=r: m(x, resets=r))(m, x, w)
+        y_ref, g_ref = value_and_grads(
+            numpy_rules(lambda m, x, resets=resets: reference(m, x, resets))
+        )(m, x, w)
+        jax_path = value_and_grads(lambda m, x, r=r: _with_jax_attention(m)(x, resets=r))
+        y_jax, g_jax = jax_path(m, x, w)
+        assert_close(y, y_ref, 1e-9, f"T={n}: values against the reference")
+        assert_close(g, g_ref, 1e-9, f"T={n}: gradients against the reference")
+        assert_close(y, y_jax, 1e-6, f"T={n}: values against dot_product_attention")
+        assert_close(g, g_jax, 1e-6, f"T={n}: gradients against dot_product_attention")
 
 
 def _steps(m, state, xs):
