@@ -91,9 +91,12 @@ class AbstractAttention(AbstractMixer):
     ```
 
     with `mask[t, s] = 0` where `s <= t`, `s` is in `t`'s document and (sliding
-    window) `t - s < window`, and `-∞` elsewhere. The parallel form goes through
-    `jax.nn.dot_product_attention` (pass `implementation="cudnn"` for cuDNN's fused
-    kernel on a GPU, which needs bfloat16 or float16 inputs).
+    window) `t - s < window`, and `-∞` elsewhere. On the CPU backend the parallel form
+    is two einsums and a softmax (`softmax_attention`), and local attention over a
+    sequence much longer than its window computes only the band (`band_attention`,
+    `O(T · window)`); elsewhere it goes through `jax.nn.dot_product_attention` (pass
+    `implementation="cudnn"` for cuDNN's fused kernel on a GPU, which needs bfloat16
+    or float16 inputs; any `implementation` given goes there on every backend).
 
     The recurrent state is a KV cache (`AttentionState`): a ring buffer of `window`
     entries for local attention, whose state is bounded at any length, or `max_len`
@@ -152,8 +155,9 @@ class AbstractAttention(AbstractMixer):
           position encoding.
         - `qk_norm`: RMS-normalise queries and keys per head (with a learned scale)
           before the rotary embedding, as in OLMo 2 and Qwen 3.
-        - `implementation`: passed to `jax.nn.dot_product_attention` (`None`: its
-          default, XLA today; `"cudnn"`: cuDNN's fused kernel).
+        - `implementation`: passed to `jax.nn.dot_product_attention` (`None`: the
+          einsum form on CPU, its default elsewhere; `"xla"`: its XLA path on every
+          backend; `"cudnn"`: cuDNN's fused kernel).
         - `rotary_dim`: rotate only the first `rotary_dim` channels of each head
           (partial rotary embedding, as RecurrentGemma's half); default all.
         - `qkv_bias`, `out_bias`: biases on the query/key/value maps and on the
