@@ -19,8 +19,9 @@ mixer's recurrence written "the usual way in JAX", from the same parameters:
 - `gla`, `deltanet`, `gated_deltanet`: `lax.scan` over the per-step matrix-state
   recurrence;
 - `attention`, `local_attention`: plain `jnp` causal softmax attention (einsum
-  `q kᵀ`, mask, softmax, einsum) with the same projections and rotary embedding,
-  where our layer calls `jax.nn.dot_product_attention`;
+  `q kᵀ`, mask, softmax, einsum) with the same projections and rotary embedding
+  (our layer: its own einsum form and the band on CPU, `jax.nn.dot_product_attention`
+  elsewhere);
 - `s4d`: the FFT-kernel S4D of the paper's code (the kernel `2 Re(C B̄ Ā^k)` by a
   Vandermonde product over all `T` at once, then an FFT convolution).
 
