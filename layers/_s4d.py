@@ -6,7 +6,6 @@ import math
 from typing import ClassVar, Literal
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -61,7 +60,6 @@ class S4D(AbstractMixer):
     """
 
     CONV_MIN_LENGTH: ClassVar[int] = 2
-    KERNEL_BLOCK: ClassVar[int] = 256
 
     d_model: int = eqx.field(static=True)
     state_size: int = eqx.field(static=True)
@@ -174,28 +172,27 @@ class S4D(AbstractMixer):
     def kernel(self, length: int, dtype=jnp.float32) -> Float[Array, "length d_model"]:
         """The convolution kernel `K[l, c] = 2 Re(sum_m C Ā^l B̄)` for `l < length`.
 
-        `Ā^l` is `exp(l dt A)` (a Vandermonde matrix in `Ā`), contracted with `C B̄`
-        in blocks of `KERNEL_BLOCK` steps, each rematerialised in the backward pass, so
-        at most a `(d_model, modes, KERNEL_BLOCK)` tensor exists at a time.
+        `Ā^l` is `exp(l dt A)`, a Vandermonde matrix in `Ā`. With `l = s + j` split into
+        blocks of `b ≈ sqrt(length)` steps, `Ā^l = Ā^s Ā^j`: the powers within a block
+        `(d_model, modes, b)` and the blocks' starts `(length / b, d_model, modes)` are
+        computed once and contracted with `C B̄`, so nothing of size `d_model x modes x
+        length` exists and the backward pass stores only those two small tensors.
         """
         rdt = real_dtype(dtype)
         cdt = complex_dtype(rdt)
-        block = min(length, self.KERNEL_BLOCK)
+        block = math.isqrt(length - 1) + 1 if length > 1 else 1  # ceil(sqrt(length))
         n_blocks = -(-length // block)
 
         def vandermonde(log_dt, log_A_real, A_imag, B, C):
             A = lax.complex(-jnp.exp(log_A_real), A_imag)
             dtA = jnp.exp(log_dt)[:, None].astype(cdt) * A
             CB = as_complex(C, cdt) * (jnp.exp(dtA) - 1) / A * as_complex(B, cdt)
-
-            @jax.checkpoint  # the (d_model, modes, block) powers are never stored
-            def one_block(start):
-                steps = (start + jnp.arange(block, dtype=rdt)).astype(cdt)
-                powers = jnp.exp(dtA[:, :, None] * steps[None, None, :])
-                return 2 * jnp.einsum("cm,cml->lc", CB, powers).real
-
-            starts = jnp.arange(n_blocks, dtype=rdt) * block
-            K = lax.map(one_block, starts)
+            within = jnp.exp(
+                dtA[:, :, None] * jnp.arange(block, dtype=rdt).astype(cdt)[None, None]
+            )
+            starts = (jnp.arange(n_blocks, dtype=rdt) * block).astype(cdt)
+            at_starts = jnp.exp(dtA[None] * starts[:, None, None])
+            K = 2 * jnp.einsum("scm,cmj->sjc", CB[None] * at_starts, within).real
             return K.reshape(n_blocks * block, -1)[:length]
 
         params = (self.log_dt, self.log_A_real, self.A_imag, self.B, self.C)
@@ -238,11 +235,25 @@ class S4D(AbstractMixer):
         return y.astype(x_t.dtype), h.astype(state.dtype)
 
 
+def _fft_length(n: int) -> int:
+    """The smallest `m >= n` with no prime factor above 5, a length FFTs take fast
+    (a power of two can be nearly twice `n`)."""
+    m = n
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
 def fft_causal_conv(
     u: Float[Array, "seq channels"], k: Float[Array, "seq channels"]
 ) -> Float[Array, "seq channels"]:
     """`y[t] = sum_{l <= t} k[l] u[t - l]` per channel, by FFTs of length `>= 2T`."""
     T = u.shape[0]
-    n = 1 << math.ceil(math.log2(2 * T))  # zero padding makes the circular conv causal
+    n = _fft_length(2 * T - 1)  # zero padding makes the circular conv causal
     spectrum = jnp.fft.rfft(u, n=n, axis=0) * jnp.fft.rfft(k, n=n, axis=0)
     return jnp.fft.irfft(spectrum, n=n, axis=0)[:T].astype(u.dtype)
