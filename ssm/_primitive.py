@@ -75,11 +75,8 @@ def linear_recurrence(
     a, b, h0, r = _match_varying(a, b, h0, r)
     if kernel is None:
         # Decided once, where the scan is first bound; the derivative rules pass it on.
-        kernel = (
-            method == "sequential"
-            and jax.default_backend() == "cpu"
-            and _kernels.available()
-        )
+        # (`available` is False off the CPU backend.)
+        kernel = method == "sequential" and _kernels.available()
     return linear_recurrence_p.bind(
         a,
         b,

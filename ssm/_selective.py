@@ -270,13 +270,11 @@ def _backward(K, args, res, cts, want):
 
 
 @functools.cache
-def _op(K: int):
-    """The operator for one chunk length, with its derivative rule."""
-    return fast_vjp(
-        functools.partial(_forward, K),
-        functools.partial(_backward, K),
-        _reference,
-    )
+def _op(K: int, kernel: bool):
+    """The operator for one chunk length, with its derivative rule: on the compiled
+    kernel (`kernel`) or on XLA's loops."""
+    fwd, bwd = (_kernel_forward, _kernel_backward) if kernel else (_forward, _backward)
+    return fast_vjp(functools.partial(fwd, K), functools.partial(bwd, K), _reference)
 
 
 # ------------------------------------------------------------ the compiled kernel
@@ -354,16 +352,6 @@ def _kernel_backward(K, args, res, cts, want):
         dz,
         keep(dh0, h0 is not None and w_h0),
         None,
-    )
-
-
-@functools.cache
-def _kernel_op(K: int):
-    """The operator on the compiled kernel, for one chunk length."""
-    return fast_vjp(
-        functools.partial(_kernel_forward, K),
-        functools.partial(_kernel_backward, K),
-        _reference,
     )
 
 
@@ -474,6 +462,6 @@ def selective_scan(
             "here (it needs JAX's CPU backend, a C++ compiler and SSM_CPU_KERNEL not 0); "
             "use method='auto' or 'xla'."
         )
-    out, h = (_kernel_op(K) if use_kernel else _op(K))(*args)
+    out, h = _op(K, use_kernel)(*args)
     out = out.reshape(T, d_inner).astype(x.dtype)
     return (out, h.reshape(N, d_inner).T) if return_state else out
