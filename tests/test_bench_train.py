@@ -28,11 +28,9 @@ def _rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-def test_attention_port_equals_layer(getkey):
-    """Values and gradients (to the input and every parameter), odd length, GQA."""
-    mixer = layers.Attention(16, num_heads=4, num_kv_heads=2, key=getkey())
-    x = jr.normal(getkey(), (13, 16), jnp.float64)
-    w = jr.normal(getkey(), (13, 16), jnp.float64)
+def _assert_port_equals_layer(mixer, x, w, ours, port):
+    """`port(m, x)` equals `ours(m, x)` in float64, in values and in the gradients of
+    `sum(y * w)` to the input and every parameter."""
 
     @eqx.filter_jit
     def both(m, x):
@@ -41,15 +39,23 @@ def test_attention_port_equals_layer(getkey):
             return jnp.sum(y * w), y
 
         grad = eqx.filter_value_and_grad(loss, has_aux=True)
-        return grad(m, x, lambda m, x: m(x)), grad(m, x, bench_train.attention_port)
+        return grad(m, x, ours), grad(m, x, port)
 
     ((_, y_ours), g_ours), ((_, y_port), g_port) = both(mixer, x)
     assert y_port.dtype == jnp.float64
-    # (jax.nn.dot_product_attention, off CPU, takes its softmax in float32: 2e-8.)
     assert _rel(y_port, y_ours) < 1e-6
     leaves = zip(jax.tree.leaves(g_port), jax.tree.leaves(g_ours), strict=True)
     for a, b in leaves:
         assert _rel(a, b) < 1e-6
+
+
+def test_attention_port_equals_layer(getkey):
+    """Values and gradients (to the input and every parameter), odd length, GQA."""
+    mixer = layers.Attention(16, num_heads=4, num_kv_heads=2, key=getkey())
+    x = jr.normal(getkey(), (13, 16), jnp.float64)
+    w = jr.normal(getkey(), (13, 16), jnp.float64)
+    # (jax.nn.dot_product_attention, off CPU, takes its softmax in float32: 2e-8.)
+    _assert_port_equals_layer(mixer, x, w, lambda m, x: m(x), bench_train.attention_port)
 
 
 def test_s4d_port_equals_layer(getkey):
@@ -58,20 +64,5 @@ def test_s4d_port_equals_layer(getkey):
     mixer = eqx.tree_at(lambda m: m.B, mixer, jr.normal(getkey(), mixer.B.shape))
     x = jr.normal(getkey(), (37, 6), jnp.float64)
     w = jr.normal(getkey(), (37, 6), jnp.float64)
-
-    @eqx.filter_jit
-    def both(m, x):
-        def loss(m, x, fn):
-            y = fn(m, x)
-            return jnp.sum(y * w), y
-
-        grad = eqx.filter_value_and_grad(loss, has_aux=True)
-        ours = grad(m, x, lambda m, x: m.prefill(x, m.init_state())[0])
-        return ours, grad(m, x, bench_train.s4d_port)
-
-    ((_, y_ours), g_ours), ((_, y_port), g_port) = both(mixer, x)
-    assert y_port.dtype == jnp.float64
-    assert _rel(y_port, y_ours) < 1e-6
-    leaves = zip(jax.tree.leaves(g_port), jax.tree.leaves(g_ours), strict=True)
-    for a, b in leaves:
-        assert _rel(a, b) < 1e-6
+    recurrence = lambda m, x: m.prefill(x, m.init_state())[0]  # noqa: E731
+    _assert_port_equals_layer(mixer, x, w, recurrence, bench_train.s4d_port)
