@@ -20,7 +20,13 @@ import numpy as np
 import layers
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, backbone_architecture, finish_backbone, with_chunk
+from ._tree import (
+    backbone_architecture,
+    finish_backbone,
+    load_backbone_layers,
+    save_backbone,
+    with_chunk,
+)
 
 MODEL_TYPE = "mamba"
 ARCHITECTURE = "MambaForCausalLM"
@@ -79,30 +85,32 @@ def architecture(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return backbone_architecture("mamba", _options(config, path))
 
 
+_MIXER_TENSORS = {  # checkpoint name -> ours, besides the convolution
+    "in_proj.weight": "in_proj.weight",
+    "x_proj.weight": "x_proj.weight",
+    "dt_proj.weight": "dt_proj.weight",
+    "dt_proj.bias": "dt_bias",
+    "A_log": "A_log",
+    "D": "D",
+    "out_proj.weight": "out_proj.weight",
+}
+
+
 def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int | None):
     o = _options(config, path)
-    D, V, L = o["d_model"], o["vocab_size"], o["n_layers"]
-    mk = o["mixer_kwargs"]
-    N, K, R = mk["d_state"], mk["d_conv"], mk["dt_rank"]
-    E = mk["expand"] * D
-    arrays = {"embedding.weight": tensors.take("backbone.embeddings.weight", (V, D))}
-    for i in range(L):
-        h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
-        arrays[o_ + "norm1.weight"] = tensors.take(h + "norm.weight", (D,))
-        m, om = h + "mixer.", o_ + "mixer."
-        arrays[om + "in_proj.weight"] = tensors.take(m + "in_proj.weight", (2 * E, D))
-        conv = tensors.take(m + "conv1d.weight", (E, 1, K))
-        arrays[om + "conv_weight"] = np.ascontiguousarray(conv[:, 0, :].T)
-        if o["conv_bias"]:
-            arrays[om + "conv_bias"] = tensors.take(m + "conv1d.bias", (E,))
-        else:
-            arrays[om + "conv_bias"] = np.zeros((E,), np.float32)
-        arrays[om + "x_proj.weight"] = tensors.take(m + "x_proj.weight", (R + 2 * N, E))
-        arrays[om + "dt_proj.weight"] = tensors.take(m + "dt_proj.weight", (E, R))
-        arrays[om + "dt_bias"] = tensors.take(m + "dt_proj.bias", (E,))
-        arrays[om + "A_log"] = tensors.take(m + "A_log", (E, N))
-        arrays[om + "D"] = tensors.take(m + "D", (E,))
-        arrays[om + "out_proj.weight"] = tensors.take(m + "out_proj.weight", (D, E))
+    D, mk = o["d_model"], o["mixer_kwargs"]
+    N, R, E = mk["d_state"], mk["dt_rank"], mk["expand"] * o["d_model"]
+    shapes = {
+        "in_proj.weight": (2 * E, D),
+        "x_proj.weight": (R + 2 * N, E),
+        "dt_proj.weight": (E, R),
+        "dt_proj.bias": (E,),
+        "A_log": (E, N),
+        "D": (E,),
+        "out_proj.weight": (D, E),
+    }
+    mixer_tensors = {k: (ours, shapes[k]) for k, ours in _MIXER_TENSORS.items()}
+    arrays = load_backbone_layers(tensors, o, mixer_tensors, conv=E)
     architecture_ = with_chunk(architecture(config, path), chunk_size)
     return finish_backbone(tensors, arrays, architecture_)
 
@@ -110,29 +118,10 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
 def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """`config.json` fields and tensors of a Mamba `SequenceModel`."""
     mixer = model.blocks[0].mixer
-    a = arrays_of(model)
-    V, D = a["embedding.weight"].shape
+    V, D = model.embedding.weight.shape
     E = mixer.d_inner
-    tensors = {"backbone.embeddings.weight": a["embedding.weight"]}
-    for i in range(len(model.blocks)):
-        h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
-        tensors[h + "norm.weight"] = a[o_ + "norm1.weight"]
-        m, om = h + "mixer.", o_ + "mixer."
-        tensors[m + "in_proj.weight"] = a[om + "in_proj.weight"]
-        tensors[m + "conv1d.weight"] = np.ascontiguousarray(
-            a[om + "conv_weight"].T[:, None]
-        )
-        tensors[m + "conv1d.bias"] = a[om + "conv_bias"]
-        tensors[m + "x_proj.weight"] = a[om + "x_proj.weight"]
-        tensors[m + "dt_proj.weight"] = a[om + "dt_proj.weight"]
-        tensors[m + "dt_proj.bias"] = a[om + "dt_bias"]
-        tensors[m + "A_log"] = a[om + "A_log"]
-        tensors[m + "D"] = a[om + "D"]
-        tensors[m + "out_proj.weight"] = a[om + "out_proj.weight"]
-    tensors["backbone.norm_f.weight"] = a["norm.weight"]
+    tensors = save_backbone(model, _MIXER_TENSORS)
     tied = model.head is None
-    if not tied:
-        tensors["lm_head.weight"] = a["head.weight"]
     falcon = mixer.bcdt_norm_eps is not None
     config = {
         "architectures": [FALCON_ARCHITECTURE if falcon else ARCHITECTURE],

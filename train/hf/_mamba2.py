@@ -18,7 +18,13 @@ import numpy as np
 import layers
 
 from ._io import HFError, Tensors, field, require
-from ._tree import arrays_of, backbone_architecture, finish_backbone, with_chunk
+from ._tree import (
+    backbone_architecture,
+    finish_backbone,
+    load_backbone_layers,
+    save_backbone,
+    with_chunk,
+)
 
 MODEL_TYPE = "mamba2"
 ARCHITECTURE = "Mamba2ForCausalLM"
@@ -95,30 +101,32 @@ def architecture(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return backbone_architecture("mamba2", _options(config, path))
 
 
+_MIXER_TENSORS = {  # checkpoint name -> ours, besides the convolution
+    "in_proj.weight": "in_proj.weight",
+    "dt_bias": "dt_bias",
+    "A_log": "A_log",
+    "D": "D",
+    "norm.weight": "norm_weight",
+    "out_proj.weight": "out_proj.weight",
+}
+
+
 def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int | None):
     o = _options(config, path)
-    D, V, L = o["d_model"], o["vocab_size"], o["n_layers"]
-    mk = o["mixer_kwargs"]
-    N, K, H, G = mk["d_state"], mk["d_conv"], mk["num_heads"], mk["n_groups"]
+    D, mk = o["d_model"], o["mixer_kwargs"]
+    N, H, G = mk["d_state"], mk["num_heads"], mk["n_groups"]
     E = mk["expand"] * D
-    C = E + 2 * G * N
-    arrays = {"embedding.weight": tensors.take("backbone.embeddings.weight", (V, D))}
-    for i in range(L):
-        h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
-        arrays[o_ + "norm1.weight"] = tensors.take(h + "norm.weight", (D,))
-        m, om = h + "mixer.", o_ + "mixer."
-        arrays[om + "in_proj.weight"] = tensors.take(m + "in_proj.weight", (E + C + H, D))
-        conv = tensors.take(m + "conv1d.weight", (C, 1, K))
-        arrays[om + "conv_weight"] = np.ascontiguousarray(conv[:, 0, :].T)
-        if o["conv_bias"]:
-            arrays[om + "conv_bias"] = tensors.take(m + "conv1d.bias", (C,))
-        else:
-            arrays[om + "conv_bias"] = np.zeros((C,), np.float32)
-        arrays[om + "dt_bias"] = tensors.take(m + "dt_bias", (H,))
-        arrays[om + "A_log"] = tensors.take(m + "A_log", (H,))
-        arrays[om + "D"] = tensors.take(m + "D", (H,))
-        arrays[om + "norm_weight"] = tensors.take(m + "norm.weight", (E,))
-        arrays[om + "out_proj.weight"] = tensors.take(m + "out_proj.weight", (D, E))
+    C = E + 2 * G * N  # the convolution's channels: x, B, C
+    shapes = {
+        "in_proj.weight": (E + C + H, D),
+        "dt_bias": (H,),
+        "A_log": (H,),
+        "D": (H,),
+        "norm.weight": (E,),
+        "out_proj.weight": (D, E),
+    }
+    mixer_tensors = {k: (ours, shapes[k]) for k, ours in _MIXER_TENSORS.items()}
+    arrays = load_backbone_layers(tensors, o, mixer_tensors, conv=C)
     architecture_ = with_chunk(architecture(config, path), chunk_size)
     return finish_backbone(tensors, arrays, architecture_)
 
@@ -126,26 +134,9 @@ def load(config: dict[str, Any], tensors: Tensors, path: Path, chunk_size: int |
 def save(model: layers.SequenceModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """`config.json` fields and tensors of a Mamba-2 `SequenceModel`."""
     mixer = model.blocks[0].mixer
-    a = arrays_of(model)
-    V, D = a["embedding.weight"].shape
-    tensors = {"backbone.embeddings.weight": a["embedding.weight"]}
-    for i in range(len(model.blocks)):
-        h, o_ = f"backbone.layers.{i}.", f"blocks.{i}."
-        tensors[h + "norm.weight"] = a[o_ + "norm1.weight"]
-        m, om = h + "mixer.", o_ + "mixer."
-        tensors[m + "in_proj.weight"] = a[om + "in_proj.weight"]
-        conv = a[om + "conv_weight"]
-        tensors[m + "conv1d.weight"] = np.ascontiguousarray(conv.T[:, None])
-        tensors[m + "conv1d.bias"] = a[om + "conv_bias"]
-        tensors[m + "dt_bias"] = a[om + "dt_bias"]
-        tensors[m + "A_log"] = a[om + "A_log"]
-        tensors[m + "D"] = a[om + "D"]
-        tensors[m + "norm.weight"] = a[om + "norm_weight"]
-        tensors[m + "out_proj.weight"] = a[om + "out_proj.weight"]
-    tensors["backbone.norm_f.weight"] = a["norm.weight"]
+    V, D = model.embedding.weight.shape
+    tensors = save_backbone(model, _MIXER_TENSORS)
     tied = model.head is None
-    if not tied:
-        tensors["lm_head.weight"] = a["head.weight"]
     if mixer.norm_eps != model.norm.eps:
         raise ValueError(
             f"save_hf: Mamba-2 has one layer_norm_epsilon, but the mixer's gated norm "

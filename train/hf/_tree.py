@@ -93,3 +93,53 @@ def finish_backbone(
         arrays["head.weight"] = tensors.take("lm_head.weight", (V, D))
     tensors.finish()
     return build(lambda: layers.SequenceModel(**architecture, key=jr.key(0)), arrays)
+
+
+def load_backbone_layers(
+    tensors, options: Mapping, mixer_tensors: Mapping[str, tuple[str, tuple]], conv: int
+) -> dict[str, np.ndarray]:
+    """The embedding and the layers of a Mamba-family checkpoint as our arrays.
+
+    Each layer `i` is `backbone.layers.{i}.norm.weight` (our `blocks.{i}.norm1`), the
+    depthwise convolution `mixer.conv1d` over `conv` channels (stored `(conv, 1, K)`,
+    ours `(K, conv)`; a zero bias where the checkpoint has none) and the mixer's other
+    tensors, `mixer_tensors[hf_name] = (our_name, shape)`, taken as they are.
+    """
+    D, V, K = options["d_model"], options["vocab_size"], options["mixer_kwargs"]["d_conv"]
+    arrays = {"embedding.weight": tensors.take("backbone.embeddings.weight", (V, D))}
+    for i in range(options["n_layers"]):
+        h, o = f"backbone.layers.{i}.", f"blocks.{i}."
+        arrays[o + "norm1.weight"] = tensors.take(h + "norm.weight", (D,))
+        m, om = h + "mixer.", o + "mixer."
+        for hf_name, (ours, shape) in mixer_tensors.items():
+            arrays[om + ours] = tensors.take(m + hf_name, shape)
+        weight = tensors.take(m + "conv1d.weight", (conv, 1, K))
+        arrays[om + "conv_weight"] = np.ascontiguousarray(weight[:, 0, :].T)
+        if options["conv_bias"]:
+            arrays[om + "conv_bias"] = tensors.take(m + "conv1d.bias", (conv,))
+        else:
+            arrays[om + "conv_bias"] = np.zeros((conv,), np.float32)
+    return arrays
+
+
+def save_backbone(
+    model: layers.SequenceModel, mixer_tensors: Mapping[str, str]
+) -> dict[str, np.ndarray]:
+    """The tensors of a Mamba-family checkpoint from our model: the inverse of
+    `load_backbone_layers` and `finish_backbone`, with `mixer_tensors[hf_name] =
+    our_name`; `lm_head.weight` only when the head is not tied."""
+    a = arrays_of(model)
+    tensors = {"backbone.embeddings.weight": a["embedding.weight"]}
+    for i in range(len(model.blocks)):
+        h, o = f"backbone.layers.{i}.", f"blocks.{i}."
+        tensors[h + "norm.weight"] = a[o + "norm1.weight"]
+        m, om = h + "mixer.", o + "mixer."
+        for hf_name, ours in mixer_tensors.items():
+            tensors[m + hf_name] = a[om + ours]
+        conv = a[om + "conv_weight"]
+        tensors[m + "conv1d.weight"] = np.ascontiguousarray(conv.T[:, None])
+        tensors[m + "conv1d.bias"] = a[om + "conv_bias"]
+    tensors["backbone.norm_f.weight"] = a["norm.weight"]
+    if model.head is not None:
+        tensors["lm_head.weight"] = a["head.weight"]
+    return tensors
