@@ -37,6 +37,12 @@ once, after two untimed rounds) and the compiled step's temp memory
     python scripts/bench_train.py --quick                  # tiny sizes, a smoke test
     python scripts/bench_train.py --json results.json      # also write the records
     python scripts/bench_train.py --system-malloc          # the allocator left alone
+    python scripts/bench_train.py --floor --sizes lm       # also the no-mixer floor
+
+`--floor` also times the same model with every mixer replaced by the identity (the
+embedding, norms, MLPs, head and optimiser only). No mixer can make a step faster
+than that, so `port / floor` (the port's step time over the floor's) bounds the
+ratio `ours / port` any implementation of the mixer could reach in this model.
 
 By default the allocator is configured as `ssm-train` configures it (glibc keeps
 freed memory, `train/allocator.py`); `--system-malloc` leaves it alone
@@ -229,6 +235,12 @@ class PortMixer(eqx.Module):
         return self.port(self.mixer, x)
 
 
+def no_mixer(m, x):
+    """The floor: the mixer replaced by the identity (its parameters unused)."""
+    del m
+    return x
+
+
 def port_model(model: layers.SequenceModel, port: Callable) -> layers.SequenceModel:
     """`model` with every block's mixer run through `port` (same parameters)."""
     for i in range(len(model.blocks)):
@@ -295,8 +307,9 @@ SIZES = {
 GROUPS = {"task": ("task72", "task256")}
 
 
-def bench_mixer(name, size, runs, warmup=2):
-    """Time ours (and the port, if any) on one size; returns a record."""
+def bench_mixer(name, size, runs, warmup=2, floor=False):
+    """Time ours (and the port, if any, and the no-mixer floor if `floor`) on one
+    size; returns a record."""
     d_model, T, batch = SIZES[size]
     model = make_model(name, d_model, key=jr.key(0))
     contenders = {"ours": model}
@@ -306,6 +319,8 @@ def bench_mixer(name, size, runs, warmup=2):
         window = getattr(model.blocks[0].mixer, "window", None)
         length = 45 if window is None else window + 19  # past the window
         record["port_error"] = check_port(model, contenders["port"], length)
+    if floor:
+        contenders["floor"] = port_model(model, no_mixer)
     tokens = jr.randint(jr.key(1), (batch, T + 1), 0, VOCAB)
     optimiser = optax.adamw(1e-3)
     state = {}
@@ -344,10 +359,17 @@ def row(rec):
         port_mem = _mib(rec["port_temp_bytes"])
     else:
         port = ratio = port_mem = "-"
-    return (
+    line = (
         f"| {rec['mixer']} | {size} | {ours} | {port} | {ratio} | "
         f"{_mib(rec['ours_temp_bytes'])} | {port_mem} |"
     )
+    if "floor_tokens_per_s" in rec:
+        floor = rec["floor_tokens_per_s"]
+        bound = "-"
+        if "port_step_s" in rec:
+            bound = f"{rec['port_step_s'] / rec['floor_step_s']:.2f}x"
+        line += f" {floor:,.0f} | {bound} |"
+    return line
 
 
 def main(argv=None):
@@ -359,6 +381,11 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="write the records to this file")
     parser.add_argument(
         "--system-malloc", action="store_true", help="leave the allocator alone"
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the model with the mixers replaced by the identity",
     )
     args = parser.parse_args(argv)
     mixers = [m for m in args.mixers.split(",") if m]
@@ -387,16 +414,21 @@ def main(argv=None):
         f"{_allocator.describe()}\n",
         flush=True,
     )
-    print(
+    header = (
         "| mixer | size | ours (tokens/s) | port (tokens/s) | ours / port | ours temp "
         "(MiB) | port temp (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|", flush=True)
+    rule = "|---|---|---|---|---|---|---|"
+    if args.floor:
+        header += " no mixer (tokens/s) | bound: port / no mixer |"
+        rule += "---|---|"
+    print(header)
+    print(rule, flush=True)
     records = []
     for size in sizes:
         for name in mixers:
             try:
-                rec = bench_mixer(name, size, runs, warmup)
+                rec = bench_mixer(name, size, runs, warmup, args.floor)
             except Exception as e:  # noqa: BLE001  # one mixer's failure is reported
                 traceback.print_exc(file=sys.stderr)
                 d, T, B = SIZES[size]
