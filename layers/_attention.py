@@ -442,11 +442,14 @@ def softmax_attention(
     logits = jnp.einsum("...kqd,...skd->...kqs", qg, k, preferred_element_type=dtype)
     logits = logits * (1 / np.sqrt(d)).astype(dtype)
     if mask is not None:
+        # The mask repeated over the groups, `(..., G·T, S)`, rather than the logits
+        # reshaped to `(..., K, G, T, S)`: a layout change of the `T × S` logits puts
+        # a copy of them into the backward pass.
         S = k.shape[-3]
         negative = jnp.asarray(-0.7 * np.finfo(dtype).max, dtype)
-        grouped = logits.reshape(*lead, K, G, T, S)
-        logits = jnp.where(mask[..., None, None, :, :], grouped, negative)
-        logits = logits.reshape(*lead, K, G * T, S)
+        grouped = jnp.broadcast_to(mask[..., None, :, :], (*mask.shape[:-2], G, T, S))
+        grouped = grouped.reshape(*mask.shape[:-2], 1, G * T, S)
+        logits = jnp.where(grouped, logits, negative)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     o = jnp.einsum("...kqs,...skd->...kqd", probs, v).reshape(*lead, K, G, T, d)
     return jnp.moveaxis(o, -2, -4).reshape(*lead, T, N, d)
