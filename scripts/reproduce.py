@@ -13,6 +13,13 @@ writes it to `--out/table.md` and `--out/table.json`.
     python scripts/reproduce.py mqar --only mamba_d64 attention_d64 --seeds 0 1 2
     python scripts/reproduce.py state_tracking --steps 200  # a shorter try
     python scripts/reproduce.py mnist1d --list              # its configs, and what ran
+    python scripts/reproduce.py mqar --sweep optim.lr=1e-3,3e-3,1e-2  # tuned on val
+
+With `--sweep KEY=V1,V2,..` every config trains once per value (in
+`--out/NAME/KEY=V/seedS`); the table reports, per config, the value with the best mean
+validation accuracy (`best_val_accuracy`, the checkpoint selection's own figure) and
+that value's test accuracy, and `--out/sweep.md` records the validation accuracy of
+every value tried.
 
 The published numbers are data below (`PAPERS`), each with its source; a row the paper
 reports only in a figure or in words is given in words, not as a number read off a
@@ -215,10 +222,62 @@ def _paper_cell(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def markdown(table: str, results: dict[str, list[dict]]) -> str:
+def parse_sweep(text: str | None) -> tuple[str | None, list[str]]:
+    """`KEY=V1,V2,..` into the key and its values; `None` into no sweep."""
+    if text is None:
+        return None, [None]
+    key, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not items:
+        raise SystemExit(f"error: --sweep: expected KEY=V1,V2,.., got {text!r}")
+    if len(set(items)) != len(items):
+        raise SystemExit(f"error: --sweep: repeated values in {text!r}")
+    return key.strip(), items
+
+
+def val_score(runs: list[dict]) -> float | None:
+    """Mean over seeds of the best validation accuracy (None if no run finished)."""
+    scores = []
+    for r in runs:
+        s = r.get("summary")
+        if s is not None:
+            scores.append(s.get("best_val_accuracy", s.get("val", {}).get("accuracy")))
+    scores = [v for v in scores if v is not None]
+    return statistics.fmean(scores) if scores else None
+
+
+def choose(swept: dict[str, list[dict]]) -> str:
+    """The swept value whose runs have the best mean validation accuracy (the first
+    of equals; the first value if none finished)."""
+    scored = [(val_score(runs), i, v) for i, (v, runs) in enumerate(swept.items())]
+    finished = [(s, -i, v) for s, i, v in scored if s is not None]
+    return max(finished)[2] if finished else next(iter(swept))
+
+
+def sweep_markdown(key: str, sweeps: dict[str, dict[str, list[dict]]]) -> str:
+    """Validation accuracy (%, mean over seeds) of every config at every swept value;
+    the chosen value in bold."""
+    values = list(dict.fromkeys(v for swept in sweeps.values() for v in swept))
+    head = ["config"] + [f"{key}={v}" for v in values]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, swept in sweeps.items():
+        best = choose(swept)
+        cells = [f"`{name}`"]
+        for v in values:
+            score = val_score(swept.get(v, []))
+            cell = "-" if score is None else f"{100 * score:.1f}"
+            cells.append(f"**{cell}**" if v == best and score is not None else cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(
+    table: str, results: dict[str, list[dict]], chosen: dict[str, str] | None = None
+) -> str:
     """The table: per config, its mixer, parameters, steps, test accuracy (mean over
     seeds, then each seed) at the training length and at each evaluation length,
-    the paper's number, and the wall time (mean per run)."""
+    the paper's number, and the wall time (mean per run). With `chosen` (a sweep's
+    key=value per config), a column says which value the row is."""
     paper = PAPERS.get(table)
     lengths = sorted(
         {
@@ -228,7 +287,9 @@ def markdown(table: str, results: dict[str, list[dict]]) -> str:
             for n in _lengths(r.get("summary", {}))
         }
     )
-    head = ["config", "mixer", "params", "steps", "seeds", "test acc %"]
+    head = ["config", "mixer", "params", "steps", "seeds"]
+    head += ["chosen on val"] if chosen else []
+    head += ["test acc %"]
     head += [f"test acc % at {n}" for n in lengths]
     head += ["paper", "wall/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -246,6 +307,7 @@ def markdown(table: str, results: dict[str, list[dict]]) -> str:
             f"{s['parameters'] / 1e3:.0f}k",
             str(s["steps"]),
             str(len(runs)),
+            *([chosen.get(name, "-")] if chosen else []),
             _percent([r["summary"]["test"]["accuracy"] for r in runs]),
         ]
         for n in lengths:
@@ -297,6 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="more config overrides"
     )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        metavar="KEY=V1,V2,..",
+        help="train every config at each value; report the best on validation",
+    )
     parser.add_argument("--list", action="store_true", help="list the configs and stop")
     args = parser.parse_args(argv)
     configs = configs_of(args.table)
@@ -318,19 +386,37 @@ def main(argv: list[str] | None = None) -> None:
             state = f"done for seeds {done}" if done else "not run"
             print(f"{name:32s} {_mixer(path):24s} {path.relative_to(ROOT)}  ({state})")
         return
-    overrides = overrides_for(args.steps, args.set)
-    results: dict[str, list[dict]] = {}
+    key, values = parse_sweep(args.sweep)
+    sweeps: dict[str, dict[str, list[dict]]] = {}
     for name, path in configs.items():
-        for seed in args.seeds:
-            record = train_one(path, out / name / f"seed{seed}", seed, overrides)
-            record["mixer"] = _mixer(path)
-            results.setdefault(name, []).append(record)
-    text = markdown(args.table, results)
+        for value in values:
+            extra = args.set if key is None else [*args.set, f"{key}={value}"]
+            overrides = overrides_for(args.steps, extra)
+            run_root = out / name if key is None else out / name / f"{key}={value}"
+            for seed in args.seeds:
+                record = train_one(path, run_root / f"seed{seed}", seed, overrides)
+                record["mixer"] = _mixer(path)
+                sweeps.setdefault(name, {}).setdefault(value, []).append(record)
+    picked = {name: choose(swept) for name, swept in sweeps.items()}
+    results = {name: sweeps[name][v] for name, v in picked.items()}
+    chosen = None if key is None else {n: f"{key}={v}" for n, v in picked.items()}
+    text = markdown(args.table, results, chosen)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     (out / "table.json").write_text(json.dumps(results, indent=1))
     print(text)
-    failed = [r["config"] for runs in results.values() for r in runs if "failed" in r]
+    if key is not None:
+        sweep_text = sweep_markdown(key, sweeps)
+        (out / "sweep.md").write_text(sweep_text + "\n")
+        (out / "sweep.json").write_text(json.dumps(sweeps, indent=1))
+        print(f"\nValidation accuracy % by {key} (bold: chosen):\n\n{sweep_text}")
+    failed = [
+        r["config"]
+        for swept in sweeps.values()
+        for runs in swept.values()
+        for r in runs
+        if "failed" in r
+    ]
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
 

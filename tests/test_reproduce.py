@@ -146,3 +146,36 @@ def test_a_failed_run_is_reported_and_the_table_printed(tmp_path, capfd):
     out = capfd.readouterr()
     assert "| `parity_gru` | gru | failed (exit 2) |" in out.out
     assert "task.min_len: must be >= 1" in out.err
+
+
+def test_sweep_chooses_on_validation_and_records_every_value(tmp_path, capsys):
+    args = ["state_tracking", "--only", "parity_gru", "--out", str(tmp_path)]
+    args += ["--steps", "2", "--set", *TINY, "--sweep", "optim.lr=0.001,0.01"]
+    reproduce.main(args)
+    text = capsys.readouterr().out
+    sweeps = json.loads((tmp_path / "sweep.json").read_text())["parity_gru"]
+    assert set(sweeps) == {"0.001", "0.01"}
+    for value, runs in sweeps.items():
+        run_dir = tmp_path / "parity_gru" / f"optim.lr={value}" / "seed0"
+        assert train.config.load(run_dir / "config.yaml").optim.lr == float(value)
+        assert runs[0]["overrides"][-1] == f"optim.lr={value}"
+        assert (run_dir / "summary.json").is_file()
+    scores = {v: runs[0]["summary"]["best_val_accuracy"] for v, runs in sweeps.items()}
+    best = max(scores, key=lambda v: (scores[v], v == "0.001"))
+    assert f"| optim.lr={best} |" in text
+    assert "optim.lr=0.001 | optim.lr=0.01 |" in (tmp_path / "sweep.md").read_text()
+    assert "**" in (tmp_path / "sweep.md").read_text()
+
+
+def test_choose_and_parse_sweep():
+    def runs(*accs):
+        return [{"summary": {"best_val_accuracy": a}} for a in accs]
+
+    assert reproduce.choose({"a": runs(0.5, 0.7), "b": runs(0.55, 0.6)}) == "a"
+    assert reproduce.choose({"a": runs(0.5), "b": runs(0.5)}) == "a"  # first of equals
+    assert reproduce.choose({"a": [{"failed": 1}], "b": runs(0.1)}) == "b"
+    assert reproduce.parse_sweep("optim.lr=1e-3, 3e-3") == ("optim.lr", ["1e-3", "3e-3"])
+    assert reproduce.parse_sweep(None) == (None, [None])
+    for bad in ("optim.lr", "=1", "optim.lr=", "k=1,1"):
+        with pytest.raises(SystemExit, match="--sweep"):
+            reproduce.parse_sweep(bad)
