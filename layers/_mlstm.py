@@ -126,16 +126,18 @@ class MLSTM(AbstractMixer):
         self.v_weight = jr.normal(k_v, (nb, bs, bs), jnp.float32) * std
         igate = eqx.nn.Linear(3 * d_inner, num_heads, dtype=jnp.float32, key=k_i)
         fgate = eqx.nn.Linear(3 * d_inner, num_heads, dtype=jnp.float32, key=k_f)
-        zeros = jnp.zeros((num_heads, 3 * d_inner), jnp.float32)
+        def zeros():  # one array per gate: shared leaves cannot both be donated
+            return jnp.zeros((num_heads, 3 * d_inner), jnp.float32)
+
         self.igate = eqx.tree_at(
             lambda g: (g.weight, g.bias),
             igate,
-            (zeros, 0.1 * jr.normal(k_ib, (num_heads,), jnp.float32)),
+            (zeros(), 0.1 * jr.normal(k_ib, (num_heads,), jnp.float32)),
         )
         self.fgate = eqx.tree_at(
             lambda g: (g.weight, g.bias),
             fgate,
-            (zeros, jnp.linspace(3.0, 6.0, num_heads, dtype=jnp.float32)),
+            (zeros(), jnp.linspace(3.0, 6.0, num_heads, dtype=jnp.float32)),
         )
         self.norm_weight = jnp.ones((d_inner,), jnp.float32)
         self.skip = jnp.ones((d_inner,), jnp.float32)

@@ -206,3 +206,31 @@ def test_curves_panels(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_curves(path, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_unalias_copies_shared_leaves_so_a_donated_step_runs():
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from train.trainer import unalias
+
+    shared = jnp.arange(3.0)
+    tree = {"a": shared, "b": shared, "c": jnp.ones(2), "n": 3}
+    fixed = unalias(tree)
+    assert fixed["a"] is shared and fixed["b"] is not shared and fixed["c"] is tree["c"]
+    assert fixed["n"] == 3 and bool(jnp.all(fixed["b"] == shared))
+    step = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)
+    arrays = eqx.filter(fixed, eqx.is_array)
+    out = step(arrays)
+    assert float(out["b"][2]) == 3.0
+
+
+def test_no_mixer_shares_one_array_between_two_parameters():
+    import equinox as eqx
+    import jax.random as jr
+
+    import layers
+
+    for name, cls in layers.MIXERS.items():  # the mLSTM's two gates once shared zeros
+        leaves = jax.tree.leaves(eqx.filter(cls(16, key=jr.key(0)), eqx.is_array))
+        assert len({id(x) for x in leaves}) == len(leaves), name

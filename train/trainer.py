@@ -186,7 +186,25 @@ def make_optimizer(config: Config, params) -> tuple[optax.GradientTransformation
     return optax.chain(*parts), schedule
 
 
+def unalias(tree: PyTree) -> PyTree:
+    """`tree` with a fresh copy of every array leaf that is the same array as an
+    earlier leaf (two parameters built from one `zeros`, tied weights loaded twice):
+    the donated training step cannot take one buffer as two arguments."""
+    seen: set[int] = set()
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def init_state(config: Config, params, optimizer, key) -> TrainState:
+    params = unalias(params)
     ema = jax.tree.map(jnp.copy, params) if config.optim.ema_decay is not None else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
