@@ -30,12 +30,15 @@ def reference(m, x):
 
 
 def build(mode, key, d_model=3, state_size=8, init="lin"):
-    m = layers.S4D(d_model, state_size=state_size, init=init, mode=mode, chunk_size=8, key=key)
+    m = layers.S4D(
+        d_model, state_size=state_size, init=init, mode=mode, chunk_size=8, key=key
+    )
     # Perturb every parameter so no test input is all ones or zeros.
     leaves, treedef = jax.tree.flatten(m)
     keys = jr.split(jr.fold_in(key, 1), len(leaves))
     leaves = [
-        x.astype(F64) + 0.1 * jr.normal(k, x.shape, F64) for x, k in zip(leaves, keys, strict=True)
+        x.astype(F64) + 0.1 * jr.normal(k, x.shape, F64)
+        for x, k in zip(leaves, keys, strict=True)
     ]
     return jax.tree.unflatten(treedef, leaves)
 
