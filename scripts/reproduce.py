@@ -106,6 +106,13 @@ PAPERS: dict[str, Paper] = {
         "time-invariant SSMs need width growing with the number of pairs; the delta "
         "rule and input-dependent recurrences are strong",
     ),
+    "mqar_256": Paper(
+        source=_ZOOLOGY,
+        rows={"attention": "solves it (~100%)"},
+        finding="attention solves MQAR at every width and length; with more key-value "
+        "pairs the recurrences need more width, gated convolutions and time-invariant "
+        "SSMs most",
+    ),
     "state_tracking": Paper(
         source=_GRAZZI,
         rows={

@@ -36,6 +36,7 @@ def test_every_table_has_configs_and_paper_data():
         "selective_copying",
         "induction_heads",
         "mqar",
+        "mqar_256",
         "state_tracking",
         "mnist1d",
     }
